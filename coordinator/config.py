@@ -1,0 +1,157 @@
+"""Typed trial configuration: TOML file, then command-line overrides.
+
+A trial file (every key optional; defaults shown)::
+
+    [trial]
+    name = "snake"             # also the trial id on the wire
+    algorithm = "snake"
+    mode = "p2p"               # p2p | cs
+    model = "cnn"              # mlp | cnn | vgg11
+    dataset = "fashion-mnist"  # fashion-mnist[:DIR] | cifar10:DIR | npz:FILE
+    partition = "iid"          # iid | dirichlet:ALPHA
+    agents = 4                 # simulate: agents to start; run: agents to wait for
+    rounds = 4
+    seed = 0
+    samples_per_agent = 0      # cap each agent's partition (0 = no cap)
+    val_fraction = 0.1         # local validation split on each agent
+
+    [train]
+    epochs = 1
+    batch_size = 64
+    lr = 0.002
+    optimizer = "adamw"        # adamw | sgd
+    max_steps = 0              # per hop, 0 = no cap
+
+    [transfer]
+    chunk_bytes = 1048576      # never above the broker's packet limit
+    compression = "none"       # none | fp16
+
+    [timeouts]
+    join_s = 180               # wait for agents
+    hop_s = 900                # one hop, including transfers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.errors import ConfigError
+from edge_agent.protocol.topics import check_id
+
+MODES = ("p2p", "cs")
+ALGORITHMS = ("snake",)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.002
+    optimizer: str = "adamw"
+    max_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    chunk_bytes: int = 1 << 20
+    compression: str = "none"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    join_s: float = 180.0
+    hop_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    name: str = "snake"
+    algorithm: str = "snake"
+    mode: str = "p2p"
+    model: str = "cnn"
+    dataset: str = "fashion-mnist"
+    partition: str = "iid"
+    agents: int = 4
+    rounds: int = 4
+    seed: int = 0
+    samples_per_agent: int = 0
+    val_fraction: float = 0.1
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def validate(self) -> TrialConfig:
+        checks = [
+            (self.mode in MODES, f"trial.mode must be one of {MODES}, not {self.mode!r}"),
+            (self.algorithm in ALGORITHMS, f"trial.algorithm must be one of {ALGORITHMS}, not {self.algorithm!r}"),
+            (self.agents >= 1, "trial.agents must be >= 1"),
+            (self.rounds >= 1, "trial.rounds must be >= 1"),
+            (self.samples_per_agent >= 0, "trial.samples_per_agent must be >= 0"),
+            (0.0 <= self.val_fraction < 0.5, "trial.val_fraction must be in [0, 0.5)"),
+            (self.train.epochs >= 1 and self.train.batch_size >= 2, "train.epochs >= 1 and train.batch_size >= 2"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.optimizer in ("adamw", "sgd"), "train.optimizer must be adamw or sgd"),
+            (4096 <= self.transfer.chunk_bytes <= 64 << 20, "transfer.chunk_bytes must be in [4096, 64 MiB]"),
+            (self.transfer.compression in ("none", "fp16"), "transfer.compression must be none or fp16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        try:
+            check_id(self.name)
+        except ValueError as exc:
+            raise ConfigError(f"trial.name: {exc}") from exc
+        return self
+
+
+_SECTIONS = {"train": TrainConfig, "transfer": TransferConfig, "timeouts": Timeouts}
+
+
+def load_trial(path: Path | None, overrides: dict[str, Any] | None = None) -> TrialConfig:
+    """Read a trial file (or defaults), apply ``overrides`` ("key" or "section.key" -> value), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"trial file {path} does not exist") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"trial file {path} is not valid TOML: {exc}") from exc
+    top = _build(TrialConfig, raw.get("trial", {}), "trial")
+    unknown = set(raw) - {"trial", *_SECTIONS}
+    if unknown:
+        raise ConfigError(f"unknown section(s) in trial file: {', '.join(sorted(unknown))}")
+    sections = {name: _build(kind, raw.get(name, {}), name) for name, kind in _SECTIONS.items()}
+    config = dataclasses.replace(top, **sections)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, leaf = key.rpartition(".")
+        if section:
+            config = dataclasses.replace(
+                config, **{section: dataclasses.replace(getattr(config, section), **{leaf: value})}
+            )
+        else:
+            config = dataclasses.replace(config, **{leaf: value})
+    return config.validate()
+
+
+def _build(kind: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(kind) if f.name not in _SECTIONS}
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {where}.{key}; known: {', '.join(sorted(fields))}")
+        default = getattr(kind(), key)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(f"{where}.{key} must be {type(default).__name__}, got {value!r}")
+        values[key] = value
+    return kind(**values)

@@ -1,0 +1,276 @@
+"""The trial controller: messages and time in, messages and events out. Pure.
+
+It waits for the expected agents, plans the route, assigns hops, serves
+artifact bundles, seeds the first hop with the initial model, forwards models in
+client-server mode, and notices the end (the final model arrives) or a failure
+(join or hop timeout). ``TrialService`` wires it to MQTT and turns events into
+progress, metrics and results.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.scheduler import HopSettings, Plan, hop_tasks
+from edge_agent.protocol import topics
+from edge_agent.protocol.envelope import Envelope, decode, encode
+from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.messages import (
+    ArtifactRequest,
+    Assign,
+    Bye,
+    Hello,
+    HopDone,
+    HopProgress,
+    HopStarted,
+    HopTask,
+    Shutdown,
+    Status,
+    TransferAck,
+    TransferNack,
+    body_of,
+    to_body,
+)
+from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassembler, error_reply
+
+log = logging.getLogger(__name__)
+ME = topics.COORDINATOR
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    trial_id: str
+    expected_agents: int
+    plan_for: Callable[[list[str]], Plan]  # agent ids (sorted) -> plan
+    artifacts: dict[int, tuple[str, int]]  # segment -> (sha256, size)
+    blobs: dict[str, bytes]  # sha256 -> artifact bundle
+    initial_model: bytes  # safetensors of every tensor
+    settings: HopSettings
+    chunk_bytes: int
+    compression: str
+    join_timeout_s: float
+    hop_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # joined | planned | hop_started | hop_progress | hop_done | warning | bye | finished | failed
+    agent: str = ""
+    body: Any = None
+
+
+@dataclass
+class Step:
+    out: list[Outgoing] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+class Controller:
+    def __init__(self, setup: TrialSetup, now: float) -> None:
+        self.setup = setup
+        self.started_at = now
+        self.outbox = Outbox(ME)
+        self.inbound = Reassembler(ME)
+        self.hellos: dict[str, Hello] = {}
+        self.online: dict[str, bool] = {}
+        self.plan: Plan | None = None
+        self.tasks: dict[str, list[HopTask]] = {}
+        self.done_hops: dict[int, HopDone] = {}
+        self.byes: dict[str, Bye] = {}
+        self.last_progress = now
+        self.final_model: bytes | None = None
+        self.failed: str | None = None
+        self.seen: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    def total_hops(self) -> int:
+        return len(self.plan.hops) if self.plan else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.final_model is not None or self.failed is not None
+
+    # -- entry points -------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes, now: float) -> Step:
+        """Any inbound publish. Never raises: bad input is logged, answered where possible, dropped."""
+        parsed = topics.parse(topic)
+        try:
+            env = decode(payload)
+        except ProtocolError as exc:
+            log.warning("dropped %d-byte message on %s: %s", len(payload), topic, exc)
+            return Step()
+        try:
+            if parsed is not None and parsed.kind == "status":
+                return self._on_status(parsed.owner, env, now)
+            return self._dispatch(env, now)
+        except ProtocolError as exc:
+            log.warning("refused %s %s from %s: %s", env.type, env.id, env.src, exc)
+            return Step([error_reply(env, ME, exc.code, exc.message, now)] if env.src != ME else [])
+
+    def tick(self, now: float) -> Step:
+        step = Step(self.inbound.tick(now))
+        resend, failed = self.outbox.tick(now)
+        step.out.extend(resend)
+        for p in failed:
+            self._fail(step, f"{p.dst} never acknowledged {p.purpose} transfer {p.transfer_id}")
+        if self.plan is None and now - self.started_at > self.setup.join_timeout_s:
+            have = ", ".join(sorted(self.hellos)) or "none"
+            self._fail(
+                step, f"only {len(self.hellos)} of {self.setup.expected_agents} agents joined in time (joined: {have})"
+            )
+        elif self.plan is not None and not self.finished and now - self.last_progress > self.setup.hop_timeout_s:
+            hop = self.plan.hops[min(len(self.done_hops), self.total_hops - 1)]
+            state = "online" if self.online.get(hop.agent) else "offline"
+            self._fail(
+                step, f"no progress on hop {hop.hop} ({hop.agent}, {state}) for {self.setup.hop_timeout_s:.0f} s"
+            )
+        return step
+
+    def shutdown(self, now: float, exit_agents: bool) -> list[Outgoing]:
+        body = to_body(
+            Shutdown("trial finished" if self.failed is None else f"trial failed: {self.failed}", exit_agents)
+        )
+        return [self._send(agent, "shutdown", body, now) for agent in sorted(self.tasks or self.hellos)]
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def _on_status(self, agent: str, env: Envelope, now: float) -> Step:
+        state = body_of(Status, env.body).state
+        was = self.online.get(agent)
+        self.online[agent] = state == "online"
+        step = Step()
+        if was and state != "online" and agent in self.tasks and not self.finished:
+            step.events.append(Event("warning", agent, f"{agent} went {state}"))
+        return step
+
+    def _dispatch(self, env: Envelope, now: float) -> Step:
+        if env.dst != ME:
+            raise ProtocolError("misrouted", f"message for {env.dst!r} reached the coordinator")
+        if env.type == "chunk":
+            return self._on_chunk(env, now)
+        if env.id in self.seen:
+            return Step()
+        self.seen[env.id] = None
+        while len(self.seen) > 8192:
+            self.seen.popitem(last=False)
+        if env.trial_id not in (None, self.setup.trial_id) and env.type != "hello":
+            raise ProtocolError("wrong_trial", f"this coordinator runs trial {self.setup.trial_id!r}")
+        if env.error is not None:
+            return Step(events=[Event("warning", env.src, f"{env.error.get('code')}: {env.error.get('message')}")])
+        handlers: dict[str, Callable[[Envelope, float], Step]] = {
+            "hello": self._on_hello,
+            "artifact_request": self._on_artifact_request,
+            "hop_started": lambda e, n: self._report(e, n, HopStarted, "hop_started"),
+            "hop_progress": lambda e, n: self._report(e, n, HopProgress, "hop_progress"),
+            "hop_done": self._on_hop_done,
+            "bye": self._on_bye,
+            "transfer_ack": self._on_ack,
+            "transfer_nack": lambda e, n: Step(self.outbox.on_nack(body_of(TransferNack, e.body), n)),
+        }
+        handler = handlers.get(env.type)
+        if handler is None:
+            raise ProtocolError("unknown_type", f"the coordinator does not handle {env.type!r} messages")
+        return handler(env, now)
+
+    def _on_hello(self, env: Envelope, now: float) -> Step:
+        hello = body_of(Hello, env.body)
+        if hello.agent_id != env.src:
+            raise ProtocolError("malformed", f"hello from {env.src!r} names agent {hello.agent_id!r}")
+        self.online[env.src] = True
+        if self.plan is not None:
+            if env.src in self.tasks:  # a restarted agent: give it its hops again
+                log.info("%s said hello again; re-sending its assignment", env.src)
+                return Step([self._assign(env.src, now)], [Event("warning", env.src, "rejoined")])
+            log.info("%s joined after the trial started; not part of this trial", env.src)
+            return Step()
+        self.hellos[env.src] = hello
+        step = Step(events=[Event("joined", env.src, hello)])
+        if len(self.hellos) >= self.setup.expected_agents:
+            self._start(step, now)
+        return step
+
+    def _start(self, step: Step, now: float) -> None:
+        agents = sorted(self.hellos)[: self.setup.expected_agents]
+        self.plan = self.setup.plan_for(agents)
+        self.tasks = hop_tasks(self.plan, self.setup.artifacts, self.setup.settings)
+        self.last_progress = now
+        step.events.append(Event("planned", body=self.plan))
+        step.out.extend(self._assign(agent, now) for agent in agents if agent in self.tasks)
+        first = self.plan.hops[0]
+        meta = {"hop": 0, "from_hop": -1, "round": 0}
+        _, out = self.outbox.send(first.agent, self.setup.trial_id, "model", meta, self.setup.initial_model,
+                                  self.setup.chunk_bytes, now)  # fmt: skip
+        step.out.extend(out)
+
+    def _assign(self, agent: str, now: float) -> Outgoing:
+        body = Assign(self.tasks[agent], self.setup.chunk_bytes, self.setup.compression)
+        return self._send(agent, "assign", to_body(body), now)
+
+    def _on_artifact_request(self, env: Envelope, now: float) -> Step:
+        sha = body_of(ArtifactRequest, env.body).sha256
+        blob = self.setup.blobs.get(sha)
+        if blob is None:
+            raise ProtocolError("unknown_artifact", f"no artifact bundle {sha[:12]}")
+        _, out = self.outbox.send(
+            env.src, self.setup.trial_id, "artifact", {"sha256": sha}, blob, self.setup.chunk_bytes, now
+        )
+        return Step(out)
+
+    def _report(self, env: Envelope, now: float, kind: type, name: str) -> Step:
+        self.last_progress = now
+        return Step(events=[Event(name, env.src, body_of(kind, env.body))])
+
+    def _on_hop_done(self, env: Envelope, now: float) -> Step:
+        done = body_of(HopDone, env.body)
+        self.last_progress = now
+        if done.hop in self.done_hops:
+            return Step()
+        self.done_hops[done.hop] = done
+        return Step(events=[Event("hop_done", env.src, done)])
+
+    def _on_bye(self, env: Envelope, now: float) -> Step:
+        self.byes[env.src] = body_of(Bye, env.body)
+        return Step(events=[Event("bye", env.src, self.byes[env.src])])
+
+    def _on_ack(self, env: Envelope, now: float) -> Step:
+        self.outbox.on_ack(body_of(TransferAck, env.body))
+        return Step()
+
+    def _on_chunk(self, env: Envelope, now: float) -> Step:
+        done, out = self.inbound.add(env, now)
+        step = Step(out)
+        if done is not None:
+            self.last_progress = now
+            self._on_transfer(step, done, now)
+        return step
+
+    def _on_transfer(self, step: Step, done: Completed, now: float) -> None:
+        hop = done.meta.get("hop")
+        if done.purpose != "model" or self.plan is None or not isinstance(hop, int) or not 0 < hop <= self.total_hops:
+            log.warning(
+                "unexpected %s transfer %s from %s (hop %r); dropped", done.purpose, done.transfer_id, done.src, hop
+            )
+            return
+        if hop == self.total_hops:
+            if self.final_model is None:
+                self.final_model = done.data
+                step.events.append(Event("finished", done.src, done.data))
+            return
+        nxt = self.plan.hops[hop].agent  # client-server mode: forward to the next hop's agent
+        _, out = self.outbox.send(
+            nxt, self.setup.trial_id, "model", dict(done.meta), done.data, self.setup.chunk_bytes, now
+        )
+        step.out.extend(out)
+
+    def _fail(self, step: Step, reason: str) -> None:
+        if self.failed is None and self.final_model is None:
+            self.failed = reason
+            log.error("trial %s failed: %s", self.setup.trial_id, reason)
+            step.events.append(Event("failed", body=reason))
+
+    def _send(self, dst: str, kind: str, body: dict[str, Any], now: float) -> Outgoing:
+        env = Envelope(kind, ME, dst, body, trial_id=self.setup.trial_id, created_at=now)
+        return Outgoing(topics.inbox(dst), encode(env))

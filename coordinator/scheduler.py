@@ -1,0 +1,141 @@
+"""Trial plans: which agent trains which segment, in which order. Pure functions.
+
+A **segment** is a contiguous run of layer groups. The default Snake Learning
+plan splits the groups into ``S = min(agents, groups)`` segments balanced by
+parameter count, visits every agent once per round in a fixed route, and rotates
+the segments over rounds (agent ``i`` trains segment ``(i + r) mod S`` in round
+``r``), so after ``S`` rounds every layer group has trained on every agent's data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edge_agent.protocol.messages import HopTask
+from edge_agent.protocol.topics import COORDINATOR
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    name: str
+    params: tuple[str, ...]  # trainable parameter names
+    buffers: tuple[str, ...]  # other float tensors (BN running stats)
+    num_params: int  # scalar parameter count
+
+
+@dataclass(frozen=True)
+class Segment:
+    index: int
+    groups: tuple[str, ...]
+    params: tuple[str, ...]  # trainable in this segment's artifacts
+    tensors: tuple[str, ...]  # every tensor the segment owns (params + buffers)
+    num_params: int
+
+
+@dataclass(frozen=True)
+class PlannedHop:
+    round: int
+    hop: int  # global index
+    agent: str
+    segment: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # "p2p" | "cs"
+    segments: tuple[Segment, ...]
+    hops: tuple[PlannedHop, ...]
+
+    @property
+    def rounds(self) -> int:
+        return 1 + max(h.round for h in self.hops) if self.hops else 0
+
+    def describe(self) -> list[str]:
+        """Human-readable lines: the segments, then the route per round."""
+        lines = [f"segment {s.index}: {', '.join(s.groups)} ({s.num_params:,} params)" for s in self.segments]
+        for r in range(self.rounds):
+            route = [f"{h.agent}[s{h.segment}]" for h in self.hops if h.round == r]
+            lines.append(f"round {r}: " + " -> ".join(route))
+        return lines
+
+
+def split_segments(groups: Sequence[GroupInfo], parts: int) -> list[Segment]:
+    """Contiguous partition of ``groups`` into ``parts`` runs minimising the largest parameter count."""
+    if not 1 <= parts <= len(groups):
+        raise ValueError(f"cannot split {len(groups)} layer groups into {parts} segments")
+    sizes = [g.num_params for g in groups]
+    cuts = _min_max_cuts(sizes, parts)
+    segments = []
+    for index, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, len(groups)], strict=True)):
+        run = groups[lo:hi]
+        params = tuple(p for g in run for p in g.params)
+        tensors = tuple(t for g in run for t in (*g.params, *g.buffers))
+        segments.append(Segment(index, tuple(g.name for g in run), params, tensors, sum(g.num_params for g in run)))
+    return segments
+
+
+def _min_max_cuts(sizes: Sequence[int], parts: int) -> list[int]:
+    """Cut points (exclusive ends of all but the last run) of the min-max contiguous partition (DP)."""
+    n, inf = len(sizes), float("inf")
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    cuts, i = [], n
+    for k in range(parts, 1, -1):
+        i = cut[k][i]
+        cuts.append(i)
+    return sorted(cuts)
+
+
+def snake_plan(agents: Sequence[str], groups: Sequence[GroupInfo], rounds: int, mode: str = "p2p") -> Plan:
+    """The default plan: one segment per agent per round, rotating over rounds."""
+    if not agents:
+        raise ValueError("a plan needs at least one agent")
+    if rounds < 1:
+        raise ValueError("a plan needs at least one round")
+    if mode not in ("p2p", "cs"):
+        raise ValueError(f"unknown mode {mode!r}; use p2p or cs")
+    segments = split_segments(groups, min(len(agents), len(groups)))
+    hops = []
+    for r in range(rounds):
+        for i, agent in enumerate(agents):
+            hops.append(PlannedHop(r, len(hops), agent, (i + r) % len(segments)))
+    return Plan(mode, tuple(segments), tuple(hops))
+
+
+@dataclass(frozen=True)
+class HopSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    max_steps: int | None
+
+
+def hop_tasks(plan: Plan, artifacts: dict[int, tuple[str, int]], settings: HopSettings) -> dict[str, list[HopTask]]:
+    """Per agent, its HopTasks; ``artifacts`` maps segment -> (sha256, size)."""
+    out: dict[str, list[HopTask]] = {}
+    for h in plan.hops:
+        if plan.mode == "cs":
+            prev = nxt = COORDINATOR
+        else:
+            prev = plan.hops[h.hop - 1].agent if h.hop > 0 else COORDINATOR
+            nxt = plan.hops[h.hop + 1].agent if h.hop + 1 < len(plan.hops) else COORDINATOR
+        seg = plan.segments[h.segment]
+        sha, size = artifacts[h.segment]
+        task = HopTask(
+            h.round, h.hop, h.segment, list(seg.groups), list(seg.tensors), sha, size, prev, nxt,
+            settings.epochs, settings.batch_size, settings.lr, settings.seed + h.hop, settings.max_steps,
+        )  # fmt: skip
+        out.setdefault(h.agent, []).append(task)
+    return out

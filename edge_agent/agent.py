@@ -1,0 +1,322 @@
+"""The agent's state machine: messages and time in, messages and actions out.
+
+Pure: it never touches a socket, clock, thread or file. ``AgentService`` wires
+it to MQTT, the artifact store and a trainer. One hop goes:
+
+  assign -> (artifact_request -> artifact chunks) -> model chunks from ``prev``
+  -> Train action -> ``hop_trained`` -> model chunks to ``next`` + hop_done report
+
+The agent keeps every model it sends until the receiver acknowledges its digest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_agent.protocol import topics
+from edge_agent.protocol.codec import decode_tensors, encode_tensors
+from edge_agent.protocol.envelope import Envelope, decode, encode
+from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.messages import (
+    Abort,
+    ArtifactRequest,
+    Assign,
+    Bye,
+    Hello,
+    HopDone,
+    HopTask,
+    Shutdown,
+    TransferAck,
+    TransferNack,
+    body_of,
+    to_body,
+)
+from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassembler, error_reply, sha256_hex
+from edge_agent.trainer import EvalStats, TrainStats
+
+log = logging.getLogger(__name__)
+COORD = topics.COORDINATOR
+ARTIFACT_RETRY_S = 30.0
+
+
+@dataclass(frozen=True)
+class Train:
+    """Action: train ``task``'s segment starting from ``tensors``."""
+
+    task: HopTask
+    tensors: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class StoreArtifact:
+    """Action: verify and unpack an artifact bundle into the on-disk store."""
+
+    sha256: str
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class SayBye:
+    """Action: send final figures to the coordinator (``Agent.bye``), then exit if asked."""
+
+    reason: str
+    exit: bool
+
+
+Action = Train | StoreArtifact | SayBye
+
+
+@dataclass
+class Effects:
+    out: list[Outgoing] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+
+    def extend(self, other: Effects) -> Effects:
+        self.out.extend(other.out)
+        self.actions.extend(other.actions)
+        return self
+
+
+@dataclass(frozen=True)
+class HopResult:
+    """What the service reports back after running a Train action."""
+
+    task: HopTask
+    tensors: dict[str, np.ndarray]  # every tensor of the model after training
+    train: TrainStats
+    val: EvalStats
+    trainable_params: int
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Process-level figures the service supplies with each report."""
+
+    bytes_sent: int
+    bytes_received: int
+    peak_rss_mb: float
+
+
+class Agent:
+    def __init__(self, hello: Hello, artifacts: set[str], chunk_bytes: int = 1 << 20) -> None:
+        self.me = hello.agent_id
+        self.hello = hello
+        self.artifacts = set(artifacts)  # bundles present in the store
+        self.chunk_bytes = chunk_bytes
+        self.outbox = Outbox(self.me)
+        self.inbound = Reassembler(self.me)
+        self.trial_id: str | None = None
+        self.compression = "none"
+        self.tasks: dict[int, HopTask] = {}  # by global hop
+        self.models: dict[int, dict[str, np.ndarray]] = {}  # received models waiting for their hop
+        self.busy: int | None = None  # hop being trained
+        self.finished: set[int] = set()
+        self.requested: dict[str, float] = {}  # artifact sha -> when asked
+        self.seen: OrderedDict[str, None] = OrderedDict()  # control message ids (QoS 1 duplicates)
+
+    # -- entry points -------------------------------------------------------------------------
+    def start(self, now: float) -> Effects:
+        return Effects([self._send(COORD, "hello", to_body(self.hello), now)])
+
+    def handle(self, topic: str, payload: bytes, now: float) -> Effects:
+        """Any inbound publish. Never raises: bad input is logged (and answered) and dropped."""
+        try:
+            env = decode(payload)
+        except ProtocolError as exc:
+            log.warning("dropped %d-byte message on %s: %s", len(payload), topic, exc)
+            return Effects()
+        try:
+            return self._dispatch(env, now)
+        except ProtocolError as exc:
+            log.warning("refused %s %s from %s: %s", env.type, env.id, env.src, exc)
+            return Effects([error_reply(env, self.me, exc.code, exc.message, now)])
+
+    def tick(self, now: float, counters: Counters) -> Effects:
+        fx = Effects(self.inbound.tick(now))
+        resend, failed = self.outbox.tick(now)
+        fx.out.extend(resend)
+        for p in failed:
+            log.error(
+                "could not deliver %s transfer %s to %s; keeping it and telling the coordinator",
+                p.purpose,
+                p.transfer_id,
+                p.dst,
+            )
+            self.outbox.pending[p.transfer_id] = p  # nothing is lost: keep it for a later retry
+            p.attempts, p.sent_at = 0, now
+            fx.out.append(
+                self._error(
+                    COORD, "peer_unreachable", f"{p.dst} has not acknowledged {p.purpose} transfer {p.transfer_id}", now
+                )
+            )
+        for sha, asked in self.requested.items():
+            if now - asked > ARTIFACT_RETRY_S and sha not in self.artifacts:
+                self.requested[sha] = now
+                fx.out.append(self._send(COORD, "artifact_request", to_body(ArtifactRequest(sha)), now))
+        return fx
+
+    def artifact_stored(self, sha: str, ok: bool, now: float) -> Effects:
+        """The service stored (or failed to store) a bundle."""
+        if ok:
+            self.artifacts.add(sha)
+            self.requested.pop(sha, None)
+            return self._maybe_train(now)
+        self.requested[sha] = now
+        return Effects([self._send(COORD, "artifact_request", to_body(ArtifactRequest(sha)), now)])
+
+    def hop_trained(self, result: HopResult, counters: Counters, now: float) -> Effects:
+        """Training of ``result.task`` finished: hand the model on and report."""
+        task = result.task
+        received = self.models.pop(task.hop)
+        owned = set(task.tensors)
+        model = {name: (result.tensors[name] if name in owned else t) for name, t in received.items()}
+        data = encode_tensors(model, self.compression)
+        meta = {"hop": task.hop + 1, "from_hop": task.hop, "round": task.round}
+        _, out = self.outbox.send(task.next, self.trial_id, "model", meta, data, self.chunk_bytes, now)
+        self.busy = None
+        self.finished.add(task.hop)
+        done = HopDone(
+            task.round, task.hop, task.segment, result.train.loss, result.val.loss, result.val.accuracy,
+            result.train.steps, result.train.samples, result.train.seconds, result.trainable_params,
+            sha256_hex(data), len(data), counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb,
+            self.hello.backend,
+        )  # fmt: skip
+        fx = Effects(out + [self._send(COORD, "hop_done", to_body(done), now)])
+        return fx.extend(self._maybe_train(now))
+
+    def bye(self, counters: Counters, now: float) -> Outgoing:
+        body = Bye(counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb, len(self.finished))
+        return self._send(COORD, "bye", to_body(body), now)
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def _dispatch(self, env: Envelope, now: float) -> Effects:
+        if env.dst != self.me:
+            raise ProtocolError("misrouted", f"message for {env.dst!r} reached {self.me!r}")
+        if env.type == "chunk":
+            return self._on_chunk(env, now)
+        if env.id in self.seen:
+            log.debug("duplicate %s %s dropped", env.type, env.id)
+            return Effects()
+        self._remember(env.id)
+        if env.error is not None:
+            log.warning("error from %s (reply to %s): %s", env.src, env.reply_to, env.error)
+            return Effects()
+        handler = {
+            "assign": self._on_assign,
+            "transfer_ack": self._on_ack,
+            "transfer_nack": self._on_nack,
+            "abort": self._on_abort,
+            "shutdown": self._on_shutdown,
+        }.get(env.type)
+        if handler is None:
+            raise ProtocolError("unknown_type", f"agents do not handle {env.type!r} messages")
+        self._check_trial(env)
+        return handler(env, now)
+
+    def _check_trial(self, env: Envelope) -> None:
+        if env.type == "assign" or self.trial_id is None or env.trial_id in (None, self.trial_id):
+            return
+        raise ProtocolError("wrong_trial", f"message for trial {env.trial_id!r}; this agent runs {self.trial_id!r}")
+
+    def _remember(self, msg_id: str) -> None:
+        self.seen[msg_id] = None
+        while len(self.seen) > 4096:
+            self.seen.popitem(last=False)
+
+    def _on_assign(self, env: Envelope, now: float) -> Effects:
+        assign = body_of(Assign, env.body)
+        if self.busy is not None and env.trial_id != self.trial_id:
+            raise ProtocolError("busy", f"training hop {self.busy} of trial {self.trial_id!r}")
+        if env.trial_id != self.trial_id:
+            self.tasks, self.models, self.finished = {}, {}, set()
+        self.trial_id, self.compression = env.trial_id, assign.compression
+        self.chunk_bytes = assign.chunk_bytes
+        self.tasks.update({t.hop: t for t in assign.tasks})
+        log.info("trial %s: assigned %d hop(s): %s", self.trial_id, len(assign.tasks), [t.hop for t in assign.tasks])
+        fx = Effects()
+        for sha in sorted({t.artifact_sha256 for t in assign.tasks} - self.artifacts):
+            if sha not in self.requested:
+                self.requested[sha] = now
+                fx.out.append(self._send(COORD, "artifact_request", to_body(ArtifactRequest(sha)), now))
+        return fx.extend(self._maybe_train(now))
+
+    def _on_ack(self, env: Envelope, now: float) -> Effects:
+        done = self.outbox.on_ack(body_of(TransferAck, env.body))
+        if done is not None:
+            log.info(
+                "%s transfer %s acknowledged by %s (%d bytes)", done.purpose, done.transfer_id, done.dst, done.size
+            )
+        return Effects()
+
+    def _on_nack(self, env: Envelope, now: float) -> Effects:
+        return Effects(self.outbox.on_nack(body_of(TransferNack, env.body), now))
+
+    def _on_abort(self, env: Envelope, now: float) -> Effects:
+        log.error("trial %s aborted by %s: %s", self.trial_id, env.src, body_of(Abort, env.body).reason)
+        self.tasks, self.models = {}, {}
+        return Effects()
+
+    def _on_shutdown(self, env: Envelope, now: float) -> Effects:
+        order = body_of(Shutdown, env.body)
+        return Effects(actions=[SayBye(order.reason, order.exit)])
+
+    def _on_chunk(self, env: Envelope, now: float) -> Effects:
+        self._check_trial(env)
+        done, out = self.inbound.add(env, now)
+        fx = Effects(out)
+        if done is None:
+            return fx
+        if done.purpose == "artifact":
+            return fx.extend(self._on_artifact(done))
+        if done.purpose == "model":
+            return fx.extend(self._on_model(done, now))
+        log.warning("transfer %s from %s has unknown purpose %r; dropped", done.transfer_id, done.src, done.purpose)
+        return fx
+
+    def _on_artifact(self, done: Completed) -> Effects:
+        if done.meta.get("sha256") != done.sha256:
+            raise ProtocolError("malformed", f"artifact transfer {done.transfer_id} names a different digest")
+        return Effects(actions=[StoreArtifact(done.sha256, done.data)])
+
+    def _on_model(self, done: Completed, now: float) -> Effects:
+        hop = done.meta.get("hop")
+        if not isinstance(hop, int) or hop in self.finished or hop == self.busy or hop in self.models:
+            log.warning("model transfer %s from %s for hop %r: not expected; dropped", done.transfer_id, done.src, hop)
+            return Effects()
+        tensors = decode_tensors(done.data)
+        task = self.tasks.get(hop)
+        missing = set(task.tensors) - set(tensors) if task else set()
+        if missing:
+            raise ProtocolError("malformed", f"model for hop {hop} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+        if task is None and len(self.models) >= 2:
+            log.warning("model transfer %s for unassigned hop %d dropped (buffer full)", done.transfer_id, hop)
+            return Effects()
+        self.models[hop] = tensors  # an early model (before its assign) waits here too
+        log.info("hop %d: model received from %s (%d tensors, %d bytes)", hop, done.src, len(tensors), len(done.data))
+        return self._maybe_train(now)
+
+    def _maybe_train(self, now: float) -> Effects:
+        if self.busy is not None:
+            return Effects()
+        for hop in sorted(self.models):
+            task = self.tasks.get(hop)
+            if task is not None and task.artifact_sha256 in self.artifacts:
+                self.busy = hop
+                return Effects(actions=[Train(task, self.models[hop])])
+        return Effects()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _send(self, dst: str, kind: str, body: Mapping[str, object], now: float) -> Outgoing:
+        env = Envelope(kind, self.me, dst, dict(body), trial_id=self.trial_id, created_at=now)
+        return Outgoing(topics.inbox(dst), encode(env))
+
+    def _error(self, dst: str, code: str, message: str, now: float) -> Outgoing:
+        env = Envelope(
+            "error", self.me, dst, trial_id=self.trial_id, created_at=now, error={"code": code, "message": message}
+        )
+        return Outgoing(topics.inbox(dst), encode(env))

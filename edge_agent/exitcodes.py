@@ -1,0 +1,15 @@
+"""Process exit codes shared by both command-line tools."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILED = 1  # the trial or agent failed at run time
+    USAGE = 2  # bad command line (click's own code)
+    CONFIG = 3  # bad or missing configuration file / values
+    DATA = 4  # data set missing or malformed
+    BROKER = 5  # broker unreachable or refused us
+    INTERRUPTED = 130  # Ctrl-C

@@ -1,0 +1,135 @@
+"""The message envelope and its two wire forms.
+
+Control messages are UTF-8 JSON objects::
+
+    {"v": 1, "type": "hello", "id": "...", "reply_to": null, "trial_id": null,
+     "src": "agent-0", "dst": "coordinator", "created_at": 1732500000.0, "body": {...}}
+
+A failed request gets a reply whose ``error`` is ``{"code": ..., "message": ...}``.
+
+Binary data (chunks of tensor or artifact bytes) travels as a frame::
+
+    b"SNK1" | header length (4 bytes, big endian) | header (a JSON envelope) | data
+
+Everything is in the payload (MQTT 3.1.1 has no properties). Receivers accept any
+minor addition (unknown keys are ignored) but refuse a newer major ``v``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.protocol.errors import ProtocolError
+
+VERSION = 1
+FRAME_MAGIC = b"SNK1"
+MAX_HEADER_BYTES = 64 * 1024
+MAX_CONTROL_BYTES = 4 * 1024 * 1024
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Envelope:
+    type: str
+    src: str
+    dst: str
+    body: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=new_id)
+    reply_to: str | None = None
+    trial_id: str | None = None
+    created_at: float = 0.0
+    error: dict[str, str] | None = None
+    v: int = VERSION
+    data: bytes | None = None  # frame payload; None for control messages
+
+    def header(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "v": self.v,
+            "type": self.type,
+            "id": self.id,
+            "reply_to": self.reply_to,
+            "trial_id": self.trial_id,
+            "src": self.src,
+            "dst": self.dst,
+            "created_at": self.created_at,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        else:
+            out["body"] = self.body
+        return out
+
+
+def encode(env: Envelope) -> bytes:
+    """Envelope -> wire bytes (JSON, or a binary frame when it carries data)."""
+    head = json.dumps(env.header(), separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    if env.data is None:
+        return head
+    return FRAME_MAGIC + struct.pack(">I", len(head)) + head + env.data
+
+
+def decode(payload: bytes) -> Envelope:
+    """Wire bytes -> Envelope. Raises ProtocolError with a reason for anything malformed."""
+    if payload[:4] == FRAME_MAGIC:
+        if len(payload) < 8:
+            raise ProtocolError("malformed", "frame shorter than its fixed header")
+        (size,) = struct.unpack(">I", payload[4:8])
+        if size > MAX_HEADER_BYTES or 8 + size > len(payload):
+            raise ProtocolError("malformed", f"frame header length {size} does not fit the frame")
+        return _from_header(_parse_json(payload[8 : 8 + size]), payload[8 + size :])
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise ProtocolError("oversize", f"control message of {len(payload)} bytes")
+    return _from_header(_parse_json(payload), None)
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("malformed", f"not a JSON envelope ({exc.__class__.__name__})") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError("malformed", "envelope is not a JSON object")
+    return obj
+
+
+def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise ProtocolError("malformed", f"envelope field {key!r} missing or not {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _from_header(obj: dict[str, Any], data: bytes | None) -> Envelope:
+    version = _field(obj, "v", int)
+    if version > VERSION:
+        raise ProtocolError("version", f"protocol v{version} is newer than ours (v{VERSION}); upgrade snakelearn")
+    if version < 1:
+        raise ProtocolError("version", f"unknown protocol version {version}")
+    error = obj.get("error")
+    if error is not None and not (isinstance(error, dict) and all(isinstance(v, str) for v in error.values())):
+        raise ProtocolError("malformed", "envelope field 'error' is not an object of strings")
+    body = obj.get("body", {}) if error is None else {}
+    if not isinstance(body, dict):
+        raise ProtocolError("malformed", "envelope field 'body' is not an object")
+    return Envelope(
+        type=_field(obj, "type", str),
+        src=_field(obj, "src", str),
+        dst=_field(obj, "dst", str),
+        body=body,
+        id=_field(obj, "id", str),
+        reply_to=_field(obj, "reply_to", str, optional=True),
+        trial_id=_field(obj, "trial_id", str, optional=True),
+        created_at=float(_field(obj, "created_at", (int, float))),
+        error=error,
+        v=version,
+        data=data,
+    )

@@ -1,0 +1,238 @@
+"""Typed message bodies, one frozen dataclass per message type.
+
+Commands are imperative (``assign``, ``artifact_request``, ``abort``,
+``shutdown``); reports are facts (``hello``, ``hop_started``, ``hop_progress``,
+``hop_done``, ``transfer_ack``); ``chunk`` is the body of a binary frame.
+``body_of`` turns an envelope's body into its dataclass, checking every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar, Union
+
+from edge_agent.protocol.errors import ProtocolError
+
+
+@dataclass(frozen=True)
+class Status:
+    TYPE: ClassVar[str] = "status"
+    state: str  # "online" | "offline"
+
+
+@dataclass(frozen=True)
+class Hello:
+    """An agent's profile: what the planner needs, never the data itself."""
+
+    TYPE: ClassVar[str] = "hello"
+    agent_id: str
+    backend: str  # "ort" | "portable" | "fake"
+    versions: dict[str, str]  # package -> version
+    arch: str  # platform.machine()
+    system: str  # platform.system()
+    python: str
+    cores: int
+    memory_mb: int  # physical memory
+    memory_budget_mb: int  # what the agent may use for training
+    num_train: int
+    num_val: int
+    num_classes: int
+    input_shape: list[int]  # per sample, [C, H, W]
+    label_histogram: list[int]
+    train_speed: float | None = None  # samples/s measured on its backend, if calibrated
+
+
+@dataclass(frozen=True)
+class HopTask:
+    """One hop an agent must perform in a trial."""
+
+    round: int
+    hop: int  # global hop index in the trial, 0-based
+    segment: int  # segment index
+    groups: list[str]  # layer groups this hop trains
+    tensors: list[str]  # wire names owned by those groups (parameters and buffers)
+    artifact_sha256: str  # the segment's training artifacts
+    artifact_size: int
+    prev: str  # who sends this hop the model: an agent id or "coordinator"
+    next: str  # who receives the model after the hop
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    max_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Assign:
+    TYPE: ClassVar[str] = "assign"
+    tasks: list[HopTask]
+    chunk_bytes: int
+    compression: str = "none"  # "none" | "fp16"
+
+
+@dataclass(frozen=True)
+class ArtifactRequest:
+    TYPE: ClassVar[str] = "artifact_request"
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Header body of a binary frame carrying ``data[offset:offset+len]`` of a transfer."""
+
+    TYPE: ClassVar[str] = "chunk"
+    transfer_id: str
+    purpose: str  # "model" | "artifact"
+    seq: int
+    count: int
+    size: int  # whole transfer, bytes
+    sha256: str  # whole transfer
+    chunk_sha256: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TransferAck:
+    TYPE: ClassVar[str] = "transfer_ack"
+    transfer_id: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TransferNack:
+    """Resend these chunks (all of them when ``missing`` is empty)."""
+
+    TYPE: ClassVar[str] = "transfer_nack"
+    transfer_id: str
+    missing: list[int]
+    reason: str
+
+
+@dataclass(frozen=True)
+class HopStarted:
+    TYPE: ClassVar[str] = "hop_started"
+    round: int
+    hop: int
+    segment: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class HopProgress:
+    TYPE: ClassVar[str] = "hop_progress"
+    round: int
+    hop: int
+    step: int
+    total_steps: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class HopDone:
+    TYPE: ClassVar[str] = "hop_done"
+    round: int
+    hop: int
+    segment: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    steps: int
+    samples: int
+    train_s: float
+    trainable_params: int
+    model_sha256: str  # digest of the model this hop handed on
+    model_bytes: int
+    bytes_sent: int  # cumulative for this agent process
+    bytes_received: int
+    peak_rss_mb: float
+    backend: str
+
+
+@dataclass(frozen=True)
+class Bye:
+    """Final figures an agent sends when told to shut down."""
+
+    TYPE: ClassVar[str] = "bye"
+    bytes_sent: int
+    bytes_received: int
+    peak_rss_mb: float
+    hops: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    TYPE: ClassVar[str] = "abort"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    TYPE: ClassVar[str] = "shutdown"
+    reason: str = "trial finished"
+    exit: bool = True  # False: say bye but stay up for the next trial
+
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.TYPE: cls
+    for cls in (Status, Hello, Assign, ArtifactRequest, Chunk, TransferAck, TransferNack, HopStarted, HopProgress)
+    + (HopDone, Bye, Abort, Shutdown)
+}
+T = TypeVar("T")
+
+
+def to_body(message: Any) -> dict[str, Any]:
+    """Dataclass -> JSON-ready body."""
+    return dataclasses.asdict(message)
+
+
+def body_of(kind: type[T], body: dict[str, Any]) -> T:
+    """Body -> dataclass, checking presence and type of every field (unknown keys ignored)."""
+    return typing.cast(T, _build(kind, body, kind.__name__))
+
+
+def _build(kind: type, body: Any, where: str) -> Any:
+    if not isinstance(body, dict):
+        raise ProtocolError("malformed", f"{where} is not an object")
+    hints = typing.get_type_hints(kind)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(kind):
+        if f.name in body:
+            values[f.name] = _check(hints[f.name], body[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProtocolError("malformed", f"{where}: missing field {f.name!r}")
+    return kind(**values)
+
+
+def _check(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _check(inner[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError("malformed", f"{where} is not a list")
+        (item,) = typing.get_args(hint)
+        return [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError("malformed", f"{where} is not an object")
+        _, item = typing.get_args(hint)
+        return {str(k): _check(item, v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, where)
+    return _scalar(hint, value, where)
+
+
+def _scalar(hint: Any, value: Any, where: str) -> Any:
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+        return value
+    raise ProtocolError("malformed", f"{where} is not {getattr(hint, '__name__', hint)}")

@@ -1,0 +1,270 @@
+"""Chunked, digest-checked transfers of bytes (tensors, artifact bundles).
+
+Pure logic: functions take the time as an argument and return messages; no
+sockets, clocks or threads. A sender's ``Outbox`` keeps every transfer until the
+receiver acknowledges the whole-transfer sha256; a receiver's ``Reassembler``
+checks each chunk's sha256, asks again for chunks that are corrupt or missing,
+and acknowledges duplicates of finished transfers again without delivering them
+twice (QoS 1 means duplicates happen).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.protocol import topics
+from edge_agent.protocol.envelope import Envelope, encode, new_id
+from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.messages import Chunk, TransferAck, TransferNack, body_of, to_body
+
+log = logging.getLogger(__name__)
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One MQTT publish."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+def reply(to: Envelope, me: str, kind: str, body: dict[str, Any], now: float) -> Outgoing:
+    env = Envelope(kind, me, to.src, body, reply_to=to.id, trial_id=to.trial_id, created_at=now)
+    return Outgoing(topics.inbox(to.src), encode(env))
+
+
+def error_reply(to: Envelope, me: str, code: str, message: str, now: float) -> Outgoing:
+    env = Envelope(
+        "error",
+        me,
+        to.src,
+        reply_to=to.id,
+        trial_id=to.trial_id,
+        created_at=now,
+        error={"code": code, "message": message},
+    )
+    return Outgoing(topics.inbox(to.src), encode(env))
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class PendingTransfer:
+    transfer_id: str
+    dst: str
+    purpose: str
+    meta: dict[str, Any]
+    sha256: str
+    size: int
+    frames: list[bytes]  # encoded chunk frames, by seq
+    sent_at: float
+    attempts: int = 1
+
+
+@dataclass(frozen=True)
+class Completed:
+    transfer_id: str
+    src: str
+    trial_id: str | None
+    purpose: str
+    meta: dict[str, Any]
+    data: bytes
+    sha256: str
+
+
+class Outbox:
+    """Sender side: frames transfers and keeps them until acknowledged."""
+
+    def __init__(self, me: str, ack_timeout_s: float = 30.0, max_attempts: int = 6) -> None:
+        self.me = me
+        self.ack_timeout_s = ack_timeout_s
+        self.max_attempts = max_attempts
+        self.pending: dict[str, PendingTransfer] = {}
+
+    def send(
+        self,
+        dst: str,
+        trial_id: str | None,
+        purpose: str,
+        meta: dict[str, Any],
+        data: bytes,
+        chunk_bytes: int,
+        now: float,
+    ) -> tuple[PendingTransfer, list[Outgoing]]:
+        if chunk_bytes <= 0:
+            raise ValueError("chunk_bytes must be positive")
+        tid, digest = new_id(), sha256_hex(data)
+        count = max(1, -(-len(data) // chunk_bytes))
+        frames = []
+        for seq in range(count):
+            part = data[seq * chunk_bytes : (seq + 1) * chunk_bytes]
+            body = Chunk(tid, purpose, seq, count, len(data), digest, sha256_hex(part), meta)
+            frames.append(
+                encode(Envelope("chunk", self.me, dst, to_body(body), trial_id=trial_id, created_at=now, data=part))
+            )
+        pending = PendingTransfer(tid, dst, purpose, meta, digest, len(data), frames, now)
+        self.pending[tid] = pending
+        return pending, [Outgoing(topics.inbox(dst), f) for f in frames]
+
+    def on_ack(self, ack: TransferAck) -> PendingTransfer | None:
+        """The receiver has it all: drop our copy. None if unknown or digest differs."""
+        pending = self.pending.get(ack.transfer_id)
+        if pending is None:
+            return None
+        if ack.sha256 != pending.sha256:
+            log.warning(
+                "ack for transfer %s carries digest %s, expected %s", ack.transfer_id, ack.sha256, pending.sha256
+            )
+            return None
+        return self.pending.pop(ack.transfer_id)
+
+    def on_nack(self, nack: TransferNack, now: float) -> list[Outgoing]:
+        pending = self.pending.get(nack.transfer_id)
+        if pending is None:
+            return []
+        seqs = [s for s in nack.missing if 0 <= s < len(pending.frames)] or list(range(len(pending.frames)))
+        log.info(
+            "resending %d chunk(s) of transfer %s to %s: %s", len(seqs), nack.transfer_id, pending.dst, nack.reason
+        )
+        pending.sent_at = now
+        return [Outgoing(topics.inbox(pending.dst), pending.frames[s]) for s in seqs]
+
+    def tick(self, now: float) -> tuple[list[Outgoing], list[PendingTransfer]]:
+        """Resend unacknowledged transfers; return those that ran out of attempts."""
+        out: list[Outgoing] = []
+        failed: list[PendingTransfer] = []
+        for tid, p in list(self.pending.items()):
+            timeout = self.ack_timeout_s + p.size / 1e6  # a second more per MB
+            if now - p.sent_at < timeout:
+                continue
+            if p.attempts >= self.max_attempts:
+                failed.append(self.pending.pop(tid))
+                continue
+            p.attempts, p.sent_at = p.attempts + 1, now
+            log.warning(
+                "no ack for transfer %s to %s after %.0f s; resending (attempt %d)", tid, p.dst, timeout, p.attempts
+            )
+            out.extend(Outgoing(topics.inbox(p.dst), f) for f in p.frames)
+        return out, failed
+
+
+@dataclass
+class _Partial:
+    first: Chunk
+    src: str
+    trial_id: str | None
+    parts: dict[int, bytes] = field(default_factory=dict)
+    last_seen: float = 0.0
+    nacks: int = 0
+
+
+class Reassembler:
+    """Receiver side: checks and joins chunks, acknowledges whole transfers."""
+
+    def __init__(
+        self,
+        me: str,
+        max_transfer_bytes: int = 2 << 30,
+        max_chunk_bytes: int = 16 << 20,
+        stale_after_s: float = 10.0,
+        max_nacks: int = 5,
+        remember: int = 1024,
+    ) -> None:
+        self.me = me
+        self.max_transfer_bytes = max_transfer_bytes
+        self.max_chunk_bytes = max_chunk_bytes
+        self.stale_after_s = stale_after_s
+        self.max_nacks = max_nacks
+        self.partial: dict[str, _Partial] = {}
+        self.done: OrderedDict[str, str] = OrderedDict()  # transfer id -> sha256, most recent last
+        self.remember = remember
+
+    def add(self, env: Envelope, now: float) -> tuple[Completed | None, list[Outgoing]]:
+        """One chunk frame in; maybe a finished transfer and replies out."""
+        chunk = body_of(Chunk, env.body)
+        data = env.data or b""
+        if chunk.transfer_id in self.done:  # duplicate of a finished transfer: ack again, deliver nothing
+            ack = TransferAck(chunk.transfer_id, self.done[chunk.transfer_id])
+            return None, [reply(env, self.me, "transfer_ack", to_body(ack), now)]
+        problem = self._refuse(chunk, data)
+        if problem is not None:
+            code, message = problem
+            self.partial.pop(chunk.transfer_id, None)
+            raise ProtocolError(code, message)
+        part = self.partial.setdefault(chunk.transfer_id, _Partial(chunk, env.src, env.trial_id))
+        part.last_seen = now
+        if (chunk.count, chunk.size, chunk.sha256) != (part.first.count, part.first.size, part.first.sha256):
+            raise ProtocolError("malformed", f"chunk {chunk.seq} of {chunk.transfer_id} disagrees with earlier chunks")
+        if sha256_hex(data) != chunk.chunk_sha256:
+            log.warning(
+                "chunk %d/%d of transfer %s from %s failed its digest; asking again",
+                chunk.seq,
+                chunk.count,
+                chunk.transfer_id,
+                env.src,
+            )
+            nack = TransferNack(chunk.transfer_id, [chunk.seq], "chunk digest mismatch")
+            return None, [reply(env, self.me, "transfer_nack", to_body(nack), now)]
+        part.parts[chunk.seq] = data
+        if len(part.parts) < chunk.count:
+            return None, []
+        return self._finish(env, part, now)
+
+    def _refuse(self, chunk: Chunk, data: bytes) -> tuple[str, str] | None:
+        if chunk.size > self.max_transfer_bytes:
+            return "oversize", f"transfer {chunk.transfer_id} of {chunk.size} bytes exceeds {self.max_transfer_bytes}"
+        if len(data) > self.max_chunk_bytes:
+            return "oversize", f"chunk of {len(data)} bytes exceeds {self.max_chunk_bytes}"
+        if not 0 <= chunk.seq < chunk.count or chunk.count > chunk.size + 1:
+            return "malformed", f"chunk seq {chunk.seq} / count {chunk.count} out of range"
+        return None
+
+    def _finish(self, env: Envelope, part: _Partial, now: float) -> tuple[Completed | None, list[Outgoing]]:
+        first = part.first
+        data = b"".join(part.parts[i] for i in range(first.count))
+        if len(data) != first.size or sha256_hex(data) != first.sha256:
+            log.warning(
+                "transfer %s from %s failed its whole digest; asking for all of it again", first.transfer_id, part.src
+            )
+            part.parts.clear()
+            nack = TransferNack(first.transfer_id, [], "transfer digest mismatch")
+            return None, [reply(env, self.me, "transfer_nack", to_body(nack), now)]
+        del self.partial[first.transfer_id]
+        self.done[first.transfer_id] = first.sha256
+        while len(self.done) > self.remember:
+            self.done.popitem(last=False)
+        done = Completed(first.transfer_id, part.src, part.trial_id, first.purpose, first.meta, data, first.sha256)
+        ack = TransferAck(first.transfer_id, first.sha256)
+        return done, [reply(env, self.me, "transfer_ack", to_body(ack), now)]
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Ask for the missing chunks of transfers that stalled; give up after max_nacks."""
+        out: list[Outgoing] = []
+        for tid, part in list(self.partial.items()):
+            if now - part.last_seen < self.stale_after_s:
+                continue
+            if part.nacks >= self.max_nacks:
+                log.error(
+                    "giving up on transfer %s from %s: %d/%d chunks after %d requests",
+                    tid,
+                    part.src,
+                    len(part.parts),
+                    part.first.count,
+                    part.nacks,
+                )
+                del self.partial[tid]
+                continue
+            part.nacks, part.last_seen = part.nacks + 1, now
+            missing = [s for s in range(part.first.count) if s not in part.parts]
+            nack = TransferNack(tid, missing, "chunks missing")
+            env = Envelope("transfer_nack", self.me, part.src, to_body(nack), trial_id=part.trial_id, created_at=now)
+            out.append(Outgoing(topics.inbox(part.src), encode(env)))
+        return out

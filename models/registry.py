@@ -1,0 +1,62 @@
+"""Registry: model name -> builder, plus the layer-group contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from models.cnn import CNN, CNNConfig
+from models.mlp import MLP, MLPConfig
+from models.vgg import VGG, VGGConfig
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the data set looks like to the model."""
+
+    channels: int = 1  # image channels
+    height: int = 28  # pixels
+    width: int = 28  # pixels
+    num_classes: int = 10
+
+
+def _mlp(spec: InputSpec) -> nn.Module:
+    return MLP(MLPConfig(in_features=spec.channels * spec.height * spec.width, num_classes=spec.num_classes))
+
+
+def _cnn(spec: InputSpec) -> nn.Module:
+    return CNN(CNNConfig(in_channels=spec.channels, image_size=spec.height, num_classes=spec.num_classes))
+
+
+def _vgg11(spec: InputSpec) -> nn.Module:
+    return VGG(VGGConfig(in_channels=spec.channels, image_size=spec.height, num_classes=spec.num_classes))
+
+
+MODELS: dict[str, Callable[[InputSpec], nn.Module]] = {
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "vgg11": _vgg11,
+}
+
+
+def build_model(name: str, spec: InputSpec) -> nn.Module:
+    """Build a freshly initialised model by registry name."""
+    try:
+        builder = MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+    return builder(spec)
+
+
+def layer_groups(model: nn.Module) -> list[str]:
+    """Ordered layer-group prefixes (input side first).
+
+    A group is a top-level child module that owns parameters. Every parameter
+    and buffer name starts with exactly one group prefix followed by a dot.
+    """
+    groups = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    if hasattr(model, "group_names"):
+        groups = list(model.group_names())
+    return groups

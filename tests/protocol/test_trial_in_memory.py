@@ -1,0 +1,187 @@
+"""A whole trial, agents and coordinator state machines, in one thread over the in-memory broker."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from coordinator.controller import Controller, TrialSetup
+from coordinator.scheduler import GroupInfo, HopSettings, snake_plan
+from edge_agent.agent import Agent, Counters, HopResult, SayBye, StoreArtifact, Train
+from edge_agent.protocol import topics
+from edge_agent.protocol.codec import decode_tensors, encode_tensors
+from edge_agent.protocol.envelope import decode
+from edge_agent.protocol.messages import Hello
+from edge_agent.trainer import EvalStats, TrainStats
+from tests.fakes import MemoryBroker
+
+GROUPS = [GroupInfo(f"g{i}", (f"g{i}.w",), (f"g{i}.stat",), 10 * (i + 1)) for i in range(4)]
+COUNTERS = Counters(0, 0, 1.0)
+
+
+def hello(agent_id: str) -> Hello:
+    return Hello(agent_id, "fake", {}, "x86_64", "Linux", "3.11", 2, 1024, 512, 100, 10, 10, [1, 28, 28], [10] * 10)
+
+
+@dataclass
+class Harness:
+    agents: int = 3
+    rounds: int = 2
+    mode: str = "p2p"
+    broker: MemoryBroker = field(default_factory=MemoryBroker)
+    history: list[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], list[str]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.initial = {
+            name: np.full(3, i, np.float32) for i, g in enumerate(GROUPS) for name in (*g.params, *g.buffers)
+        }
+        blobs = {}
+        for seg in range(4):
+            blob = f"bundle-{seg}".encode() * 1000
+            blobs[hashlib.sha256(blob).hexdigest()] = blob
+        shas = list(blobs)
+        setup = TrialSetup(
+            "t1", self.agents, lambda ids: snake_plan(ids, GROUPS, self.rounds, self.mode),
+            {i: (shas[i], len(blobs[shas[i]])) for i in range(4)}, blobs, encode_tensors(self.initial),
+            HopSettings(1, 8, 0.1, 0, None), 4096, "none", 60.0, 60.0,
+        )  # fmt: skip
+        self.ctl = Controller(setup, 0.0)
+        self.broker.subscribe("coordinator", topics.coordinator_inbox())
+        self.broker.subscribe("coordinator", topics.ALL_AGENT_STATUS)
+        self.machines = {f"a{i}": Agent(hello(f"a{i}"), set(), 4096) for i in range(self.agents)}
+        for name in self.machines:
+            self.broker.subscribe(name, topics.agent_inbox(name))
+        self.events: list[str] = []
+
+    def run(self, steps: int = 10_000) -> None:
+        now = 0.0
+        for name, machine in self.machines.items():
+            self._apply(name, machine.start(now), now)
+        for _ in range(steps):
+            now += 0.01
+            moved = False
+            for client, queue in self.broker.queues.items():
+                while queue:
+                    moved = True
+                    topic, payload = queue.popleft()
+                    if client == "coordinator":
+                        step = self.ctl.handle(topic, payload, now)
+                        self._publish(step.out)
+                        self.events += [e.kind for e in step.events]
+                    else:
+                        self._apply(client, self.machines[client].handle(topic, payload, now), now)
+            if self.ctl.final_model is not None or self.ctl.failed:
+                return
+            if not moved:
+                now += 5.0
+                self._publish(self.ctl.tick(now).out)
+                for name, machine in self.machines.items():
+                    self._apply(name, machine.tick(now, COUNTERS), now)
+
+    def _publish(self, out: list) -> None:
+        for o in out:
+            self.broker.publish(o.topic, o.payload, o.retain)
+
+    def _apply(self, name: str, fx, now: float) -> None:
+        self._publish(fx.out)
+        for action in fx.actions:
+            machine = self.machines[name]
+            if isinstance(action, StoreArtifact):
+                self._apply(name, machine.artifact_stored(action.sha256, True, now), now)
+            elif isinstance(action, Train):
+                task = action.task
+                after = {k: v.copy() for k, v in action.tensors.items()}
+                for t in after:  # the segment trains; frozen BN stats drift in train mode and must not escape
+                    after[t] = after[t] + (1.0 if t in task.tensors else 100.0)
+                res = HopResult(task, after, TrainStats(0.5, 1, 8, 0.0), EvalStats(0.4, 0.9, 2), 3)
+                self.history.append((task.hop, action.tensors, after, task.tensors))
+                self._apply(name, machine.hop_trained(res, COUNTERS, now), now)
+            elif isinstance(action, SayBye):
+                self._publish([machine.bye(COUNTERS, now)])
+
+
+@pytest.mark.parametrize("mode", ["p2p", "cs"])
+def test_every_segment_trains_once_per_agent_and_round(mode: str) -> None:
+    h = Harness(agents=3, rounds=2, mode=mode)
+    h.run()
+    assert h.ctl.failed is None
+    final = decode_tensors(h.ctl.final_model or b"")
+    assert len(h.ctl.done_hops) == 6
+    # every hop bumped exactly its segment's tensors by 1: the final model is initial + per-segment hop count
+    plan = h.ctl.plan
+    assert plan is not None
+    for seg in plan.segments:
+        times = sum(1 for hop in plan.hops if hop.segment == seg.index)
+        for name in seg.tensors:
+            np.testing.assert_array_equal(final[name], h.initial[name] + times)
+
+
+def test_each_model_handed_on_differs_from_the_received_one_only_in_the_segment() -> None:
+    h = Harness(agents=2, rounds=2)
+    h.run()
+    assert h.ctl.failed is None
+    models = [decode_tensors(h.ctl.setup.initial_model)]
+    for topic, payload in h.broker.published:  # every distinct model that travelled, in hop order
+        env = decode(payload) if payload[:4] == b"SNK1" else None
+        if env and env.body["purpose"] == "model" and env.body["seq"] == 0 and env.body["meta"]["hop"] > 0:
+            models.append(decode_tensors(env.data or b""))
+    assert len(models) == 5
+    plan = h.ctl.plan
+    assert plan is not None
+    for hop, (before, after) in zip(plan.hops, zip(models, models[1:], strict=False), strict=True):
+        owned = set(plan.segments[hop.segment].tensors)
+        for name in before:
+            same = np.array_equal(before[name], after[name])
+            assert same != (name in owned), (hop, name)
+
+
+def test_a_corrupted_chunk_is_requested_again_and_the_trial_completes() -> None:
+    h = Harness(agents=2, rounds=1)
+    state = {"done": False}
+
+    def corrupt(topic: str, payload: bytes) -> list[bytes]:
+        if payload[:4] == b"SNK1" and "agents/a1" in topic and not state["done"]:
+            env = decode(payload)
+            if env.body.get("purpose") == "model":
+                state["done"] = True
+                return [payload[:-1] + bytes([payload[-1] ^ 0xFF])]
+        return [payload]
+
+    h.broker.tamper = corrupt
+    h.run()
+    assert state["done"] and h.ctl.failed is None and h.ctl.final_model is not None
+    nacks = [decode(p) for t, p in h.broker.published if p[:1] == b"{" and decode(p).type == "transfer_nack"]
+    assert len(nacks) == 1 and nacks[0].src == "a1"
+
+
+def test_duplicated_messages_change_nothing() -> None:
+    ref = Harness(agents=2, rounds=2)
+    ref.run()
+    h = Harness(agents=2, rounds=2)
+    h.broker.tamper = lambda topic, payload: [payload, payload]  # every publish delivered twice (QoS 1)
+    h.run()
+    assert h.ctl.failed is None
+    assert len(h.history) == len(ref.history) == 4  # no hop trained twice
+    a, b = decode_tensors(h.ctl.final_model or b""), decode_tensors(ref.ctl.final_model or b"")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_garbage_in_every_inbox_is_dropped_and_answered() -> None:
+    h = Harness(agents=2, rounds=1)
+    garbage = [
+        b"",
+        b"\x00\xff",
+        b"{",
+        b"[]",
+        b'{"v": 99, "type": "hello"}',
+        b"SNK1\x00\x00\x00\x05{}",
+        b"SNK1\xff\xff\xff\xff",
+    ]
+    for payload in garbage:
+        for topic in [topics.coordinator_inbox(), topics.agent_inbox("a0"), topics.agent_inbox("a1")]:
+            h.broker.publish(topic, payload)
+    h.run()
+    assert h.ctl.failed is None and h.ctl.final_model is not None
