@@ -159,7 +159,10 @@ class Controller:
         if env.trial_id not in (None, self.setup.trial_id) and env.type != "hello":
             raise ProtocolError("wrong_trial", f"this coordinator runs trial {self.setup.trial_id!r}")
         if env.error is not None:
-            return Step(events=[Event("warning", env.src, f"{env.error.get('code')}: {env.error.get('message')}")])
+            step = Step(events=[Event("warning", env.src, f"{env.error.get('code')}: {env.error.get('message')}")])
+            if env.error.get("code") == "hop_failed":
+                self._fail(step, env.error.get("message", "a hop failed"))
+            return step
         handlers: dict[str, Callable[[Envelope, float], Step]] = {
             "hello": self._on_hello,
             "artifact_request": self._on_artifact_request,

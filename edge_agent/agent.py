@@ -42,6 +42,7 @@ from edge_agent.trainer import EvalStats, TrainStats
 log = logging.getLogger(__name__)
 COORD = topics.COORDINATOR
 ARTIFACT_RETRY_S = 30.0
+HELLO_EVERY_S = 3.0  # while unassigned: a coordinator that connects later still hears us
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,11 @@ class Agent:
         self.finished: set[int] = set()
         self.requested: dict[str, float] = {}  # artifact sha -> when asked
         self.seen: OrderedDict[str, None] = OrderedDict()  # control message ids (QoS 1 duplicates)
+        self.last_hello = float("-inf")
 
     # -- entry points -------------------------------------------------------------------------
     def start(self, now: float) -> Effects:
+        self.last_hello = now
         return Effects([self._send(COORD, "hello", to_body(self.hello), now)])
 
     def handle(self, topic: str, payload: bytes, now: float) -> Effects:
@@ -138,6 +141,8 @@ class Agent:
 
     def tick(self, now: float, counters: Counters) -> Effects:
         fx = Effects(self.inbound.tick(now))
+        if self.trial_id is None and now - self.last_hello >= HELLO_EVERY_S:
+            fx.extend(self.start(now))
         resend, failed = self.outbox.tick(now)
         fx.out.extend(resend)
         for p in failed:
@@ -188,6 +193,11 @@ class Agent:
         )  # fmt: skip
         fx = Effects(out + [self._send(COORD, "hop_done", to_body(done), now)])
         return fx.extend(self._maybe_train(now))
+
+    def hop_failed(self, hop: int, reason: str, now: float) -> Effects:
+        """Training raised: tell the coordinator; keep the received model (nothing is lost)."""
+        self.busy = None
+        return Effects([self._error(COORD, "hop_failed", f"hop {hop} failed on {self.me}: {reason}", now)])
 
     def bye(self, counters: Counters, now: float) -> Outgoing:
         body = Bye(counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb, len(self.finished))
@@ -292,7 +302,9 @@ class Agent:
         task = self.tasks.get(hop)
         missing = set(task.tensors) - set(tensors) if task else set()
         if missing:
-            raise ProtocolError("malformed", f"model for hop {hop} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+            raise ProtocolError(
+                "malformed", f"model for hop {hop} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}"
+            )
         if task is None and len(self.models) >= 2:
             log.warning("model transfer %s for unassigned hop %d dropped (buffer full)", done.transfer_id, hop)
             return Effects()

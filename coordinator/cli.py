@@ -1,0 +1,228 @@
+"""``snake-coordinator``: simulate a trial on one machine, or drive agents on a real broker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from coordinator.config import TrialConfig, load_trial
+from coordinator.errors import ConfigError, CoordinatorError
+from edge_agent.data import DataError
+from edge_agent.errors import EdgeAgentError
+from edge_agent.exitcodes import ExitCode
+
+log = logging.getLogger("coordinator")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    logging.getLogger("edge_agent.mqtt.paho").setLevel(logging.WARNING)
+    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+
+
+def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Flags that override the trial file."""
+    options = [
+        click.option("--rounds", type=int, help="Rounds (every agent trains once per round)."),
+        click.option("--model", type=click.Choice(["mlp", "cnn", "vgg11"]), help="Model from the registry."),
+        click.option("--dataset", help="fashion-mnist[:DIR] | cifar10:DIR | npz:FILE."),
+        click.option("--partition", help="iid | dirichlet:ALPHA."),
+        click.option(
+            "--mode", type=click.Choice(["p2p", "cs"]), help="p2p: agent to agent; cs: every hop via the coordinator."
+        ),
+        click.option("--epochs", type=int, help="Local epochs per hop."),
+        click.option("--lr", type=float, help="Learning rate."),
+        click.option("--batch-size", type=int, help="Batch size."),
+        click.option("--compression", type=click.Choice(["none", "fp16"]), help="Tensor encoding on the wire."),
+        click.option("--seed", type=int, help="Seed for model init, partitions and shuffling."),
+        click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/NAME-TIME)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
+        click.option(
+            "--log-level",
+            default="info",
+            show_default=True,
+            type=click.Choice(["debug", "info", "warning", "error"]),
+            help="Log level (stderr).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def build_config(path: Path | None, opts: dict[str, Any]) -> TrialConfig:
+    keys = {
+        "epochs": "train.epochs",
+        "lr": "train.lr",
+        "batch_size": "train.batch_size",
+        "compression": "transfer.compression",
+    }
+    overrides = {
+        keys.get(k, k): opts.pop(k)
+        for k in list(opts)
+        if k in {*keys, "rounds", "model", "dataset", "partition", "mode", "seed", "agents", "samples_per_agent"}
+    }
+    return load_trial(path, overrides)
+
+
+def finish(summary: dict[str, Any], out: Path, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    click.echo(
+        f"trial {summary['trial_id']}: {summary['algorithm']}/{summary['mode']}, {summary['model']} on {summary['dataset']}"
+    )
+    click.echo(f"  final test accuracy {summary['final_test_accuracy']:.4f}  loss {summary['final_test_loss']:.4f}")
+    click.echo(f"  {summary['hops']} hops, {summary['bytes_total'] / 1e6:.1f} MB published, {summary['wall_s']:.1f} s")
+    for a in summary["agents"]:
+        click.echo(
+            f"  {a['agent_id']:10} {a['backend']:8} peak {a['peak_rss_mb']:.0f} MiB  sent {a['bytes_sent'] / 1e6:.1f} MB  hops {a['hops']}"
+        )
+    click.echo(f"results in {out}/ (summary.json, metrics.jsonl, training.png, final_model.onnx)")
+
+
+def guarded(fn: Callable[[], None]) -> None:
+    """Map errors to clear messages and exit codes."""
+    try:
+        fn()
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        sys.exit(ExitCode.INTERRUPTED)
+    except ConfigError as exc:
+        log.error("configuration: %s", exc)
+        sys.exit(ExitCode.CONFIG)
+    except DataError as exc:
+        log.error("data: %s", exc)
+        sys.exit(ExitCode.DATA)
+    except (CoordinatorError, EdgeAgentError) as exc:
+        log.error("%s", exc)
+        sys.exit(ExitCode.FAILED)
+
+
+def default_out(config: TrialConfig) -> Path:
+    return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Snake Learning coordinator: plans trials and drives edge agents over MQTT."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help="Trial file (TOML).")
+@click.option("--agents", type=int, help="Number of agent processes to start.")
+@click.option("--samples-per-agent", type=int, help="Cap each agent's partition (quick runs).")
+@click.option("--broker", help="Use this broker (mqtt://host:port) instead of starting one.")
+@click.option(
+    "--broker-kind",
+    type=click.Choice(["auto", "mosquitto", "amqtt"]),
+    default="auto",
+    show_default=True,
+    help="Broker to start: mosquitto if installed, else embedded amqtt.",
+)
+@click.option("--agent-backends", help="Comma-separated backend per agent, cycled (e.g. ort,ort).")
+@click.option("--threads", default=0, show_default=True, help="Training threads per agent (0 = runtime default).")
+@trial_options
+def simulate(
+    config_path: Path | None,
+    broker: str | None,
+    broker_kind: str,
+    agent_backends: str | None,
+    threads: int,
+    out: Path | None,
+    as_json: bool,
+    log_level: str,
+    **opts: Any,
+) -> None:
+    """Run a whole trial on this machine: a broker, N agent processes and the coordinator."""
+    setup_logging(log_level)
+
+    def go() -> None:
+        from coordinator.simulate import SimOptions
+        from coordinator.simulate import simulate as run_sim
+
+        config = build_config(config_path, opts)
+        run_dir = out or default_out(config)
+        backends = tuple(b.strip() for b in agent_backends.split(",")) if agent_backends else ()
+        options = SimOptions(broker, broker_kind, backends, threads, show_progress=sys.stderr.isatty())
+        finish(run_sim(config, run_dir, options), run_dir, as_json)
+
+    guarded(go)
+
+
+@main.command()
+@click.argument("trial_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--broker", envvar="SNAKE_BROKER", required=True, help="Broker URL the agents use (env SNAKE_BROKER).")
+@click.option(
+    "--keep-agents/--stop-agents", default=True, show_default=True, help="Leave agents running for the next trial."
+)
+@trial_options
+def run(
+    trial_file: Path, broker: str, keep_agents: bool, out: Path | None, as_json: bool, log_level: str, **opts: Any
+) -> None:
+    """Drive a trial on agents that are already running and connected to BROKER."""
+    setup_logging(log_level)
+
+    def go() -> None:
+        from coordinator.trial import run_trial
+        from edge_agent.data import load_dataset
+
+        config = build_config(trial_file, opts)
+        run_dir = out or default_out(config)
+        summary = run_trial(config, broker, run_dir, load_dataset(config.dataset), exit_agents=not keep_agents,
+                            show_progress=sys.stderr.isatty(), extra={"broker": "external"})  # fmt: skip
+        finish(summary, run_dir, as_json)
+
+    guarded(go)
+
+
+@main.command()
+@click.argument("trial_file", type=click.Path(path_type=Path, dir_okay=False), required=False)
+@click.option("--agents", type=int, help="Number of agents to plan for.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--model", type=click.Choice(["mlp", "cnn", "vgg11"]), help="Model from the registry.")
+@click.option("--rounds", type=int, help="Rounds.")
+def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
+    """Print the trial's segments and route without running anything."""
+    setup_logging("warning")
+
+    def go() -> None:
+        import torch
+
+        from coordinator.scheduler import GroupInfo, snake_plan
+        from models import InputSpec, build_model, layer_groups
+
+        config = build_config(trial_file, opts)
+        model = build_model(config.model, InputSpec())
+        state = model.state_dict()
+        groups = []
+        for g in layer_groups(model):
+            params = tuple(n for n, _ in model.named_parameters() if n.startswith(g + "."))
+            buffers = tuple(
+                n for n, t in state.items() if n.startswith(g + ".") and n not in params and t.dtype == torch.float32
+            )
+            groups.append(GroupInfo(g, params, buffers, sum(state[p].numel() for p in params)))
+        agents = [f"agent-{i}" for i in range(config.agents)]
+        p = snake_plan(agents, groups, config.rounds, config.mode)
+        if as_json:
+            hops = [{"round": h.round, "hop": h.hop, "agent": h.agent, "segment": h.segment} for h in p.hops]
+            segs = [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in p.segments]
+            click.echo(json.dumps({"mode": p.mode, "segments": segs, "hops": hops}, indent=2))
+        else:
+            click.echo("\n".join(p.describe()))
+
+    guarded(go)
+
+
+if __name__ == "__main__":
+    main()

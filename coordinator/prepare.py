@@ -1,0 +1,61 @@
+"""Everything a trial needs before agents join: model, forward export, segments, artifacts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from coordinator.artifacts import SegmentArtifacts, build_segment_artifacts
+from coordinator.config import TrialConfig
+from coordinator.export import ForwardModel, export_forward
+from coordinator.scheduler import GroupInfo, Plan, Segment, snake_plan, split_segments
+from models import InputSpec, build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    model: nn.Module
+    forward: ForwardModel
+    groups: tuple[GroupInfo, ...]
+    segments: tuple[Segment, ...]
+    artifacts: dict[int, SegmentArtifacts]  # by segment index
+
+    def plan_for(self, config: TrialConfig) -> Callable[[list[str]], Plan]:
+        return lambda agents: snake_plan(agents, self.groups, config.rounds, config.mode)
+
+
+def group_infos(forward: ForwardModel) -> tuple[GroupInfo, ...]:
+    return tuple(
+        GroupInfo(g.name, g.params, g.buffers, int(sum(np.prod(forward.tensors[p].shape) for p in g.params)))
+        for g in forward.groups
+    )
+
+
+def prepare(
+    config: TrialConfig, spec: InputSpec, work: Path, on_segment: Callable[[int, int], None] | None = None
+) -> Prepared:
+    """Build the model (seeded), export it, split it into segments and build each segment's artifacts."""
+    import torch
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, spec)
+    forward = export_forward(model, (spec.channels, spec.height, spec.width), spec.num_classes, work / "export")
+    groups = group_infos(forward)
+    segments = tuple(split_segments(groups, min(config.agents, len(groups))))
+    artifacts = {}
+    for seg in segments:
+        artifacts[seg.index] = build_segment_artifacts(
+            forward, seg.params, work / "artifacts", optimizer=config.train.optimizer
+        )
+        log.info("segment %d (%s): bundle %s, %d bytes", seg.index, ", ".join(seg.groups),
+                 artifacts[seg.index].sha256[:12], len(artifacts[seg.index].blob))  # fmt: skip
+        if on_segment:
+            on_segment(seg.index + 1, len(segments))
+    return Prepared(model, forward, groups, segments, artifacts)

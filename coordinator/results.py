@@ -1,0 +1,109 @@
+"""A trial's run directory: ``metrics.jsonl`` (one line per hop), ``summary.json``, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent.protocol.messages import Bye, Hello, HopDone
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentFigures:
+    agent_id: str
+    backend: str = "?"
+    peak_rss_mb: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    hops: int = 0
+    max_trainable_params: int = 0
+
+
+@dataclass
+class RunRecord:
+    """What the trial service learns while it runs; results are written from it."""
+
+    out: Path
+    agents: dict[str, AgentFigures] = field(default_factory=dict)
+    hops: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "metrics.jsonl").write_text("")
+
+    def joined(self, hello: Hello) -> None:
+        self.agents[hello.agent_id] = AgentFigures(hello.agent_id, hello.backend)
+
+    def hop_done(self, agent: str, done: HopDone, agent_hop_s: float) -> dict[str, Any]:
+        fig = self.agents.setdefault(agent, AgentFigures(agent, done.backend))
+        fig.hops += 1
+        fig.peak_rss_mb = max(fig.peak_rss_mb, done.peak_rss_mb)
+        fig.bytes_sent, fig.bytes_received = (
+            max(fig.bytes_sent, done.bytes_sent),
+            max(fig.bytes_received, done.bytes_received),
+        )
+        fig.max_trainable_params = max(fig.max_trainable_params, done.trainable_params)
+        line = {
+            "round": done.round, "hop": done.hop, "agent": agent, "segment": done.segment,
+            "train_loss": _num(done.train_loss), "val_loss": _num(done.val_loss), "val_accuracy": _num(done.val_accuracy),
+            "steps": done.steps, "samples": done.samples, "trainable_params": done.trainable_params,
+            "model_bytes": done.model_bytes, "train_s": round(done.train_s, 3), "hop_s": round(agent_hop_s, 3),
+            "model_sha256": done.model_sha256,
+        }  # fmt: skip
+        self.hops.append(line)
+        with (self.out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        return line
+
+    def bye(self, agent: str, bye: Bye) -> None:
+        fig = self.agents.setdefault(agent, AgentFigures(agent))
+        fig.peak_rss_mb = max(fig.peak_rss_mb, bye.peak_rss_mb)
+        fig.bytes_sent, fig.bytes_received = bye.bytes_sent, bye.bytes_received
+
+    def summary(self, base: Mapping[str, Any], coordinator_bytes_sent: int) -> dict[str, Any]:
+        agents = [asdict(a) for a in sorted(self.agents.values(), key=lambda a: a.agent_id)]
+        out = dict(base)
+        out["bytes_total"] = coordinator_bytes_sent + sum(a["bytes_sent"] for a in agents)
+        out["bytes_coordinator_sent"] = coordinator_bytes_sent
+        out["agents"] = agents
+        out["hops"] = len(self.hops)
+        return out
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        path = self.out / "summary.json"
+        path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return path
+
+    def plot(self) -> Path | None:
+        """training.png: per-hop training loss and local validation accuracy."""
+        if not self.hops:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        hops = [h["hop"] for h in self.hops]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        ax1.plot(hops, [h["train_loss"] for h in self.hops], marker="o")
+        ax1.set(xlabel="hop", ylabel="training loss", title="Training loss per hop")
+        ax2.plot(hops, [h["val_accuracy"] for h in self.hops], marker="o", color="tab:green")
+        ax2.set(xlabel="hop", ylabel="local validation accuracy", title="Accuracy after each hop", ylim=(0, 1))
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = self.out / "training.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def _num(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 6)

@@ -1,0 +1,110 @@
+"""One trial end to end on the coordinator: prepare, run over MQTT, evaluate, write results."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from coordinator.config import TrialConfig
+from coordinator.controller import TrialSetup
+from coordinator.display import TrialDisplay
+from coordinator.errors import TrialError
+from coordinator.evaluate import evaluate_onnx, finalize
+from coordinator.prepare import Prepared, prepare
+from coordinator.results import RunRecord
+from coordinator.scheduler import HopSettings
+from coordinator.service import TrialService
+from edge_agent.data import Dataset, to_float
+from edge_agent.protocol.codec import decode_tensors, encode_tensors
+from models import InputSpec
+
+log = logging.getLogger(__name__)
+
+
+def input_spec(ds: Dataset) -> InputSpec:
+    c, h, w = ds.input_shape
+    return InputSpec(c, h, w, ds.num_classes)
+
+
+def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
+    arts = prepared.artifacts
+    t = config.train
+    return TrialSetup(
+        trial_id=f"{config.name}-{uuid.uuid4().hex[:8]}",
+        expected_agents=config.agents,
+        plan_for=prepared.plan_for(config),
+        artifacts={i: (a.sha256, len(a.blob)) for i, a in arts.items()},
+        blobs={a.sha256: a.blob for a in arts.values()},
+        initial_model=encode_tensors(prepared.forward.tensors),
+        settings=HopSettings(t.epochs, t.batch_size, t.lr, config.seed, t.max_steps or None),
+        chunk_bytes=config.transfer.chunk_bytes,
+        compression=config.transfer.compression,
+        join_timeout_s=config.timeouts.join_s,
+        hop_timeout_s=config.timeouts.hop_s,
+    )
+
+
+def run_trial(
+    config: TrialConfig,
+    broker: str,
+    out: Path,
+    dataset: Dataset,
+    exit_agents: bool,
+    stop: Callable[[], bool] = lambda: False,
+    show_progress: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run a whole trial against agents on ``broker``; returns (and writes) the summary."""
+    started = time.monotonic()
+    record = RunRecord(out)
+    with TrialDisplay(record, enabled=show_progress) as display:
+        display.status(f"exporting {config.model} and building segment artifacts")
+        prepared = prepare(config, input_spec(dataset), out / "work")
+        setup = trial_setup(config, prepared)
+        display.status(f"trial {setup.trial_id}: waiting for {config.agents} agent(s)")
+        outcome = TrialService(broker, setup, display).run(exit_agents, stop)
+        if outcome.failed is not None or outcome.final_model is None:
+            record.write_summary(
+                record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)
+            )
+            raise TrialError(outcome.failed or "no final model")
+        display.status("evaluating the final model on the test set")
+        tensors = decode_tensors(outcome.final_model)
+        onnx_path = finalize(prepared.model, tensors, prepared.forward.input_shape, out / "final_model.onnx")
+        test = evaluate_onnx(onnx_path, to_float(dataset.x_test), dataset.y_test)
+    base = _base(config, setup.trial_id, extra) | {
+        "final_test_accuracy": round(test.accuracy, 6),
+        "final_test_loss": round(test.loss, 6),
+        "test_samples": test.samples,
+        "wall_s": round(time.monotonic() - started, 3),
+        "trial_s": round(outcome.wall_s, 3),
+        "segments": [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in prepared.segments],
+        "final_model": str(onnx_path),
+    }
+    summary = record.summary(base, outcome.bytes_sent)
+    record.write_summary(summary)
+    record.plot()
+    log.info("final test accuracy %.4f (loss %.4f) on %d samples", test.accuracy, test.loss, test.samples)
+    return summary
+
+
+def _base(config: TrialConfig, trial_id: str, extra: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "trial_id": trial_id,
+        "algorithm": config.algorithm,
+        "mode": config.mode,
+        "model": config.model,
+        "dataset": config.dataset,
+        "partition": config.partition,
+        "rounds": config.rounds,
+        "num_agents": config.agents,
+        "epochs": config.train.epochs,
+        "batch_size": config.train.batch_size,
+        "lr": config.train.lr,
+        "compression": config.transfer.compression,
+        **(extra or {}),
+    }

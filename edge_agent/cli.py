@@ -1,0 +1,140 @@
+"""``snake-agent``: run an edge agent. Thin: parse, build config, call the service."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edge_agent import profile
+from edge_agent.backends import installed
+from edge_agent.config import AgentConfig
+from edge_agent.errors import EdgeAgentError
+from edge_agent.exitcodes import ExitCode
+from edge_agent.protocol.topics import check_id
+
+log = logging.getLogger("edge_agent")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    logging.getLogger("edge_agent.mqtt.paho").setLevel(logging.WARNING)
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not K/N (e.g. 0/4)") from None
+    if not 0 <= index < count:
+        raise click.BadParameter(f"K must be in 0..N-1, got {text!r}")
+    return index, count
+
+
+def _agent_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return check_id(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Snake Learning edge agent: trains its assigned layers and passes the model on."""
+
+
+@main.command()
+@click.option(
+    "--broker",
+    envvar="SNAKE_BROKER",
+    required=True,
+    help="MQTT broker URL, e.g. mqtt://10.0.0.2:1883 (env SNAKE_BROKER).",
+)
+@click.option(
+    "--agent-id",
+    envvar="SNAKE_AGENT_ID",
+    required=True,
+    callback=_agent_id,
+    help="Unique id of this agent (env SNAKE_AGENT_ID).",
+)
+@click.option("--data", "data_spec", required=True, help="Data set: fashion-mnist[:DIR], cifar10:DIR or npz:FILE.")
+@click.option(
+    "--partition", default=None, help="Take a share of the training set: iid or dirichlet:ALPHA (needs --part)."
+)
+@click.option("--part", default="0/1", show_default=True, help="Which share K of N shares, as K/N.")
+@click.option("--seed", default=0, show_default=True, help="Partition and shuffling seed (same on every agent).")
+@click.option("--samples", default=0, show_default=True, help="Cap on local training samples (0 = all).")
+@click.option("--val-fraction", default=0.1, show_default=True, help="Local validation split when partitioning.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=Path.home() / ".cache" / "snakelearn",
+    show_default=True,
+    help="Where artifact bundles are cached by hash.",
+)
+@click.option(
+    "--backend", type=click.Choice(["auto", "ort"]), default="auto", show_default=True, help="Trainer backend."
+)
+@click.option("--threads", default=0, show_default=True, help="Training threads (0 = runtime default).")
+@click.option(
+    "--memory-budget-mb",
+    default=0,
+    show_default=True,
+    help="Memory this agent may use for training (0 = physical memory).",
+)
+@click.option(
+    "--log-level",
+    envvar="SNAKE_LOG_LEVEL",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log level (logs go to stderr).",
+)
+def run(data_spec: str, part: str, log_level: str, **opts: object) -> None:
+    """Join the broker and serve trials until the coordinator says to exit."""
+    setup_logging(log_level)
+    from edge_agent.localdata import load_local
+    from edge_agent.service import AgentService
+
+    try:
+        config = AgentConfig(data=data_spec, part=_part(part), **opts)  # type: ignore[arg-type]
+        data = load_local(config)
+        reason = AgentService(config, data).run()
+    except KeyboardInterrupt:
+        sys.exit(ExitCode.INTERRUPTED)
+    except EdgeAgentError as exc:
+        log.error("%s", exc)
+        sys.exit(_code(exc))
+    log.info("agent exits: %s", reason)
+
+
+def _code(exc: Exception) -> int:
+    from edge_agent.data import DataError
+    from edge_agent.mqtt import LinkError
+
+    if isinstance(exc, DataError):
+        return ExitCode.DATA
+    if isinstance(exc, LinkError):
+        return ExitCode.BROKER
+    return ExitCode.FAILED
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(as_json: bool) -> None:
+    """Show this machine's profile, installed backends and versions."""
+    facts = {**profile.machine(), "backends": installed(), "versions": profile.versions()}
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    for key, value in facts.items():
+        click.echo(f"{key:10} {value}")
+
+
+if __name__ == "__main__":
+    main()

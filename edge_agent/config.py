@@ -1,0 +1,24 @@
+"""Typed agent configuration, built once by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    agent_id: str
+    broker: str  # mqtt://host:port (password redacted when printed)
+    data: str  # dataset spec: fashion-mnist[:DIR] | cifar10:DIR | npz:FILE
+    partition: str | None = None  # iid | dirichlet:ALPHA; None = use the data set as given
+    part: tuple[int, int] = (0, 1)  # (index, count) of the partition this agent takes
+    seed: int = 0  # partition and shuffling seed
+    samples: int = 0  # cap on local training samples (0 = all)
+    val_fraction: float = 0.1  # local validation split when partitioning
+    cache_dir: Path = Path.home() / ".cache" / "snakelearn"
+    backend: str = "auto"  # ort | auto
+    threads: int = 0  # intra-op threads (0 = runtime default)
+    memory_budget_mb: int = 0  # 0 = physical memory
+    tick_s: float = 1.0  # how often timers run
+    progress_every_s: float = 1.0  # hop_progress rate limit

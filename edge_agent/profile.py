@@ -1,0 +1,54 @@
+"""What an agent tells the coordinator about its machine (never its data)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from importlib import metadata
+
+PACKAGES = (
+    "snakelearn",
+    "onnxruntime-training-cpu",
+    "onnxruntime-training",
+    "onnxruntime",
+    "onnx",
+    "numpy",
+    "paho-mqtt",
+)
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages that matter for training and the wire."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def memory_mb() -> int:
+    """Physical memory of the machine in MiB (0 when unknown)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
+
+
+def machine() -> dict[str, str | int]:
+    return {
+        "arch": platform.machine(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "cores": os.cpu_count() or 1,
+        "memory_mb": memory_mb(),
+    }

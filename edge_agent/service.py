@@ -1,0 +1,202 @@
+"""The agent process: wires the pure ``Agent`` to MQTT, the artifact store and a trainer.
+
+One thread runs the message loop (callbacks of the MQTT client only enqueue);
+training runs in a worker thread, so the agent keeps acknowledging transfers and
+answering while it trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent import profile
+from edge_agent.agent import Agent, Counters, Effects, HopResult, SayBye, StoreArtifact, Train
+from edge_agent.backends import make_trainer
+from edge_agent.bundle import ArtifactStore
+from edge_agent.config import AgentConfig
+from edge_agent.errors import EdgeAgentError
+from edge_agent.localdata import LocalData
+from edge_agent.manifest import read_manifest
+from edge_agent.mqtt import MqttLink, parse_broker_url
+from edge_agent.protocol import topics
+from edge_agent.protocol.envelope import Envelope, encode
+from edge_agent.protocol.messages import Hello, HopProgress, HopStarted, Status, to_body
+from edge_agent.trainer import EvalStats, TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+def status_payload(agent_id: str, state: str) -> bytes:
+    env = Envelope("status", agent_id, "*", to_body(Status(state)), created_at=time.time())
+    return encode(env)
+
+
+@dataclass
+class _Running:
+    task_hop: int
+    future: Future[HopResult]
+
+
+class AgentService:
+    def __init__(self, config: AgentConfig, data: LocalData) -> None:
+        self.config = config
+        self.data = data
+        self.store = ArtifactStore(config.cache_dir / "artifacts")
+        self.backend = make_trainer(config.backend, config.threads).backend
+        self.progress: queue.Queue[HopProgress] = queue.Queue()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+        self.running: _Running | None = None
+        self.exit_reason: str | None = None
+        self.link = MqttLink(
+            parse_broker_url(config.broker),
+            client_id=f"snake-agent-{config.agent_id}",
+            subscriptions=[topics.agent_inbox(config.agent_id)],
+            will=(topics.agent_status(config.agent_id), status_payload(config.agent_id, "offline"), True),
+            clean_session=False,
+        )
+        self.agent = Agent(self._hello(), self._stored())
+
+    def _hello(self) -> Hello:
+        m = profile.machine()
+        budget = self.config.memory_budget_mb or int(m["memory_mb"])
+        return Hello(
+            self.config.agent_id, self.backend, profile.versions(), str(m["arch"]), str(m["system"]), str(m["python"]),
+            int(m["cores"]), int(m["memory_mb"]), budget, len(self.data.y_train), len(self.data.y_val),
+            self.data.num_classes, self.data.input_shape, self.data.histogram(),
+        )  # fmt: skip
+
+    def _stored(self) -> set[str]:
+        root = self.store.root
+        return {p.name for p in root.iterdir() if p.is_dir() and self.store.has(p.name)} if root.exists() else set()
+
+    def counters(self) -> Counters:
+        return Counters(self.link.bytes_sent, self.link.bytes_received, profile.peak_rss_mb())
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, connect_timeout: float = 30.0) -> str:
+        """Serve until told to exit; returns the reason."""
+        self.link.start(timeout=connect_timeout)
+        self.link.publish(
+            topics.agent_status(self.config.agent_id), status_payload(self.config.agent_id, "online"), True
+        )
+        log.info("agent %s online at %s (backend %s)", self.config.agent_id, self.link.url, self.backend)
+        self._apply(self.agent.start(time.time()))
+        next_tick = time.monotonic() + self.config.tick_s
+        try:
+            while self.exit_reason is None:
+                msg = self.link.get(timeout=0.05)
+                if msg is not None:
+                    self._apply(self.agent.handle(msg.topic, msg.payload, time.time()))
+                self._collect_training()
+                self._flush_progress()
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.config.tick_s
+                    self._apply(self.agent.tick(time.time(), self.counters()))
+        finally:
+            self.close()
+        return self.exit_reason or "stopped"
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.link.connected:
+            self.link.publish(
+                topics.agent_status(self.config.agent_id), status_payload(self.config.agent_id, "offline"), True
+            )
+            self.link.wait_published(timeout=10.0)
+        self.link.stop()
+
+    def _apply(self, fx: Effects) -> None:
+        for out in fx.out:
+            self.link.publish(out.topic, out.payload, out.retain)
+        for action in fx.actions:
+            if isinstance(action, Train):
+                self._start_training(action)
+            elif isinstance(action, StoreArtifact):
+                self._apply(self._store(action))
+            elif isinstance(action, SayBye):
+                bye = self.agent.bye(self.counters(), time.time())
+                self.link.publish(bye.topic, bye.payload)
+                self.link.wait_published(timeout=10.0)
+                if action.exit:
+                    self.exit_reason = action.reason
+
+    def _store(self, action: StoreArtifact) -> Effects:
+        try:
+            self.store.put(action.sha256, action.blob)
+            return self.agent.artifact_stored(action.sha256, True, time.time())
+        except (EdgeAgentError, OSError) as exc:
+            log.error("could not store artifact bundle %s: %s; asking again", action.sha256[:12], exc)
+            return self.agent.artifact_stored(action.sha256, False, time.time())
+
+    # -- training -----------------------------------------------------------------------------
+    def _start_training(self, action: Train) -> None:
+        task = action.task
+        spec = TrainSpec(task.epochs, task.batch_size, task.lr, task.max_steps, task.seed)
+        steps = task.epochs * (len(self.data.y_train) // task.batch_size)
+        total = min(steps, task.max_steps) if task.max_steps else steps
+        started = HopStarted(task.round, task.hop, task.segment, total)
+        self._publish_report("hop_started", to_body(started))
+        log.info(
+            "hop %d (round %d): training segment %d (%s)", task.hop, task.round, task.segment, ", ".join(task.groups)
+        )
+        self.running = _Running(task.hop, self.pool.submit(self._train, action, spec))
+
+    def _train(self, action: Train, spec: TrainSpec) -> HopResult:
+        task = action.task
+        trainer = make_trainer(self.config.backend, self.config.threads)
+        directory = self.store.path(task.artifact_sha256)
+        trainer.open(directory)
+        trainer.set_weights(action.tensors)
+        last = [0.0]
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            now = time.monotonic()
+            if now - last[0] >= self.config.progress_every_s or step == total:
+                last[0] = now
+                self.progress.put(HopProgress(task.round, task.hop, step, total, loss))
+
+        stats = trainer.train(self.data.x_train, self.data.y_train, spec, on_step)
+        val = trainer.evaluate(self.data.x_val, self.data.y_val) if len(self.data.y_val) else None
+        manifest = read_manifest(directory)
+        trainable = sum(int(np.prod(manifest.shapes[n])) for n in manifest.trainable)
+        return HopResult(task, trainer.get_weights(), stats, val or EvalStats(float("nan"), float("nan"), 0), trainable)
+
+    def _collect_training(self) -> None:
+        if self.running is None or not self.running.future.done():
+            return
+        running, self.running = self.running, None
+        try:
+            result = running.future.result()
+        except Exception as exc:  # a failed hop must be reported, not kill the agent
+            log.exception("hop %d failed", running.task_hop)
+            self._apply(self.agent.hop_failed(running.task_hop, f"{type(exc).__name__}: {exc}", time.time()))
+            return
+        self._apply(self.agent.hop_trained(result, self.counters(), time.time()))
+
+    def _flush_progress(self) -> None:
+        while True:
+            try:
+                report = self.progress.get_nowait()
+            except queue.Empty:
+                return
+            self._publish_report("hop_progress", to_body(report))
+
+    def _publish_report(self, kind: str, body: dict[str, object]) -> None:
+        env = Envelope(
+            kind, self.config.agent_id, topics.COORDINATOR, body, trial_id=self.agent.trial_id, created_at=time.time()
+        )
+        self.link.publish(topics.coordinator_inbox(), encode(env))
+
+
+def describe(config: AgentConfig) -> str:
+    """The config as JSON, broker password redacted."""
+    data = {k: str(v) for k, v in config.__dict__.items()}
+    data["broker"] = str(parse_broker_url(config.broker))
+    return json.dumps(data, indent=2)
