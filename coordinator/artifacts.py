@@ -1,0 +1,117 @@
+"""Per-segment training artifact bundles, built once and cached by content.
+
+A segment's trainable set is baked into its training graph, so each distinct
+(forward model, trainable set, optimizer) gets its own bundle. Bundles are cached
+under ``cache_dir/<key>/`` where the key hashes exactly those inputs; generation
+is deterministic, so the bundle's sha256 (of :func:`edge_agent.bundle.pack_dir`)
+is stable across runs too. Generation itself is the torch-free
+:func:`edge_agent.ort_artifacts.generate_segment`, which devices can run as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.errors import CoordinatorError
+from coordinator.export import ForwardModel
+from edge_agent.bundle import pack_dir, sha256_hex
+from edge_agent.errors import EdgeAgentError
+from edge_agent.manifest import FORMAT_VERSION, MANIFEST_NAME, OPTIMIZERS
+from edge_agent.ort_artifacts import generate_segment
+
+logger = logging.getLogger(__name__)
+
+
+class SegmentArtifactError(CoordinatorError):
+    """A segment's artifacts cannot be built (unknown names, bad optimizer, generator failure)."""
+
+
+@dataclass(frozen=True)
+class SegmentArtifacts:
+    sha256: str  # of ``blob``: the name the bundle travels and is cached under
+    directory: Path  # unpacked bundle (cache entry)
+    blob: bytes  # pack_dir(directory)
+    trainable: tuple[str, ...]  # trainable parameter names, forward order
+
+
+def artifact_key(forward_onnx: bytes, trainable: Sequence[str], optimizer: str) -> str:
+    """Cache key: sha256 of the forward ONNX bytes, the sorted trainable set, optimizer and format."""
+    digest = hashlib.sha256()
+    digest.update(forward_onnx)
+    digest.update(b"\0" + "\n".join(sorted(set(trainable))).encode())
+    digest.update(b"\0" + optimizer.encode() + b"\0" + str(FORMAT_VERSION).encode())
+    return digest.hexdigest()
+
+
+def _segment_buffers(forward: ForwardModel, trainable: Sequence[str]) -> tuple[str, ...]:
+    """Buffers of every group that has a trainable parameter."""
+    wanted = set(trainable)
+    touched = [group.name for group in forward.groups if wanted & set(group.params)]
+    return forward.buffers_of(touched)
+
+
+def _check_request(forward: ForwardModel, trainable: Sequence[str], optimizer: str) -> tuple[str, ...]:
+    if optimizer not in OPTIMIZERS:
+        raise SegmentArtifactError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    params = {name for group in forward.groups for name in group.params}
+    unknown = sorted(set(trainable) - params)
+    if unknown:
+        raise SegmentArtifactError(f"not trainable parameters of the model: {unknown}")
+    if not trainable:
+        raise SegmentArtifactError("a segment needs at least one trainable parameter")
+    wanted = set(trainable)
+    return tuple(name for name in forward.order if name in wanted)
+
+
+def _generate(forward: ForwardModel, trainable: tuple[str, ...], optimizer: str, target: Path) -> None:
+    """Generate into a private directory next to ``target``, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
+    try:
+        generate_segment(
+            forward.onnx_path,
+            trainable,
+            staging,
+            optimizer=optimizer,
+            buffers=forward.buffers,
+            segment_buffers=_segment_buffers(forward, trainable),
+            num_classes=forward.num_classes,
+            input_name=forward.input_name,
+            logits_name=forward.output_name,
+        )
+        os.rename(staging, target)
+    except EdgeAgentError as exc:
+        raise SegmentArtifactError(f"cannot build artifacts: {exc}") from exc
+    except OSError:
+        if not (target / MANIFEST_NAME).is_file():  # unless a concurrent build already put it there
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_segment_artifacts(
+    forward: ForwardModel, trainable: Sequence[str], cache_dir: Path, optimizer: str = "adamw"
+) -> SegmentArtifacts:
+    """The artifact bundle of the segment that trains ``trainable`` (parameter names); cached.
+
+    ``optimizer``: "adamw" (torch defaults: betas 0.9/0.999, eps 1e-8, weight decay 0.01)
+    or "sgd" (no momentum). The learning rate is set at run time.
+    """
+    ordered = _check_request(forward, trainable, optimizer)
+    key = artifact_key(Path(forward.onnx_path).read_bytes(), ordered, optimizer)
+    directory = Path(cache_dir) / key
+    if (directory / MANIFEST_NAME).is_file():
+        logger.debug("artifact cache hit %s", key[:12])
+    else:
+        _generate(forward, ordered, optimizer, directory)
+    blob = pack_dir(directory)
+    sha = sha256_hex(blob)
+    logger.info("segment bundle %s: %d trainable tensors, %d bytes", sha[:12], len(ordered), len(blob))
+    return SegmentArtifacts(sha256=sha, directory=directory, blob=blob, trainable=ordered)

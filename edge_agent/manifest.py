@@ -1,0 +1,110 @@
+"""The segment manifest: what a training-artifact bundle holds, as ``manifest.json``.
+
+Written by whoever builds the artifacts (coordinator or device), read by every
+trainer backend. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.errors import EdgeAgentError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class ManifestError(EdgeAgentError):
+    """manifest.json is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class SegmentManifest:
+    input_name: str  # graph input holding the batch, float32 [N, *input_shape]
+    label_name: str  # graph input holding the labels, int64 [N]
+    logits_name: str  # graph output holding the logits [N, num_classes]
+    loss_name: str  # graph output holding the mean cross-entropy (scalar)
+    order: tuple[str, ...]  # every float tensor of the model, in the flat-buffer order
+    shapes: Mapping[str, tuple[int, ...]]  # shape of each tensor in ``order``
+    trainable: tuple[str, ...]  # parameters this segment updates (subset of ``order``)
+    buffers: tuple[str, ...]  # every float buffer (BN running stats): updated by training, never by gradients
+    segment_buffers: tuple[str, ...]  # the buffers that belong to the segment (the rest are kept unchanged)
+    optimizer: str  # "adamw" | "sgd"
+    num_classes: int
+    input_shape: tuple[int, ...]  # per-sample input shape, e.g. (1, 28, 28)
+    format: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        known = set(self.order)
+        if len(known) != len(self.order):
+            raise ManifestError("manifest order has duplicate names")
+        if set(self.shapes) != known:
+            raise ManifestError("manifest shapes do not match its order")
+        for field_name in ("trainable", "buffers", "segment_buffers"):
+            unknown = set(getattr(self, field_name)) - known
+            if unknown:
+                raise ManifestError(f"manifest {field_name} names unknown tensors: {sorted(unknown)}")
+        if not set(self.segment_buffers) <= set(self.buffers) or set(self.buffers) & set(self.trainable):
+            raise ManifestError("manifest buffers overlap the trainable set or miss segment buffers")
+        if self.optimizer not in OPTIMIZERS:
+            raise ManifestError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+
+    def to_json(self) -> str:
+        data = {
+            "format": self.format,
+            "input_name": self.input_name,
+            "label_name": self.label_name,
+            "logits_name": self.logits_name,
+            "loss_name": self.loss_name,
+            "order": list(self.order),
+            "shapes": {name: list(self.shapes[name]) for name in self.order},
+            "trainable": list(self.trainable),
+            "buffers": list(self.buffers),
+            "segment_buffers": list(self.segment_buffers),
+            "optimizer": self.optimizer,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+        }
+        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> SegmentManifest:
+        try:
+            data = json.loads(text)
+            if data["format"] != FORMAT_VERSION:
+                raise ManifestError(f"unsupported manifest format {data['format']!r} (this agent reads 1)")
+            return cls(
+                input_name=str(data["input_name"]),
+                label_name=str(data["label_name"]),
+                logits_name=str(data["logits_name"]),
+                loss_name=str(data["loss_name"]),
+                order=tuple(map(str, data["order"])),
+                shapes={str(k): tuple(int(d) for d in v) for k, v in data["shapes"].items()},
+                trainable=tuple(map(str, data["trainable"])),
+                buffers=tuple(map(str, data["buffers"])),
+                segment_buffers=tuple(map(str, data["segment_buffers"])),
+                optimizer=str(data["optimizer"]),
+                num_classes=int(data["num_classes"]),
+                input_shape=tuple(int(d) for d in data["input_shape"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ManifestError(f"malformed manifest: {exc!r}") from exc
+
+
+def read_manifest(directory: Path) -> SegmentManifest:
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from exc
+    return SegmentManifest.from_json(text)
+
+
+def write_manifest(directory: Path, manifest: SegmentManifest) -> Path:
+    path = Path(directory) / MANIFEST_NAME
+    path.write_text(manifest.to_json(), encoding="utf-8")
+    return path

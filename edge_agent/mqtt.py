@@ -1,0 +1,273 @@
+"""The one paho-mqtt adapter: a threaded MQTT 3.1.1 link with a receive queue.
+
+paho's network thread only enqueues (callbacks never do work, never raise into the loop), so a slow
+consumer cannot stall keepalive. Publishes are QoS 1 and never block the caller: paho queues them
+(unbounded) and sends at most ``MAX_INFLIGHT`` at a time; ``wait_published`` waits for the PUBACKs.
+Subscriptions are (re)made on every CONNACK, so reconnects keep them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.errors import EdgeAgentError
+
+logger = logging.getLogger(__name__)
+
+PASSWORD_ENV = "SNAKE_MQTT_PASSWORD"
+MAX_INFLIGHT = 50
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+class LinkError(EdgeAgentError):
+    """The MQTT link could not be set up (bad URL, broker unreachable or refusing)."""
+
+
+@dataclass(frozen=True, repr=False)
+class BrokerUrl:
+    """Where the broker is; printing it never shows the password."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+    def __str__(self) -> str:
+        user = ""
+        if self.username is not None:
+            user = self.username + (":***" if self.password is not None else "") + "@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"BrokerUrl({str(self)!r})"
+
+
+def parse_broker_url(text: str) -> BrokerUrl:
+    """Parse ``mqtt[s]://[user[:password]@]host[:port]``; the password may come from $SNAKE_MQTT_PASSWORD."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise LinkError(f"bad broker URL {_redact(text)!r}: {exc}") from None
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise LinkError(f"bad broker URL {_redact(text)!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise LinkError(f"bad broker URL {_redact(text)!r}: no host (expected mqtt://host:port)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise LinkError(f"bad broker URL {_redact(text)!r}: unexpected path or query after host:port")
+    if port == 0:
+        raise LinkError(f"bad broker URL {_redact(text)!r}: port 0")
+    username = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    if password is None and username is not None:
+        password = os.environ.get(PASSWORD_ENV) or None
+    return BrokerUrl(parts.hostname, port or _DEFAULT_PORTS[parts.scheme], parts.scheme == "mqtts", username, password)
+
+
+def _redact(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return text
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One received message."""
+
+    topic: str
+    payload: bytes
+
+
+class MqttLink:
+    """A connected MQTT client: ``start``, ``publish``, ``get``, ``wait_published``, ``stop``."""
+
+    def __init__(
+        self,
+        url: BrokerUrl,
+        client_id: str,
+        subscriptions: Sequence[str] = (),
+        will: tuple[str, bytes, bool] | None = None,
+        clean_session: bool = False,
+        keepalive: int = 30,
+        max_queue: int = 10000,
+    ) -> None:
+        self.url = url
+        self.client_id = client_id
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.dropped = 0
+        self._subscriptions = tuple(subscriptions)
+        self._keepalive = keepalive
+        self._inbox: queue.Queue[Incoming] = queue.Queue(maxsize=max_queue)
+        self._connack = threading.Event()
+        self._subacked = threading.Event()
+        self._refusal: str | None = None
+        self._acks = threading.Condition()
+        self._pending: set[int] = set()
+        self._early_acks: set[int] = set()
+        self._client = self._make_client(will, clean_session)
+
+    def _make_client(self, will: tuple[str, bytes, bool] | None, clean_session: bool) -> paho.Client:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=clean_session,
+            protocol=paho.MQTTv311,
+        )
+        client.suppress_exceptions = True  # an error in a callback is logged, never kills the loop
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.max_queued_messages_set(0)  # unlimited: a burst of chunks is queued, not dropped
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if self.url.username is not None:
+            client.username_pw_set(self.url.username, self.url.password)
+        if self.url.tls:
+            client.tls_set()
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=will[2])
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def connected(self) -> bool:
+        return self._client.is_connected()
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect (retrying in the background), wait for the first CONNACK and SUBACK; LinkError if none comes."""
+        deadline = time.monotonic() + timeout
+        self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
+        self._client.loop_start()
+        acked = self._connack.wait(timeout) and self._subacked.wait(max(0.0, deadline - time.monotonic()))
+        if acked and self._refusal is None:
+            logger.info("connected to %s as %s", self.url, self.client_id)
+            return
+        reason = self._refusal or self._probe(timeout)
+        self.stop()
+        raise LinkError(f"cannot connect to {self.url} as {self.client_id!r} within {timeout:g}s: {reason}")
+
+    def _probe(self, timeout: float) -> str:
+        try:
+            with socket.create_connection((self.url.host, self.url.port), timeout=min(timeout, 2.0)):
+                return "TCP connects but the broker sent no CONNACK"
+        except OSError as exc:
+            return f"TCP connect failed ({exc}); is the broker running and reachable?"
+
+    def stop(self) -> None:
+        """Disconnect cleanly (the last will is NOT published) and stop the network thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+        # paho 2.1 leaves loop_start's wake-up socket pair open until the client is garbage collected
+        reset_sockets = getattr(self._client, "_reset_sockets", None)
+        if reset_sockets is not None:
+            reset_sockets(sockpair_only=True)
+        logger.info(
+            "link %s to %s stopped (sent %d B, received %d B)",
+            self.client_id,
+            self.url,
+            self.bytes_sent,
+            self.bytes_received,
+        )
+
+    # ------------------------------------------------------------ traffic
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Queue a QoS 1 publish; returns at once (paho's thread sends it, also after a reconnect)."""
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise LinkError(f"publish to {topic} refused by the client: {paho.error_string(info.rc)}")
+        self.bytes_sent += len(payload)
+        with self._acks:
+            if info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+            else:
+                self._pending.add(info.mid)
+        logger.debug("queued %d B to %s (mid %d)", len(payload), topic, info.mid)
+
+    def wait_published(self, timeout: float) -> bool:
+        """True once the broker has acknowledged every publish so far; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._acks:
+            while self._pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._acks.wait(remaining)
+        return True
+
+    def get(self, timeout: float | None = None) -> Incoming | None:
+        """The next received message, or None after ``timeout`` seconds (None: wait forever)."""
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # ------------------------------------------------------------ paho callbacks (network thread: enqueue only)
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._refusal = f"broker refused the connection: {reason}"
+            logger.warning("broker %s refused %s: %s", self.url, self.client_id, reason)
+        else:
+            self._refusal = None
+            if self._subscriptions:
+                client.subscribe([(topic, 1) for topic in self._subscriptions])
+            else:
+                self._subacked.set()
+        self._connack.set()
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        refused = [topic for topic, code in zip(self._subscriptions, reasons, strict=False) if code.is_failure]
+        if refused:
+            self._refusal = f"broker refused the subscription(s) {refused}"
+            logger.warning("broker %s refused subscription(s) of %s: %s", self.url, self.client_id, refused)
+        self._subacked.set()
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            logger.warning("link %s lost its connection to %s: %s (reconnecting)", self.client_id, self.url, reason)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if not any(paho.topic_matches_sub(sub, message.topic) for sub in self._subscriptions):
+            # amqtt 0.12.1 sends a new client retained messages for every topic *anyone* subscribed to
+            logger.debug(
+                "link %s ignored %d B on unsubscribed topic %s", self.client_id, len(message.payload), message.topic
+            )
+            return
+        try:
+            self._inbox.put_nowait(Incoming(message.topic, bytes(message.payload)))
+            self.bytes_received += len(message.payload)
+        except queue.Full:
+            self.dropped += 1
+            logger.warning(
+                "link %s inbox full: dropped %d B on %s", self.client_id, len(message.payload), message.topic
+            )
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._acks:
+            if mid in self._pending:
+                self._pending.discard(mid)
+                self._acks.notify_all()
+            else:
+                self._early_acks.add(mid)

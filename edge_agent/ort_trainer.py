@@ -1,0 +1,240 @@
+"""The ONNX Runtime on-device training backend (``backend = "ort"``). Torch-free.
+
+One :class:`OrtTrainer` holds one segment's artifact directory (see
+:mod:`edge_agent.ort_artifacts`). Weights move in and out as one flat float32
+buffer in the manifest's order; ``set_weights`` starts a fresh session and a
+fresh optimizer, so a hop's result depends only on its weights, data and spec.
+
+BatchNorm layers normalise with batch statistics during training, as in torch,
+and ONNX Runtime updates every layer's running stats in place. Running stats
+of groups outside the segment are put back after ``train`` so that nothing
+outside the segment changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import EdgeAgentError
+from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
+from edge_agent.ort_training import ort_errors, training_module
+from edge_agent.trainer import EvalStats, StepCallback, TrainSpec, TrainStats
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "nominal_checkpoint")
+
+
+class TrainerError(EdgeAgentError):
+    """A trainer cannot run: missing artifacts or weights, a tensor's name or shape, bad data."""
+
+
+class _Session:
+    """ONNX Runtime objects for one set of weights: checkpoint state, module, optimizer."""
+
+    def __init__(self, directory: Path, options: Any, flat: np.ndarray) -> None:
+        api = training_module("api")
+        import onnxruntime
+
+        self.state = api.CheckpointState.load_checkpoint(str(directory / "nominal_checkpoint"))
+        self.module = api.Module(
+            directory / "training_model.onnx", self.state, directory / "eval_model.onnx", session_options=options
+        )
+        size = self.module.get_parameters_size(False)
+        if size != flat.size:
+            raise TrainerError(f"training graph holds {size} floats, the manifest describes {flat.size}")
+        # 1.19.2 wants the raw C OrtValue here, not the Python wrapper.
+        self.module.copy_buffer_to_parameters(onnxruntime.OrtValue.ortvalue_from_numpy(flat)._ortvalue, False)
+        # Only now: an optimizer created over a nominal (empty) checkpoint crashes on set_learning_rate.
+        self.optimizer = api.Optimizer(directory / "optimizer_model.onnx", self.module)
+
+    def flat(self) -> np.ndarray:
+        return np.array(self.module.get_contiguous_parameters(False).numpy(), dtype=np.float32, copy=True)
+
+
+class OrtTrainer:
+    """Trainer backed by onnxruntime-training (``onnxruntime.training.api``)."""
+
+    backend = "ort"
+
+    def __init__(self, threads: int = 0, log_severity: int = 3) -> None:
+        self.threads = threads  # intra-op threads; 0 lets ONNX Runtime choose
+        self.log_severity = log_severity  # 3 = errors only
+        self._dir: Path | None = None
+        self._manifest: SegmentManifest | None = None
+        self._session: _Session | None = None
+
+    @property
+    def manifest(self) -> SegmentManifest:
+        if self._manifest is None:
+            raise TrainerError("no artifacts open; call open() first")
+        return self._manifest
+
+    def open(self, artifact_dir: Path) -> None:
+        directory = Path(artifact_dir)
+        missing = [name for name in ARTIFACT_FILES if not (directory / name).is_file()]
+        if missing:
+            raise TrainerError(f"artifact directory {directory} lacks {', '.join(missing)}")
+        try:
+            manifest = read_manifest(directory)
+        except ManifestError as exc:
+            raise TrainerError(str(exc)) from exc
+        self._dir, self._manifest, self._session = directory, manifest, None
+        logger.info(
+            "opened %s segment: %d trainable of %d tensors",
+            manifest.optimizer,
+            len(manifest.trainable),
+            len(manifest.order),
+        )
+
+    def set_weights(self, tensors: Mapping[str, np.ndarray]) -> None:
+        flat = self._flatten(tensors)
+        assert self._dir is not None  # _flatten checked the manifest
+        self._session = None
+        try:
+            self._session = _Session(self._dir, self._options(), flat)
+        except ort_errors() as exc:
+            raise TrainerError(f"cannot load artifacts in {self._dir}: {exc}") from exc
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return self._split(self._require_session().flat())
+
+    def train(self, x: np.ndarray, y: np.ndarray, spec: TrainSpec, on_step: StepCallback | None = None) -> TrainStats:
+        session = self._require_session()
+        x, y = self._check_data(x, y)
+        if spec.batch_size < 1 or spec.epochs < 1 or (spec.max_steps is not None and spec.max_steps < 0):
+            raise TrainerError(f"bad train spec: {spec}")
+        batch = min(spec.batch_size, len(x))
+        per_epoch = len(x) // batch  # the incomplete last batch is dropped (a batch of 1 upsets BatchNorm)
+        total = per_epoch * spec.epochs if spec.max_steps is None else min(per_epoch * spec.epochs, spec.max_steps)
+        import onnxruntime
+
+        onnxruntime.set_seed(spec.seed)  # dropout masks
+        rng = np.random.default_rng(spec.seed)
+        kept = {name: session.state.parameters[name].data.copy() for name in self._foreign_buffers()}
+        started, steps, losses = time.perf_counter(), 0, [float("nan")]
+        try:
+            session.optimizer.set_learning_rate(spec.lr)
+            session.module.train()
+            while steps < total:
+                order, losses = rng.permutation(len(x)), []
+                for start in range(0, min(per_epoch, total - steps) * batch, batch):
+                    idx = order[start : start + batch]
+                    losses.append(self._step(session, x[idx], y[idx]))
+                    steps += 1
+                    if on_step is not None:
+                        on_step(steps, total, losses[-1])
+        except ort_errors() as exc:
+            raise TrainerError(f"training step failed: {exc}") from exc
+        finally:
+            for name, value in kept.items():  # running stats outside the segment stay as they were
+                session.state.parameters[name].data = value
+        seconds = time.perf_counter() - started
+        return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalStats:
+        session = self._require_session()
+        x, y = self._check_data(x, y)
+        manifest = self.manifest
+        total_loss, correct, size = 0.0, 0, max(1, batch_size)
+        try:
+            session.module.eval()
+            for start in range(0, len(x), size):
+                xb, yb = x[start : start + size], y[start : start + size]
+                loss, logits = self._outputs(session.module(xb, yb), manifest)
+                total_loss += float(loss) * len(xb)
+                correct += int(np.count_nonzero(np.argmax(logits, axis=1) == yb))
+        except ort_errors() as exc:
+            raise TrainerError(f"evaluation failed: {exc}") from exc
+        finally:
+            session.module.train()
+        return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _options(self) -> Any:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = self.log_severity
+        if self.threads > 0:
+            options.intra_op_num_threads = self.threads
+        return options
+
+    def _require_session(self) -> _Session:
+        self.manifest  # noqa: B018 (raises if not open)
+        if self._session is None:
+            raise TrainerError("no weights loaded; call set_weights() first")
+        return self._session
+
+    def _foreign_buffers(self) -> list[str]:
+        """Buffers outside the segment: ONNX Runtime updates them, the trainer restores them."""
+        manifest = self.manifest
+        owned = set(manifest.segment_buffers)
+        return [name for name in manifest.buffers if name not in owned]
+
+    @staticmethod
+    def _outputs(outputs: Any, manifest: SegmentManifest) -> tuple[float, np.ndarray]:
+        loss, logits = outputs[0], outputs[1]  # graph outputs: (loss, logits)
+        return float(loss), np.asarray(logits).reshape(len(logits), manifest.num_classes)
+
+    def _step(self, session: _Session, xb: np.ndarray, yb: np.ndarray) -> float:
+        loss, _ = self._outputs(session.module(xb, yb), self.manifest)
+        session.optimizer.step()
+        session.module.lazy_reset_grad()
+        return loss
+
+    def _flatten(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Every manifest tensor, checked by name, shape and dtype, as one float32 buffer in order."""
+        manifest = self.manifest
+        missing = [name for name in manifest.order if name not in tensors]
+        unknown = sorted(set(tensors) - set(manifest.order))
+        if missing or unknown:
+            raise TrainerError(
+                f"weights do not match the segment: missing {missing[:5]}{'...' * (len(missing) > 5)}"
+                f" ({len(missing)}), unknown {unknown[:5]} ({len(unknown)})"
+            )
+        parts: list[np.ndarray] = []
+        for name in manifest.order:
+            value = np.asarray(tensors[name])
+            if value.shape != manifest.shapes[name]:
+                raise TrainerError(f"tensor {name!r} has shape {value.shape}, expected {manifest.shapes[name]}")
+            if not np.issubdtype(value.dtype, np.floating):
+                raise TrainerError(f"tensor {name!r} has dtype {value.dtype}, expected a float type")
+            parts.append(value.astype(np.float32, copy=False).ravel())
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        manifest = self.manifest
+        out: dict[str, np.ndarray] = {}
+        offset = 0
+        for name in manifest.order:
+            shape = manifest.shapes[name]
+            size = int(np.prod(shape, dtype=np.int64))
+            out[name] = flat[offset : offset + size].reshape(shape)
+            offset += size
+        if offset != flat.size:
+            raise TrainerError(f"session holds {flat.size} floats, the manifest describes {offset}")
+        return out
+
+    def _check_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        manifest = self.manifest
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 1 + len(manifest.input_shape) or x.shape[1:] != manifest.input_shape:
+            raise TrainerError(
+                f"inputs have shape {x.shape}, expected [N, {', '.join(map(str, manifest.input_shape))}]"
+            )
+        labels = np.asarray(y)
+        if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
+            raise TrainerError(f"labels must be integers of shape ({len(x)},), got {labels.dtype} {labels.shape}")
+        if len(x) == 0:
+            raise TrainerError("no samples")
+        if labels.min() < 0 or labels.max() >= manifest.num_classes:
+            raise TrainerError(f"labels must lie in [0, {manifest.num_classes})")
+        return x, np.ascontiguousarray(labels, dtype=np.int64)

@@ -1,0 +1,162 @@
+"""Whole trials: a real mosquitto, real agent processes, real ONNX Runtime training, real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from coordinator.broker import RunningBroker
+from coordinator.config import TrialConfig, load_trial
+from coordinator.simulate import SimOptions, simulate
+from edge_agent.mqtt import MqttLink, parse_broker_url
+from edge_agent.protocol import topics
+from edge_agent.protocol.codec import decode_tensors
+from edge_agent.protocol.envelope import decode
+from tests.integration.mqtt_proxy import CorruptingProxy
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.ort, pytest.mark.torch, pytest.mark.timeout(300)]
+
+
+def small(**overrides: object) -> TrialConfig:
+    base = {"model": "mlp", "agents": 3, "rounds": 2, "samples_per_agent": 600, "train.batch_size": 32}
+    return load_trial(None, base | overrides)
+
+
+def run(config: TrialConfig, out: Path, broker: str) -> dict:
+    return simulate(config, out, SimOptions(broker=broker, show_progress=False))
+
+
+def hop_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_small_trial_end_to_end(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    summary = run(small(), tmp_path, mosquitto.url)
+    assert summary["final_test_accuracy"] > 0.5  # 2 rounds on 600 samples per agent: well above chance (0.1)
+    assert summary["test_samples"] == 10_000
+    assert [a["hops"] for a in summary["agents"]] == [2, 2, 2]
+    assert all(a["peak_rss_mb"] > 0 and a["bytes_sent"] > 0 for a in summary["agents"])
+    lines = hop_lines(tmp_path)
+    assert [h["hop"] for h in lines] == list(range(6))
+    assert {h["segment"] for h in lines if h["agent"] == "agent-0"} == {0, 1}  # segments rotate over rounds
+    # the deployable model runs in plain InferenceSession and answers for a batch
+    session = ort.InferenceSession(str(tmp_path / "final_model.onnx"))
+    logits = session.run(None, {session.get_inputs()[0].name: np.zeros((5, 1, 28, 28), np.float32)})[0]
+    assert logits.shape == (5, 10)
+    assert (tmp_path / "training.png").stat().st_size > 0
+
+
+def test_client_server_mode_forwards_every_hop(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    summary = run(small(mode="cs", agents=2, rounds=1), tmp_path, mosquitto.url)
+    assert summary["mode"] == "cs" and summary["hops"] == 2
+    # every model passes the coordinator: it sent the initial model and forwarded one, plus artifacts
+    assert summary["bytes_coordinator_sent"] > 2 * hop_lines(tmp_path)[0]["model_bytes"]
+
+
+def test_corrupted_chunk_is_requested_again(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    proxy = CorruptingProxy(mosquitto.port, corrupt_over=100_000)
+    try:
+        summary = run(small(agents=2, rounds=1), tmp_path, proxy.url)
+    finally:
+        proxy.close()
+    assert proxy.corrupted == 1
+    assert summary["hops"] == 2 and summary["final_test_accuracy"] > 0.3
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert "failed its digest; asking again" in logs
+
+
+class Meddler:
+    """A client on the real broker that republishes every inbox message once more, or sprays garbage."""
+
+    def __init__(self, broker: str, duplicate: bool) -> None:
+        self.link = MqttLink(parse_broker_url(broker), "meddler", [f"{topics.ROOT}/+/inbox", f"{topics.ROOT}/agents/+/inbox"])
+        self.duplicate = duplicate
+        self.seen: set[bytes] = set()
+        self.count = 0
+        self.stop = threading.Event()
+        self.link.start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        garbage = [b"", b"\x00\xff\xfe", b"{not json", b"[]", b'{"v": 99, "type": "hello"}', b"SNK1\x00\x00\x00\x09{}", b"SNK1\xff\xff\xff\xff"]
+        sprayed: set[str] = set()
+        while not self.stop.is_set():
+            msg = self.link.get(timeout=0.05)
+            if msg is None:
+                continue
+            if self.duplicate and msg.payload not in self.seen:
+                self.seen.add(msg.payload)
+                self.link.publish(msg.topic, msg.payload)
+                self.count += 1
+            elif not self.duplicate and msg.topic not in sprayed:
+                sprayed.add(msg.topic)
+                for junk in garbage:
+                    self.link.publish(msg.topic, junk)
+                    self.count += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.link.stop()
+
+
+def test_duplicated_messages_change_nothing(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    meddler = Meddler(mosquitto.url, duplicate=True)
+    try:
+        summary = run(small(agents=2, rounds=2), tmp_path, mosquitto.url)
+    finally:
+        meddler.close()
+    assert meddler.count > 20
+    lines = hop_lines(tmp_path)
+    assert [h["hop"] for h in lines] == [0, 1, 2, 3]  # no hop trained twice, none skipped
+    assert [a["hops"] for a in summary["agents"]] == [2, 2]
+
+
+def test_garbage_in_every_inbox_leaves_every_process_running(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    meddler = Meddler(mosquitto.url, duplicate=False)
+    try:
+        summary = run(small(agents=2, rounds=2), tmp_path, mosquitto.url)
+    finally:
+        meddler.close()
+    assert meddler.count >= 3 * 7  # every inbox (coordinator + 2 agents) got every kind of garbage
+    assert summary["hops"] == 4 and all(a["hops"] == 2 for a in summary["agents"])
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert "dropped" in logs and "agent exits: trial finished" in logs
+
+
+def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    """Watch every model that travels; consecutive models differ exactly in the hop's segment."""
+    watcher = MqttLink(parse_broker_url(mosquitto.url), "watcher", [f"{topics.ROOT}/agents/+/inbox", f"{topics.ROOT}/+/inbox"])
+    watcher.start()
+    try:
+        summary = run(small(model="cnn", agents=2, rounds=2, samples_per_agent=300), tmp_path, mosquitto.url)
+    finally:
+        frames: dict[str, dict[int, bytes]] = {}
+        meta: dict[str, dict] = {}
+        while (msg := watcher.get(timeout=0.5)) is not None:
+            if msg.payload[:4] == b"SNK1":
+                env = decode(msg.payload)
+                if env.body["purpose"] == "model":
+                    frames.setdefault(env.body["transfer_id"], {})[env.body["seq"]] = env.data or b""
+                    meta[env.body["transfer_id"]] = env.body
+        watcher.stop()
+    models: dict[int, dict[str, np.ndarray]] = {}
+    for tid, parts in frames.items():
+        models[meta[tid]["meta"]["hop"]] = decode_tensors(b"".join(parts[i] for i in sorted(parts)))
+    assert sorted(models) == [0, 1, 2, 3, 4]  # initial model + after each of 4 hops
+    segments = {s["index"]: s for s in summary["segments"]}
+    for line in hop_lines(tmp_path):
+        before, after = models[line["hop"]], models[line["hop"] + 1]
+        owned = [n for n in before if n.split(".")[0] in segments[line["segment"]]["groups"]]
+        assert owned
+        for name in before:
+            changed = not np.array_equal(before[name], after[name])
+            assert changed == (name in owned), (line["hop"], name)
