@@ -18,7 +18,7 @@ A trial file (every key optional; defaults shown)::
     [train]
     epochs = 1
     batch_size = 64
-    lr = 0.002
+    lr = 0.001
     optimizer = "adamw"        # adamw | sgd
     max_steps = 0              # per hop, 0 = no cap
 
@@ -50,7 +50,7 @@ ALGORITHMS = ("snake",)
 class TrainConfig:
     epochs: int = 1
     batch_size: int = 64
-    lr: float = 0.002
+    lr: float = 0.001
     optimizer: str = "adamw"
     max_steps: int = 0
 

@@ -3,8 +3,12 @@
 A **segment** is a contiguous run of layer groups. The default Snake Learning
 plan splits the groups into ``S = min(agents, groups)`` segments balanced by
 parameter count, visits every agent once per round in a fixed route, and rotates
-the segments over rounds (agent ``i`` trains segment ``(i + r) mod S`` in round
-``r``), so after ``S`` rounds every layer group has trained on every agent's data.
+the segments over rounds (agent ``i`` trains segment ``(i + r + phase) mod S`` in
+round ``r``), so after ``S`` rounds every layer group has trained on every agent's
+data. The phase is chosen so that the trial's last hop trains the output-side
+segment: a trial that ends on a middle segment ends with the classifier matched to
+features that just moved (measured on Fashion-MNIST/cnn: finishing on the large
+``fc`` segment cost about 0.015-0.02 test accuracy against finishing on ``head``).
 """
 
 from __future__ import annotations
@@ -106,10 +110,12 @@ def snake_plan(agents: Sequence[str], groups: Sequence[GroupInfo], rounds: int, 
     if mode not in ("p2p", "cs"):
         raise ValueError(f"unknown mode {mode!r}; use p2p or cs")
     segments = split_segments(groups, min(len(agents), len(groups)))
+    count = len(segments)
+    phase = (count - 1 - (len(agents) - 1) - (rounds - 1)) % count  # the last hop trains segment count - 1
     hops = []
     for r in range(rounds):
         for i, agent in enumerate(agents):
-            hops.append(PlannedHop(r, len(hops), agent, (i + r) % len(segments)))
+            hops.append(PlannedHop(r, len(hops), agent, (i + r + phase) % count))
     return Plan(mode, tuple(segments), tuple(hops))
 
 

@@ -163,6 +163,7 @@ class OrtTrainer:
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = self.log_severity
+        options.enable_cpu_mem_arena = False  # measured: the arena kept ~100 MiB per session after evaluation
         if self.threads > 0:
             options.intra_op_num_threads = self.threads
         return options
