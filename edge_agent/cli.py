@@ -88,6 +88,13 @@ def main() -> None:
     help="Memory this agent may use for training (0 = physical memory).",
 )
 @click.option(
+    "--connect-timeout",
+    "connect_timeout_s",
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the broker before giving up.",
+)
+@click.option(
     "--log-level",
     envvar="SNAKE_LOG_LEVEL",
     default="info",

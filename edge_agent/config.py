@@ -20,5 +20,6 @@ class AgentConfig:
     backend: str = "auto"  # ort | auto
     threads: int = 0  # intra-op threads (0 = runtime default)
     memory_budget_mb: int = 0  # 0 = physical memory
+    connect_timeout_s: float = 30.0  # give up if the broker does not answer
     tick_s: float = 1.0  # how often timers run
     progress_every_s: float = 1.0  # hop_progress rate limit

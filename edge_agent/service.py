@@ -80,9 +80,9 @@ class AgentService:
         return Counters(self.link.bytes_sent, self.link.bytes_received, profile.peak_rss_mb())
 
     # -- the loop ---------------------------------------------------------------------------
-    def run(self, connect_timeout: float = 30.0) -> str:
+    def run(self) -> str:
         """Serve until told to exit; returns the reason."""
-        self.link.start(timeout=connect_timeout)
+        self.link.start(timeout=self.config.connect_timeout_s)
         self.link.publish(
             topics.agent_status(self.config.agent_id), status_payload(self.config.agent_id, "online"), True
         )

@@ -1,0 +1,75 @@
+"""The command-line tools fail with a clear message and the documented exit code, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent.exitcodes import ExitCode
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_simulate_with_a_missing_data_set_says_how_to_install_it(tmp_path: Path) -> None:
+    proc = run(
+        "coordinator.cli",
+        "simulate",
+        "--dataset",
+        f"fashion-mnist:{tmp_path}/none",
+        "--out",
+        str(tmp_path / "o"),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == ExitCode.DATA
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_simulate_with_a_bad_trial_file_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "t.toml").write_text("[train]\nepochs = 0\n")
+    proc = run("coordinator.cli", "simulate", "--config", str(tmp_path / "t.toml"), cwd=tmp_path)
+    assert proc.returncode == ExitCode.CONFIG and "train.epochs" in proc.stderr
+
+
+def test_agent_with_an_unreachable_broker_exits_with_the_broker_code(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    npz = tmp_path / "d.npz"
+    import numpy as np
+
+    np.savez(
+        npz,
+        x_train=np.zeros((4, 28, 28), np.uint8),
+        y_train=np.arange(4),
+        x_test=np.zeros((2, 28, 28), np.uint8),
+        y_test=np.arange(2),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "run", "--broker", f"mqtt://127.0.0.1:{port}", "--agent-id", "a1", "--data", f"npz:{npz}", "--cache-dir", str(tmp_path / "c"), "--connect-timeout", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == ExitCode.BROKER, proc.stderr
+    assert "127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("agent_id", ["bad/id", "coordinator", "+"])
+def test_agent_refuses_ids_that_break_topics(tmp_path: Path, agent_id: str) -> None:
+    proc = run(
+        "edge_agent.cli",
+        "run",
+        "--broker",
+        "mqtt://127.0.0.1:1",
+        "--agent-id",
+        agent_id,
+        "--data",
+        "x.npz",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == ExitCode.USAGE and "invalid agent id" in proc.stderr
