@@ -89,6 +89,7 @@ class HopResult:
 
     task: HopTask
     tensors: dict[str, np.ndarray]  # every tensor of the model after training
+    updated: frozenset[str]  # what the hop may change: the segment's tensors and every running statistic
     train: TrainStats
     val: EvalStats
     trainable_params: int
@@ -178,8 +179,7 @@ class Agent:
         """Training of ``result.task`` finished: hand the model on and report."""
         task = result.task
         received = self.models.pop(task.hop)
-        owned = set(task.tensors)
-        model = {name: (result.tensors[name] if name in owned else t) for name, t in received.items()}
+        model = {name: (result.tensors[name] if name in result.updated else t) for name, t in received.items()}
         data = encode_tensors(model, self.compression)
         meta = {"hop": task.hop + 1, "from_hop": task.hop, "round": task.round}
         _, out = self.outbox.send(task.next, self.trial_id, "model", meta, data, self.chunk_bytes, now)

@@ -5,10 +5,12 @@ One :class:`OrtTrainer` holds one segment's artifact directory (see
 buffer in the manifest's order; ``set_weights`` starts a fresh session and a
 fresh optimizer, so a hop's result depends only on its weights, data and spec.
 
-BatchNorm layers normalise with batch statistics during training, as in torch,
-and ONNX Runtime updates every layer's running stats in place. Running stats
-of groups outside the segment are put back after ``train`` so that nothing
-outside the segment changes.
+BatchNorm layers normalise with batch statistics during training, as in torch
+(``model.train()`` with frozen parameters), and ONNX Runtime updates every
+layer's running statistics in place. Those are statistics, not parameters: they
+track the data this hop saw and travel with the model, so evaluation (running
+statistics) agrees with training (batch statistics). Parameters outside the
+segment never change.
 """
 
 from __future__ import annotations
@@ -117,7 +119,6 @@ class OrtTrainer:
 
         onnxruntime.set_seed(spec.seed)  # dropout masks
         rng = np.random.default_rng(spec.seed)
-        kept = {name: session.state.parameters[name].data.copy() for name in self._foreign_buffers()}
         started, steps, losses = time.perf_counter(), 0, [float("nan")]
         try:
             session.optimizer.set_learning_rate(spec.lr)
@@ -132,9 +133,6 @@ class OrtTrainer:
                         on_step(steps, total, losses[-1])
         except ort_errors() as exc:
             raise TrainerError(f"training step failed: {exc}") from exc
-        finally:
-            for name, value in kept.items():  # running stats outside the segment stay as they were
-                session.state.parameters[name].data = value
         seconds = time.perf_counter() - started
         return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
 
@@ -173,12 +171,6 @@ class OrtTrainer:
         if self._session is None:
             raise TrainerError("no weights loaded; call set_weights() first")
         return self._session
-
-    def _foreign_buffers(self) -> list[str]:
-        """Buffers outside the segment: ONNX Runtime updates them, the trainer restores them."""
-        manifest = self.manifest
-        owned = set(manifest.segment_buffers)
-        return [name for name in manifest.buffers if name not in owned]
 
     @staticmethod
     def _outputs(outputs: Any, manifest: SegmentManifest) -> tuple[float, np.ndarray]:

@@ -166,7 +166,9 @@ class AgentService:
         val = trainer.evaluate(self.data.x_val, self.data.y_val) if len(self.data.y_val) else None
         manifest = read_manifest(directory)
         trainable = sum(int(np.prod(manifest.shapes[n])) for n in manifest.trainable)
-        return HopResult(task, trainer.get_weights(), stats, val or EvalStats(float("nan"), float("nan"), 0), trainable)
+        updated = frozenset(task.tensors) | frozenset(manifest.buffers)  # running statistics follow the data
+        val = val or EvalStats(float("nan"), float("nan"), 0)
+        return HopResult(task, trainer.get_weights(), updated, stats, val, trainable)
 
     def _collect_training(self) -> None:
         if self.running is None or not self.running.future.done():

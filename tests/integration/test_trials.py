@@ -45,7 +45,9 @@ def test_small_trial_end_to_end(mosquitto: RunningBroker, tmp_path: Path) -> Non
     assert all(a["peak_rss_mb"] > 0 and a["bytes_sent"] > 0 for a in summary["agents"])
     lines = hop_lines(tmp_path)
     assert [h["hop"] for h in lines] == list(range(6))
-    assert {h["segment"] for h in lines if h["agent"] == "agent-0"} == {0, 1}  # segments rotate over rounds
+    for agent in ("agent-0", "agent-1", "agent-2"):  # segments rotate over rounds
+        assert len({h["segment"] for h in lines if h["agent"] == agent}) == 2
+    assert lines[-1]["segment"] == len(summary["segments"]) - 1  # the trial ends on the output side
     # the deployable model runs in plain InferenceSession and answers for a batch
     session = ort.InferenceSession(str(tmp_path / "final_model.onnx"))
     logits = session.run(None, {session.get_inputs()[0].name: np.zeros((5, 1, 28, 28), np.float32)})[0]
@@ -133,7 +135,8 @@ def test_garbage_in_every_inbox_leaves_every_process_running(mosquitto: RunningB
 
 
 def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: Path) -> None:
-    """Watch every model that travels; consecutive models differ exactly in the hop's segment."""
+    """Watch every model that travels: each hop changes every parameter of its segment and no other
+    parameter (bit-identical); BatchNorm running statistics, which are not parameters, follow the data."""
     watcher = MqttLink(parse_broker_url(mosquitto.url), "watcher", [f"{topics.ROOT}/agents/+/inbox", f"{topics.ROOT}/+/inbox"])
     watcher.start()
     try:
@@ -159,4 +162,7 @@ def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: P
         assert owned
         for name in before:
             changed = not np.array_equal(before[name], after[name])
-            assert changed == (name in owned), (line["hop"], name)
+            if "running_" in name:
+                assert changed, (line["hop"], name)  # every BN layer ran in training mode on this hop's data
+            else:
+                assert changed == (name in owned), (line["hop"], name)

@@ -94,9 +94,10 @@ class Harness:
             elif isinstance(action, Train):
                 task = action.task
                 after = {k: v.copy() for k, v in action.tensors.items()}
-                for t in after:  # the segment trains; frozen BN stats drift in train mode and must not escape
-                    after[t] = after[t] + (1.0 if t in task.tensors else 100.0)
-                res = HopResult(task, after, TrainStats(0.5, 1, 8, 0.0), EvalStats(0.4, 0.9, 2), 3)
+                for t in after:  # the segment trains, running statistics follow the data, the rest must not leak
+                    after[t] = after[t] + (1.0 if t in task.tensors or t.endswith(".stat") else 100.0)
+                updated = frozenset(task.tensors) | {t for t in after if t.endswith(".stat")}
+                res = HopResult(task, after, updated, TrainStats(0.5, 1, 8, 0.0), EvalStats(0.4, 0.9, 2), 3)
                 self.history.append((task.hop, action.tensors, after, task.tensors))
                 self._apply(name, machine.hop_trained(res, COUNTERS, now), now)
             elif isinstance(action, SayBye):
@@ -115,8 +116,11 @@ def test_every_segment_trains_once_per_agent_and_round(mode: str) -> None:
     assert plan is not None
     for seg in plan.segments:
         times = sum(1 for hop in plan.hops if hop.segment == seg.index)
-        for name in seg.tensors:
+        for name in seg.params:
             np.testing.assert_array_equal(final[name], h.initial[name] + times)
+    for name in final:  # every hop updated every running statistic once
+        if name.endswith(".stat"):
+            np.testing.assert_array_equal(final[name], h.initial[name] + len(plan.hops))
 
 
 def test_each_model_handed_on_differs_from_the_received_one_only_in_the_segment() -> None:
@@ -135,7 +139,7 @@ def test_each_model_handed_on_differs_from_the_received_one_only_in_the_segment(
         owned = set(plan.segments[hop.segment].tensors)
         for name in before:
             same = np.array_equal(before[name], after[name])
-            assert same != (name in owned), (hop, name)
+            assert same != (name in owned or name.endswith(".stat")), (hop, name)
 
 
 def test_a_corrupted_chunk_is_requested_again_and_the_trial_completes() -> None:
