@@ -34,6 +34,7 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Flags that override the trial file."""
     options = [
         click.option("--rounds", type=int, help="Rounds (every agent trains once per round)."),
+        click.option("--algorithm", type=click.Choice(["snake", "fedavg"]), help="snake, or the FedAvg baseline."),
         click.option("--model", type=click.Choice(["mlp", "cnn", "vgg11"]), help="Model from the registry."),
         click.option("--dataset", help="fashion-mnist[:DIR] | cifar10:DIR | npz:FILE."),
         click.option("--partition", help="iid | dirichlet:ALPHA."),
@@ -70,7 +71,19 @@ def build_config(path: Path | None, opts: dict[str, Any]) -> TrialConfig:
     overrides = {
         keys.get(k, k): opts.pop(k)
         for k in list(opts)
-        if k in {*keys, "rounds", "model", "dataset", "partition", "mode", "seed", "agents", "samples_per_agent"}
+        if k
+        in {
+            *keys,
+            "algorithm",
+            "rounds",
+            "model",
+            "dataset",
+            "partition",
+            "mode",
+            "seed",
+            "agents",
+            "samples_per_agent",
+        }
     }
     return load_trial(path, overrides)
 

@@ -4,7 +4,7 @@ A trial file (every key optional; defaults shown)::
 
     [trial]
     name = "snake"             # also the trial id on the wire
-    algorithm = "snake"
+    algorithm = "snake"        # snake | fedavg (baseline: every agent trains everything, averaged)
     mode = "p2p"               # p2p | cs
     model = "cnn"              # mlp | cnn | vgg11
     dataset = "fashion-mnist"  # fashion-mnist[:DIR] | cifar10:DIR | npz:FILE
@@ -43,7 +43,7 @@ from coordinator.errors import ConfigError
 from edge_agent.protocol.topics import check_id
 
 MODES = ("p2p", "cs")
-ALGORITHMS = ("snake",)
+ALGORITHMS = ("snake", "fedavg")
 
 
 @dataclass(frozen=True)

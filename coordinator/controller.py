@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.scheduler import HopSettings, Plan, hop_tasks
+from coordinator.strategy import ModelSend, SnakeStrategy, Strategy
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.errors import ProtocolError
@@ -54,6 +55,7 @@ class TrialSetup:
     compression: str
     join_timeout_s: float
     hop_timeout_s: float
+    strategy: Strategy = field(default_factory=SnakeStrategy)
 
 
 @dataclass(frozen=True)
@@ -202,11 +204,13 @@ class Controller:
         self.last_progress = now
         step.events.append(Event("planned", body=self.plan))
         step.out.extend(self._assign(agent, now) for agent in agents if agent in self.tasks)
-        first = self.plan.hops[0]
-        meta = {"hop": 0, "from_hop": -1, "round": 0}
-        _, out = self.outbox.send(first.agent, self.setup.trial_id, "model", meta, self.setup.initial_model,
-                                  self.setup.chunk_bytes, now)  # fmt: skip
-        step.out.extend(out)
+        samples = {agent: self.hellos[agent].num_train for agent in agents}
+        self._send_models(step, self.setup.strategy.start(self.plan, self.setup.initial_model, samples), now)
+
+    def _send_models(self, step: Step, sends: list[ModelSend], now: float) -> None:
+        for s in sends:
+            _, out = self.outbox.send(s.dst, self.setup.trial_id, "model", s.meta, s.data, self.setup.chunk_bytes, now)
+            step.out.extend(out)
 
     def _assign(self, agent: str, now: float) -> Outgoing:
         body = Assign(self.tasks[agent], self.setup.chunk_bytes, self.setup.compression)
@@ -251,22 +255,14 @@ class Controller:
         return step
 
     def _on_transfer(self, step: Step, done: Completed, now: float) -> None:
-        hop = done.meta.get("hop")
-        if done.purpose != "model" or self.plan is None or not isinstance(hop, int) or not 0 < hop <= self.total_hops:
-            log.warning(
-                "unexpected %s transfer %s from %s (hop %r); dropped", done.purpose, done.transfer_id, done.src, hop
-            )
+        if done.purpose != "model" or self.plan is None:
+            log.warning("unexpected %s transfer %s from %s; dropped", done.purpose, done.transfer_id, done.src)
             return
-        if hop == self.total_hops:
-            if self.final_model is None:
-                self.final_model = done.data
-                step.events.append(Event("finished", done.src, done.data))
-            return
-        nxt = self.plan.hops[hop].agent  # client-server mode: forward to the next hop's agent
-        _, out = self.outbox.send(
-            nxt, self.setup.trial_id, "model", dict(done.meta), done.data, self.setup.chunk_bytes, now
-        )
-        step.out.extend(out)
+        decision = self.setup.strategy.on_model(self.plan, done)
+        self._send_models(step, decision.sends, now)
+        if decision.final is not None and self.final_model is None:
+            self.final_model = decision.final
+            step.events.append(Event("finished", done.src, decision.final))
 
     def _fail(self, step: Step, reason: str) -> None:
         if self.failed is None and self.final_model is None:

@@ -13,7 +13,7 @@ from torch import nn
 from coordinator.artifacts import SegmentArtifacts, build_segment_artifacts
 from coordinator.config import TrialConfig
 from coordinator.export import ForwardModel, export_forward
-from coordinator.scheduler import GroupInfo, Plan, Segment, snake_plan, split_segments
+from coordinator.scheduler import GroupInfo, Plan, Segment, fedavg_plan, snake_plan, split_segments
 from models import InputSpec, build_model
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ class Prepared:
     artifacts: dict[int, SegmentArtifacts]  # by segment index
 
     def plan_for(self, config: TrialConfig) -> Callable[[list[str]], Plan]:
+        if config.algorithm == "fedavg":
+            return lambda agents: fedavg_plan(agents, self.groups, config.rounds)
         return lambda agents: snake_plan(agents, self.groups, config.rounds, config.mode)
 
 
@@ -48,7 +50,8 @@ def prepare(
     model = build_model(config.model, spec)
     forward = export_forward(model, (spec.channels, spec.height, spec.width), spec.num_classes, work / "export")
     groups = group_infos(forward)
-    segments = tuple(split_segments(groups, min(config.agents, len(groups))))
+    count = 1 if config.algorithm == "fedavg" else min(config.agents, len(groups))
+    segments = tuple(split_segments(groups, count))
     artifacts = {}
     for seg in segments:
         artifacts[seg.index] = build_segment_artifacts(

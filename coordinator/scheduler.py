@@ -50,6 +50,7 @@ class Plan:
     mode: str  # "p2p" | "cs"
     segments: tuple[Segment, ...]
     hops: tuple[PlannedHop, ...]
+    algorithm: str = "snake"  # "snake" | "fedavg"
 
     @property
     def rounds(self) -> int:
@@ -58,9 +59,10 @@ class Plan:
     def describe(self) -> list[str]:
         """Human-readable lines: the segments, then the route per round."""
         lines = [f"segment {s.index}: {', '.join(s.groups)} ({s.num_params:,} params)" for s in self.segments]
+        joiner = " | " if self.algorithm == "fedavg" else " -> "  # fedavg: agents train in parallel
         for r in range(self.rounds):
             route = [f"{h.agent}[s{h.segment}]" for h in self.hops if h.round == r]
-            lines.append(f"round {r}: " + " -> ".join(route))
+            lines.append(f"round {r}: " + joiner.join(route))
         return lines
 
 
@@ -119,6 +121,15 @@ def snake_plan(agents: Sequence[str], groups: Sequence[GroupInfo], rounds: int, 
     return Plan(mode, tuple(segments), tuple(hops))
 
 
+def fedavg_plan(agents: Sequence[str], groups: Sequence[GroupInfo], rounds: int) -> Plan:
+    """FedAvg baseline: every agent trains the whole model (one segment) every round, in parallel."""
+    if not agents or rounds < 1:
+        raise ValueError("a plan needs at least one agent and one round")
+    segments = split_segments(groups, 1)
+    hops = [PlannedHop(r, r * len(agents) + i, a, 0) for r in range(rounds) for i, a in enumerate(agents)]
+    return Plan("cs", tuple(segments), tuple(hops), algorithm="fedavg")
+
+
 @dataclass(frozen=True)
 class HopSettings:
     epochs: int
@@ -132,7 +143,7 @@ def hop_tasks(plan: Plan, artifacts: dict[int, tuple[str, int]], settings: HopSe
     """Per agent, its HopTasks; ``artifacts`` maps segment -> (sha256, size)."""
     out: dict[str, list[HopTask]] = {}
     for h in plan.hops:
-        if plan.mode == "cs":
+        if plan.mode == "cs" or plan.algorithm == "fedavg":
             prev = nxt = COORDINATOR
         else:
             prev = plan.hops[h.hop - 1].agent if h.hop > 0 else COORDINATOR

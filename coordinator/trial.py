@@ -18,6 +18,7 @@ from coordinator.prepare import Prepared, prepare
 from coordinator.results import RunRecord
 from coordinator.scheduler import HopSettings
 from coordinator.service import TrialService
+from coordinator.strategy import FedAvgStrategy, SnakeStrategy, Strategy
 from edge_agent.data import Dataset, to_float
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from models import InputSpec
@@ -33,6 +34,9 @@ def input_spec(ds: Dataset) -> InputSpec:
 def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
     arts = prepared.artifacts
     t = config.train
+    strategy: Strategy = (
+        FedAvgStrategy(config.transfer.compression) if config.algorithm == "fedavg" else SnakeStrategy()
+    )
     return TrialSetup(
         trial_id=f"{config.name}-{uuid.uuid4().hex[:8]}",
         expected_agents=config.agents,
@@ -45,6 +49,7 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
         compression=config.transfer.compression,
         join_timeout_s=config.timeouts.join_s,
         hop_timeout_s=config.timeouts.hop_s,
+        strategy=strategy,
     )
 
 
@@ -96,7 +101,7 @@ def _base(config: TrialConfig, trial_id: str, extra: dict[str, Any] | None) -> d
     return {
         "trial_id": trial_id,
         "algorithm": config.algorithm,
-        "mode": config.mode,
+        "mode": "cs" if config.algorithm == "fedavg" else config.mode,  # FedAvg is a star by nature
         "model": config.model,
         "dataset": config.dataset,
         "partition": config.partition,

@@ -58,7 +58,10 @@ def test_p2p_chains_agents_and_cs_routes_every_hop_through_the_coordinator() -> 
     assert [t.seed for t in p2p["a"]] == [7, 9]  # a distinct shuffling seed per hop
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"agents": []}, "at least one agent"), ({"rounds": 0}, "at least one round"), ({"mode": "ring"}, "unknown mode")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"agents": []}, "at least one agent"), ({"rounds": 0}, "at least one round"), ({"mode": "ring"}, "unknown mode")],
+)
 def test_bad_plan_requests_say_why(kwargs: dict, message: str) -> None:
     args = {"agents": ["a"], "groups": groups(1), "rounds": 1, "mode": "p2p"} | kwargs
     with pytest.raises(ValueError, match=message):

@@ -62,6 +62,19 @@ def test_client_server_mode_forwards_every_hop(mosquitto: RunningBroker, tmp_pat
     assert summary["bytes_coordinator_sent"] > 2 * hop_lines(tmp_path)[0]["model_bytes"]
 
 
+def test_fedavg_baseline_on_the_same_agents(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    snake = run(small(agents=2, rounds=2), tmp_path / "snake", mosquitto.url)
+    fedavg = run(small(agents=2, rounds=2, algorithm="fedavg"), tmp_path / "fedavg", mosquitto.url)
+    assert fedavg["algorithm"] == "fedavg" and fedavg["mode"] == "cs" and fedavg["hops"] == 4
+    assert fedavg["final_test_accuracy"] > 0.5
+    # every FedAvg agent trains the whole model; a snake agent never holds more than its segments
+    full = sum(s["params"] for s in fedavg["segments"])
+    assert all(a["max_trainable_params"] == full for a in fedavg["agents"])
+    assert all(a["max_trainable_params"] < full for a in snake["agents"])
+    # FedAvg moves the whole model down and up for every agent and round; snake once per hop
+    assert snake["bytes_total"] < 0.75 * fedavg["bytes_total"]
+
+
 def test_corrupted_chunk_is_requested_again(mosquitto: RunningBroker, tmp_path: Path) -> None:
     proxy = CorruptingProxy(mosquitto.port, corrupt_over=100_000)
     try:
@@ -78,7 +91,9 @@ class Meddler:
     """A client on the real broker that republishes every inbox message once more, or sprays garbage."""
 
     def __init__(self, broker: str, duplicate: bool) -> None:
-        self.link = MqttLink(parse_broker_url(broker), "meddler", [f"{topics.ROOT}/+/inbox", f"{topics.ROOT}/agents/+/inbox"])
+        self.link = MqttLink(
+            parse_broker_url(broker), "meddler", [f"{topics.ROOT}/+/inbox", f"{topics.ROOT}/agents/+/inbox"]
+        )
         self.duplicate = duplicate
         self.seen: set[bytes] = set()
         self.count = 0
@@ -88,7 +103,15 @@ class Meddler:
         self.thread.start()
 
     def _run(self) -> None:
-        garbage = [b"", b"\x00\xff\xfe", b"{not json", b"[]", b'{"v": 99, "type": "hello"}', b"SNK1\x00\x00\x00\x09{}", b"SNK1\xff\xff\xff\xff"]
+        garbage = [
+            b"",
+            b"\x00\xff\xfe",
+            b"{not json",
+            b"[]",
+            b'{"v": 99, "type": "hello"}',
+            b"SNK1\x00\x00\x00\x09{}",
+            b"SNK1\xff\xff\xff\xff",
+        ]
         sprayed: set[str] = set()
         while not self.stop.is_set():
             msg = self.link.get(timeout=0.05)
@@ -137,7 +160,9 @@ def test_garbage_in_every_inbox_leaves_every_process_running(mosquitto: RunningB
 def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: Path) -> None:
     """Watch every model that travels: each hop changes every parameter of its segment and no other
     parameter (bit-identical); BatchNorm running statistics, which are not parameters, follow the data."""
-    watcher = MqttLink(parse_broker_url(mosquitto.url), "watcher", [f"{topics.ROOT}/agents/+/inbox", f"{topics.ROOT}/+/inbox"])
+    watcher = MqttLink(
+        parse_broker_url(mosquitto.url), "watcher", [f"{topics.ROOT}/agents/+/inbox", f"{topics.ROOT}/+/inbox"]
+    )
     watcher.start()
     try:
         summary = run(small(model="cnn", agents=2, rounds=2, samples_per_agent=300), tmp_path, mosquitto.url)

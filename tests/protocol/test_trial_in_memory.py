@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 from dataclasses import dataclass, field
 
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 
 from coordinator.controller import Controller, TrialSetup
-from coordinator.scheduler import GroupInfo, HopSettings, snake_plan
+from coordinator.scheduler import GroupInfo, HopSettings, fedavg_plan, snake_plan
+from coordinator.strategy import FedAvgStrategy, SnakeStrategy
 from edge_agent.agent import Agent, Counters, HopResult, SayBye, StoreArtifact, Train
 from edge_agent.protocol import topics
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
@@ -31,6 +34,7 @@ class Harness:
     agents: int = 3
     rounds: int = 2
     mode: str = "p2p"
+    algorithm: str = "snake"
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     history: list[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], list[str]]] = field(default_factory=list)
 
@@ -43,10 +47,13 @@ class Harness:
             blob = f"bundle-{seg}".encode() * 1000
             blobs[hashlib.sha256(blob).hexdigest()] = blob
         shas = list(blobs)
+        fedavg = self.algorithm == "fedavg"
         setup = TrialSetup(
-            "t1", self.agents, lambda ids: snake_plan(ids, GROUPS, self.rounds, self.mode),
+            "t1", self.agents,
+            (lambda ids: fedavg_plan(ids, GROUPS, self.rounds)) if fedavg else (lambda ids: snake_plan(ids, GROUPS, self.rounds, self.mode)),
             {i: (shas[i], len(blobs[shas[i]])) for i in range(4)}, blobs, encode_tensors(self.initial),
             HopSettings(1, 8, 0.1, 0, None), 4096, "none", 60.0, 60.0,
+            FedAvgStrategy() if fedavg else SnakeStrategy(),
         )  # fmt: skip
         self.ctl = Controller(setup, 0.0)
         self.broker.subscribe("coordinator", topics.coordinator_inbox())
@@ -189,3 +196,21 @@ def test_garbage_in_every_inbox_is_dropped_and_answered() -> None:
             h.broker.publish(topic, payload)
     h.run()
     assert h.ctl.failed is None and h.ctl.final_model is not None
+
+
+def test_fedavg_trains_everything_everywhere_and_averages_by_samples() -> None:
+    h = Harness(agents=3, rounds=2, algorithm="fedavg")
+    for i, machine in enumerate(h.machines.values()):  # unequal data: 100, 200, 300 samples
+        machine.hello = dataclasses.replace(machine.hello, num_train=100 * (i + 1))
+    h.run()
+    assert h.ctl.failed is None and len(h.ctl.done_hops) == 6
+    final = decode_tensors(h.ctl.final_model or b"")
+    for name in final:  # each round every agent adds 1 to every tensor: the average adds 1 per round
+        np.testing.assert_allclose(final[name], h.initial[name] + 2, rtol=1e-6)
+
+
+def test_fedavg_average_is_weighted_by_training_samples() -> None:
+    strategy = FedAvgStrategy()
+    strategy.samples = {"a": 100, "b": 300}
+    merged = strategy.average({"a": {"w": np.zeros(2, np.float32)}, "b": {"w": np.full(2, 4.0, np.float32)}})
+    np.testing.assert_allclose(merged["w"], [3.0, 3.0])
