@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.errors import EdgeAgentError
@@ -16,6 +16,7 @@ from edge_agent.errors import EdgeAgentError
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 OPTIMIZERS = ("adamw", "sgd")
+KINDS = ("ort", "portable")  # ORT training artifacts, or graphs plain onnxruntime runs (see PortableTrainer)
 
 
 class ManifestError(EdgeAgentError):
@@ -37,6 +38,12 @@ class SegmentManifest:
     num_classes: int
     input_shape: tuple[int, ...]  # per-sample input shape, e.g. (1, 28, 28)
     format: int = FORMAT_VERSION
+    # Portable bundles only (absent from an "ort" manifest, so those read and hash as before):
+    kind: str = "ort"
+    train_graph: str = ""  # inputs (input, labels, every tensor in ``order``); outputs loss, logits, grads, stats
+    eval_graph: str = ""  # inputs as train_graph; outputs (loss, logits), BatchNorm in inference mode
+    grad_outputs: Mapping[str, str] = field(default_factory=dict)  # trainable name -> its gradient output
+    buffer_outputs: Mapping[str, str] = field(default_factory=dict)  # segment buffer -> its updated value output
 
     def __post_init__(self) -> None:
         known = set(self.order)
@@ -52,6 +59,21 @@ class SegmentManifest:
             raise ManifestError("manifest buffers overlap the trainable set or miss segment buffers")
         if self.optimizer not in OPTIMIZERS:
             raise ManifestError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        self._check_kind()
+
+    def _check_kind(self) -> None:
+        if self.kind not in KINDS:
+            raise ManifestError(f"unknown artifact kind {self.kind!r}; known: {', '.join(KINDS)}")
+        if self.kind == "ort":
+            if self.train_graph or self.eval_graph or self.grad_outputs or self.buffer_outputs:
+                raise ManifestError("an ort manifest names no portable graphs or outputs")
+            return
+        if not self.train_graph or not self.eval_graph:
+            raise ManifestError("a portable manifest names its train and eval graphs")
+        if set(self.grad_outputs) != set(self.trainable):
+            raise ManifestError("portable manifest grad_outputs do not match its trainable set")
+        if set(self.buffer_outputs) != set(self.segment_buffers):
+            raise ManifestError("portable manifest buffer_outputs do not match its segment buffers")
 
     def to_json(self) -> str:
         data = {
@@ -69,6 +91,14 @@ class SegmentManifest:
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
         }
+        if self.kind != "ort":
+            data |= {
+                "kind": self.kind,
+                "train_graph": self.train_graph,
+                "eval_graph": self.eval_graph,
+                "grad_outputs": {name: self.grad_outputs[name] for name in self.trainable},
+                "buffer_outputs": {name: self.buffer_outputs[name] for name in self.segment_buffers},
+            }
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -90,6 +120,11 @@ class SegmentManifest:
                 optimizer=str(data["optimizer"]),
                 num_classes=int(data["num_classes"]),
                 input_shape=tuple(int(d) for d in data["input_shape"]),
+                kind=str(data.get("kind", "ort")),
+                train_graph=str(data.get("train_graph", "")),
+                eval_graph=str(data.get("eval_graph", "")),
+                grad_outputs={str(k): str(v) for k, v in data.get("grad_outputs", {}).items()},
+                buffer_outputs={str(k): str(v) for k, v in data.get("buffer_outputs", {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"malformed manifest: {exc!r}") from exc

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 from dataclasses import dataclass, field
 
@@ -135,7 +134,7 @@ def test_each_model_handed_on_differs_from_the_received_one_only_in_the_segment(
     h.run()
     assert h.ctl.failed is None
     models = [decode_tensors(h.ctl.setup.initial_model)]
-    for topic, payload in h.broker.published:  # every distinct model that travelled, in hop order
+    for _topic, payload in h.broker.published:  # every distinct model that travelled, in hop order
         env = decode(payload) if payload[:4] == b"SNK1" else None
         if env and env.body["purpose"] == "model" and env.body["seq"] == 0 and env.body["meta"]["hop"] > 0:
             models.append(decode_tensors(env.data or b""))
