@@ -229,8 +229,12 @@ class Agent:
         return handler(env, now)
 
     def _check_trial(self, env: Envelope) -> None:
-        if env.type == "assign" or self.trial_id is None or env.trial_id in (None, self.trial_id):
+        """Only ``assign`` starts a trial. Commands naming another trial are stale (e.g. queued in this
+        agent's persistent session while it was down) and must not stop or disturb a new one."""
+        if env.type == "assign" or env.trial_id in (None, self.trial_id):
             return
+        if self.trial_id is None and env.type == "chunk":
+            return  # a model may arrive just before its assignment
         raise ProtocolError("wrong_trial", f"message for trial {env.trial_id!r}; this agent runs {self.trial_id!r}")
 
     def _remember(self, msg_id: str) -> None:

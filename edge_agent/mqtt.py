@@ -31,6 +31,19 @@ MAX_INFLIGHT = 50
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
+class _PahoLevels(logging.Filter):
+    """paho logs a lost or refused connection at ERROR; the link reconnects and reports it itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_PAHO_LOG = logging.getLogger(f"{__name__}.paho")
+_PAHO_LOG.addFilter(_PahoLevels())
+
+
 class LinkError(EdgeAgentError):
     """The MQTT link could not be set up (bad URL, broker unreachable or refusing)."""
 
@@ -131,7 +144,7 @@ class MqttLink:
             protocol=paho.MQTTv311,
         )
         client.suppress_exceptions = True  # an error in a callback is logged, never kills the loop
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.enable_logger(_PAHO_LOG)
         client.max_inflight_messages_set(MAX_INFLIGHT)
         client.max_queued_messages_set(0)  # unlimited: a burst of chunks is queued, not dropped
         client.reconnect_delay_set(min_delay=1, max_delay=30)

@@ -15,7 +15,7 @@ from coordinator.strategy import FedAvgStrategy, SnakeStrategy
 from edge_agent.agent import Agent, Counters, HopResult, SayBye, StoreArtifact, Train
 from edge_agent.protocol import topics
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
-from edge_agent.protocol.envelope import decode
+from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.messages import Hello
 from edge_agent.trainer import EvalStats, TrainStats
 from tests.fakes import MemoryBroker
@@ -61,6 +61,7 @@ class Harness:
         for name in self.machines:
             self.broker.subscribe(name, topics.agent_inbox(name))
         self.events: list[str] = []
+        self.exited: set[str] = set()  # agents that obeyed a shutdown: they read nothing more
 
     def run(self, steps: int = 10_000) -> None:
         now = 0.0
@@ -73,6 +74,8 @@ class Harness:
                 while queue:
                     moved = True
                     topic, payload = queue.popleft()
+                    if client in self.exited:
+                        continue
                     if client == "coordinator":
                         step = self.ctl.handle(topic, payload, now)
                         self._publish(step.out)
@@ -108,6 +111,8 @@ class Harness:
                 self._apply(name, machine.hop_trained(res, COUNTERS, now), now)
             elif isinstance(action, SayBye):
                 self._publish([machine.bye(COUNTERS, now)])
+                if action.exit:
+                    self.exited.add(name)
 
 
 @pytest.mark.parametrize("mode", ["p2p", "cs"])
@@ -213,3 +218,11 @@ def test_fedavg_average_is_weighted_by_training_samples() -> None:
     strategy.samples = {"a": 100, "b": 300}
     merged = strategy.average({"a": {"w": np.zeros(2, np.float32)}, "b": {"w": np.full(2, 4.0, np.float32)}})
     np.testing.assert_allclose(merged["w"], [3.0, 3.0])
+
+
+def test_a_stale_shutdown_from_another_trial_does_not_stop_a_fresh_agent() -> None:
+    h = Harness(agents=2, rounds=1)
+    stale = Envelope("shutdown", "coordinator", "a0", {"reason": "old", "exit": True}, trial_id="old-trial")
+    h.broker.publish(topics.agent_inbox("a0"), encode(stale))  # queued in a0's persistent session
+    h.run()
+    assert h.ctl.failed is None and h.ctl.final_model is not None  # a0 did not exit
