@@ -45,6 +45,7 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--lr", type=float, help="Learning rate."),
         click.option("--batch-size", type=int, help="Batch size."),
         click.option("--compression", type=click.Choice(["none", "fp16"]), help="Tensor encoding on the wire."),
+        click.option("--eval-every-round", is_flag=True, default=None, help="Test accuracy after every round."),
         click.option("--seed", type=int, help="Seed for model init, partitions and shuffling."),
         click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/NAME-TIME)."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
@@ -83,6 +84,7 @@ def build_config(path: Path | None, opts: dict[str, Any]) -> TrialConfig:
             "seed",
             "agents",
             "samples_per_agent",
+            "eval_every_round",
         }
     }
     return load_trial(path, overrides)
@@ -233,6 +235,50 @@ def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
             click.echo(json.dumps({"mode": p.mode, "segments": segs, "hops": hops}, indent=2))
         else:
             click.echo("\n".join(p.describe()))
+
+    guarded(go)
+
+
+@main.command()
+@click.argument("trial_file", type=click.Path(path_type=Path, dir_okay=False), required=False)
+@click.option("--algorithms", default="snake,fedavg", show_default=True, help="Comma-separated algorithms to run.")
+@click.option("--partitions", default="iid,dirichlet:0.1", show_default=True, help="Comma-separated partitions.")
+@click.option("--target", default=0.8, show_default=True, help="Test accuracy for the rounds/bytes-to-target columns.")
+@click.option("--agents", type=int, help="Number of agent processes.")
+@click.option("--samples-per-agent", type=int, help="Cap each agent's partition (quick runs).")
+@click.option("--broker", help="Use this broker instead of starting one.")
+@click.option("--threads", default=0, show_default=True, help="Training threads per agent.")
+@trial_options
+def compare(
+    trial_file: Path | None,
+    algorithms: str,
+    partitions: str,
+    target: float,
+    broker: str | None,
+    threads: int,
+    out: Path | None,
+    as_json: bool,
+    log_level: str,
+    **opts: Any,
+) -> None:
+    """Run every algorithm x partition as a simulated trial; write report.md, compare.json and plots."""
+    setup_logging(log_level)
+
+    def go() -> None:
+        from coordinator.compare import compare as run_compare
+        from coordinator.simulate import SimOptions
+
+        opts.pop("algorithm", None)
+        opts.pop("partition", None)
+        config = build_config(trial_file, opts)
+        run_dir = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+        options = SimOptions(broker, "auto", (), threads, show_progress=sys.stderr.isatty())
+        result = run_compare(config, algorithms.split(","), partitions.split(","), run_dir, options, target)
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2, default=str))
+        else:
+            click.echo((run_dir / "report.md").read_text())
+            click.echo(f"report in {run_dir}/report.md")
 
     guarded(go)
 

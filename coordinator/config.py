@@ -14,6 +14,7 @@ A trial file (every key optional; defaults shown)::
     seed = 0
     samples_per_agent = 0      # cap each agent's partition (0 = no cap)
     val_fraction = 0.1         # local validation split on each agent
+    eval_every_round = false   # test accuracy after every round (P2P: the round's last hop sends a copy)
 
     [train]
     epochs = 1
@@ -80,6 +81,7 @@ class TrialConfig:
     seed: int = 0
     samples_per_agent: int = 0
     val_fraction: float = 0.1
+    eval_every_round: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)

@@ -85,6 +85,7 @@ class Controller:
         self.byes: dict[str, Bye] = {}
         self.last_progress = now
         self.final_model: bytes | None = None
+        self.checkpoint_bytes = 0  # evaluation copies received (P2P), not part of the algorithm's traffic
         self.failed: str | None = None
         self.seen: OrderedDict[str, None] = OrderedDict()
 
@@ -255,11 +256,17 @@ class Controller:
         return step
 
     def _on_transfer(self, step: Step, done: Completed, now: float) -> None:
+        if done.purpose == "checkpoint" and isinstance(done.meta.get("round"), int):
+            self.checkpoint_bytes += len(done.data)
+            step.events.append(Event("checkpoint", done.src, (done.meta["round"], done.data)))
+            return
         if done.purpose != "model" or self.plan is None:
             log.warning("unexpected %s transfer %s from %s; dropped", done.purpose, done.transfer_id, done.src)
             return
         decision = self.setup.strategy.on_model(self.plan, done)
         self._send_models(step, decision.sends, now)
+        if decision.checkpoint is not None:
+            step.events.append(Event("checkpoint", done.src, decision.checkpoint))
         if decision.final is not None and self.final_model is None:
             self.final_model = decision.final
             step.events.append(Event("finished", done.src, decision.final))

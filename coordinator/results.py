@@ -33,10 +33,12 @@ class RunRecord:
     out: Path
     agents: dict[str, AgentFigures] = field(default_factory=dict)
     hops: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # test-set evaluation after each round
 
     def __post_init__(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "metrics.jsonl").write_text("")
+        (self.out / "rounds.jsonl").unlink(missing_ok=True)
 
     def joined(self, hello: Hello) -> None:
         self.agents[hello.agent_id] = AgentFigures(hello.agent_id, hello.backend)
@@ -62,16 +64,33 @@ class RunRecord:
             fh.write(json.dumps(line) + "\n")
         return line
 
+    def round_done(self, round_: int, accuracy: float, loss: float, bytes_so_far: int) -> None:
+        entry = {
+            "round": round_,
+            "test_accuracy": round(accuracy, 6),
+            "test_loss": round(loss, 6),
+            "bytes": bytes_so_far,
+        }
+        self.rounds.append(entry)
+        with (self.out / "rounds.jsonl").open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
     def bye(self, agent: str, bye: Bye) -> None:
         fig = self.agents.setdefault(agent, AgentFigures(agent))
         fig.peak_rss_mb = max(fig.peak_rss_mb, bye.peak_rss_mb)
         fig.bytes_sent, fig.bytes_received = bye.bytes_sent, bye.bytes_received
 
-    def summary(self, base: Mapping[str, Any], coordinator_bytes_sent: int) -> dict[str, Any]:
+    def summary(
+        self, base: Mapping[str, Any], coordinator_bytes_sent: int, checkpoint_bytes: int = 0
+    ) -> dict[str, Any]:
+        """``bytes_total``: every payload byte published for the algorithm (evaluation copies excluded and
+        reported as ``bytes_checkpoints``)."""
         agents = [asdict(a) for a in sorted(self.agents.values(), key=lambda a: a.agent_id)]
         out = dict(base)
-        out["bytes_total"] = coordinator_bytes_sent + sum(a["bytes_sent"] for a in agents)
+        out["bytes_total"] = coordinator_bytes_sent + sum(a["bytes_sent"] for a in agents) - checkpoint_bytes
+        out["bytes_checkpoints"] = checkpoint_bytes
         out["bytes_coordinator_sent"] = coordinator_bytes_sent
+        out["round_test"] = sorted(self.rounds, key=lambda r: r["round"])
         out["agents"] = agents
         out["hops"] = len(self.hops)
         return out

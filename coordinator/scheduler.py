@@ -137,6 +137,7 @@ class HopSettings:
     lr: float
     seed: int
     max_steps: int | None
+    checkpoints: bool = False  # the last hop of every round sends the coordinator a copy
 
 
 def hop_tasks(plan: Plan, artifacts: dict[int, tuple[str, int]], settings: HopSettings) -> dict[str, list[HopTask]]:
@@ -150,9 +151,11 @@ def hop_tasks(plan: Plan, artifacts: dict[int, tuple[str, int]], settings: HopSe
             nxt = plan.hops[h.hop + 1].agent if h.hop + 1 < len(plan.hops) else COORDINATOR
         seg = plan.segments[h.segment]
         sha, size = artifacts[h.segment]
+        round_end = h.hop + 1 == len(plan.hops) or plan.hops[h.hop + 1].round != h.round
         task = HopTask(
             h.round, h.hop, h.segment, list(seg.groups), list(seg.tensors), sha, size, prev, nxt,
             settings.epochs, settings.batch_size, settings.lr, settings.seed + h.hop, settings.max_steps,
+            settings.checkpoints and round_end and plan.algorithm == "snake" and plan.mode == "p2p",
         )  # fmt: skip
         out.setdefault(h.agent, []).append(task)
     return out

@@ -30,6 +30,7 @@ class ModelSend:
 class Decision:
     sends: list[ModelSend] = field(default_factory=list)
     final: bytes | None = None  # the finished model, when the trial is over
+    checkpoint: tuple[int, bytes] | None = None  # (round, model) when a round's model is complete
 
 
 class Strategy(Protocol):
@@ -51,8 +52,10 @@ class SnakeStrategy:
             log.warning("model transfer %s from %s names hop %r; dropped", done.transfer_id, done.src, hop)
             return Decision()
         if hop == len(plan.hops):
-            return Decision(final=done.data)
-        return Decision([ModelSend(plan.hops[hop].agent, dict(done.meta), done.data)])
+            return Decision(final=done.data, checkpoint=(plan.hops[-1].round, done.data))
+        ended = plan.hops[hop - 1].round if plan.hops[hop].round != plan.hops[hop - 1].round else None
+        checkpoint = (ended, done.data) if ended is not None else None  # client-server: free per-round copies
+        return Decision([ModelSend(plan.hops[hop].agent, dict(done.meta), done.data)], checkpoint=checkpoint)
 
 
 class FedAvgStrategy:
@@ -90,8 +93,8 @@ class FedAvgStrategy:
         del self.results[hop.round]
         log.info("round %d: averaged %d models", hop.round, len(results))
         if hop.round + 1 == plan.rounds:
-            return Decision(final=merged)
-        return Decision(self._broadcast(plan, hop.round + 1, merged))
+            return Decision(final=merged, checkpoint=(hop.round, merged))
+        return Decision(self._broadcast(plan, hop.round + 1, merged), checkpoint=(hop.round, merged))
 
     def average(self, results: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Sample-weighted mean of every tensor (BatchNorm running statistics included)."""

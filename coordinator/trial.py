@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.config import TrialConfig
-from coordinator.controller import TrialSetup
+from coordinator.controller import Event, TrialSetup
 from coordinator.display import TrialDisplay
 from coordinator.errors import TrialError
 from coordinator.evaluate import evaluate_onnx, finalize
@@ -44,13 +44,37 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
         artifacts={i: (a.sha256, len(a.blob)) for i, a in arts.items()},
         blobs={a.sha256: a.blob for a in arts.values()},
         initial_model=encode_tensors(prepared.forward.tensors),
-        settings=HopSettings(t.epochs, t.batch_size, t.lr, config.seed, t.max_steps or None),
+        settings=HopSettings(t.epochs, t.batch_size, t.lr, config.seed, t.max_steps or None, config.eval_every_round),
         chunk_bytes=config.transfer.chunk_bytes,
         compression=config.transfer.compression,
         join_timeout_s=config.timeouts.join_s,
         hop_timeout_s=config.timeouts.hop_s,
         strategy=strategy,
     )
+
+
+class RoundEvaluator:
+    """Turns each round's model (a checkpoint event) into a test-set evaluation in the run record."""
+
+    def __init__(self, prepared: Prepared, dataset: Dataset, record: RunRecord, work: Path) -> None:
+        self.prepared, self.record, self.path = prepared, record, work / "round_model.onnx"
+        self.x, self.y = to_float(dataset.x_test), dataset.y_test
+        self.service: TrialService | None = None
+
+    def __call__(self, event: Event) -> None:
+        if event.kind != "checkpoint" or self.service is None or self.service.controller is None:
+            return
+        round_, data = event.body
+        if any(r["round"] == round_ for r in self.record.rounds):
+            return
+        onnx_path = finalize(self.prepared.model, decode_tensors(data), self.prepared.forward.input_shape, self.path)
+        test = evaluate_onnx(onnx_path, self.x, self.y)
+        # what the algorithm moved so far: everything the coordinator sent + the model each hop handed on
+        sent = self.service.link.bytes_sent + sum(int(h["model_bytes"]) for h in self.record.hops)
+        self.record.round_done(round_, test.accuracy, test.loss, sent)
+        log.info(
+            "round %d: test accuracy %.4f (loss %.4f), %.1f MB so far", round_, test.accuracy, test.loss, sent / 1e6
+        )
 
 
 def run_trial(
@@ -71,7 +95,10 @@ def run_trial(
         prepared = prepare(config, input_spec(dataset), out / "work")
         setup = trial_setup(config, prepared)
         display.status(f"trial {setup.trial_id}: waiting for {config.agents} agent(s)")
-        outcome = TrialService(broker, setup, display).run(exit_agents, stop)
+        rounds = RoundEvaluator(prepared, dataset, record, out / "work")
+        service = TrialService(broker, setup, lambda e: (display(e), rounds(e)))
+        rounds.service = service
+        outcome = service.run(exit_agents, stop)
         if outcome.failed is not None or outcome.final_model is None:
             record.write_summary(
                 record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)
@@ -90,7 +117,7 @@ def run_trial(
         "segments": [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in prepared.segments],
         "final_model": str(onnx_path),
     }
-    summary = record.summary(base, outcome.bytes_sent)
+    summary = record.summary(base, outcome.bytes_sent, service.controller.checkpoint_bytes if service.controller else 0)
     record.write_summary(summary)
     record.plot()
     log.info("final test accuracy %.4f (loss %.4f) on %d samples", test.accuracy, test.loss, test.samples)

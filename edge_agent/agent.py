@@ -183,6 +183,8 @@ class Agent:
         data = encode_tensors(model, self.compression)
         meta = {"hop": task.hop + 1, "from_hop": task.hop, "round": task.round}
         _, out = self.outbox.send(task.next, self.trial_id, "model", meta, data, self.chunk_bytes, now)
+        if task.checkpoint and task.next != COORD:  # a copy for the coordinator's per-round evaluation
+            out += self.outbox.send(COORD, self.trial_id, "checkpoint", meta, data, self.chunk_bytes, now)[1]
         self.busy = None
         self.finished.add(task.hop)
         done = HopDone(

@@ -63,6 +63,7 @@ class HopTask:
     lr: float
     seed: int
     max_steps: int | None = None
+    checkpoint: bool = False  # also send the coordinator a copy after this hop (per-round evaluation)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,128 @@
+"""The comparison report: ``compare.json``, ``report.md`` and PNG plots from several trial summaries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def reach(summary: dict[str, Any], target: float) -> tuple[int | None, int | None]:
+    """(rounds, bytes) when test accuracy first reached ``target``; None if it never did."""
+    for r in summary.get("round_test", []):
+        if r["test_accuracy"] >= target:
+            return r["round"] + 1, r["bytes"]
+    return None, None
+
+
+def row(summary: dict[str, Any], target: float) -> dict[str, Any]:
+    agents = summary.get("agents", [])
+    rounds, bytes_ = reach(summary, target)
+    return {
+        "run": f"{summary['algorithm']} / {summary['partition']}",
+        "algorithm": summary["algorithm"],
+        "partition": summary["partition"],
+        "failed": summary.get("failed"),
+        "final_test_accuracy": summary.get("final_test_accuracy"),
+        "rounds_to_target": rounds,
+        "bytes_to_target": bytes_,
+        "bytes_total": summary.get("bytes_total"),
+        "peak_rss_mb_max": max((a["peak_rss_mb"] for a in agents), default=None),
+        "peak_rss_mb_mean": sum(a["peak_rss_mb"] for a in agents) / len(agents) if agents else None,
+        "max_trainable_params": max((a["max_trainable_params"] for a in agents), default=None),
+        "wall_s": summary.get("wall_s"),
+    }
+
+
+def ratios(rows: Sequence[dict[str, Any]], base: str = "fedavg", other: str = "snake") -> list[dict[str, Any]]:
+    """Per partition: other/base for peak memory (max over agents) and total bytes."""
+    out = []
+    for part in sorted({r["partition"] for r in rows}):
+        pick = {r["algorithm"]: r for r in rows if r["partition"] == part and not r["failed"]}
+        if base in pick and other in pick:
+            a, b = pick[other], pick[base]
+            out.append({
+                "partition": part,
+                f"{other}_over_{base}_peak_rss": round(a["peak_rss_mb_max"] / b["peak_rss_mb_max"], 3),
+                f"{other}_over_{base}_bytes": round(a["bytes_total"] / b["bytes_total"], 3),
+                "accuracy_gap_points": round(100 * (a["final_test_accuracy"] - b["final_test_accuracy"]), 2),
+            })  # fmt: skip
+    return out
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if value is None:
+        return "-"
+    if kind == "mb":
+        return f"{value / 1e6:.1f}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if value < 1.5 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown(rows: Sequence[dict[str, Any]], rel: Sequence[dict[str, Any]], target: float, title: str) -> str:
+    head = "| run | final test acc | rounds to {t} | MB to {t} | MB total | peak RSS max (MiB) | peak RSS mean | max trainable params | wall s |"
+    lines = [f"# {title}", "", head.format(t=target), "|" + "---|" * 9]
+    for r in rows:
+        if r["failed"]:
+            lines.append(f"| {r['run']} | failed: {r['failed']} |" + " |" * 7)
+            continue
+        lines.append(
+            f"| {r['run']} | {_fmt(r['final_test_accuracy'])} | {_fmt(r['rounds_to_target'])} | "
+            f"{_fmt(r['bytes_to_target'], 'mb')} | {_fmt(r['bytes_total'], 'mb')} | {_fmt(r['peak_rss_mb_max'])} | "
+            f"{_fmt(r['peak_rss_mb_mean'])} | {_fmt(r['max_trainable_params'])} | {_fmt(r['wall_s'])} |"
+        )
+    if rel:
+        lines += ["", "## Snake against FedAvg (same agents, data, broker, rounds)", ""]
+        for r in rel:
+            lines.append(f"- {r['partition']}: " + ", ".join(f"{k} = {v}" for k, v in r.items() if k != "partition"))
+    lines += ["", "![accuracy per round](accuracy_rounds.png)", "![accuracy per byte](accuracy_bytes.png)",
+              "![peak memory](peak_memory.png)", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plots(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [s for s in summaries if not s.get("failed")]
+    paths = []
+    for name, xkey, xlabel in (("accuracy_rounds", "round", "round"), ("accuracy_bytes", "bytes", "cumulative MB")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for s in done:
+            pts = s.get("round_test", [])
+            xs = [p[xkey] + 1 if xkey == "round" else p[xkey] / 1e6 for p in pts]
+            ax.plot(xs, [p["test_accuracy"] for p in pts], marker="o", label=f"{s['algorithm']} / {s['partition']}")
+        ax.set(xlabel=xlabel, ylabel="test accuracy", title=f"Test accuracy per {xlabel.split()[-1]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / f"{name}.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(done), 1)
+    for i, s in enumerate(done):
+        agents = s["agents"]
+        ax.bar([j + i * width for j in range(len(agents))], [a["peak_rss_mb"] for a in agents], width,
+               label=f"{s['algorithm']} / {s['partition']}")  # fmt: skip
+    ax.set(xlabel="agent", ylabel="peak RSS (MiB)", title="Peak memory per agent")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "peak_memory.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def write_report(summaries: Sequence[dict[str, Any]], out: Path, target: float, title: str) -> dict[str, Any]:
+    rows = [row(s, target) for s in summaries]
+    rel = ratios(rows)
+    result = {"target_accuracy": target, "rows": rows, "ratios": rel, "runs": list(summaries)}
+    (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    plots(summaries, out)
+    (out / "report.md").write_text(markdown(rows, rel, target, title))
+    return result
