@@ -34,6 +34,7 @@ class Harness:
     rounds: int = 2
     mode: str = "p2p"
     algorithm: str = "snake"
+    checkpoints: bool = False
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     history: list[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], list[str]]] = field(default_factory=list)
 
@@ -51,7 +52,7 @@ class Harness:
             "t1", self.agents,
             (lambda ids: fedavg_plan(ids, GROUPS, self.rounds)) if fedavg else (lambda ids: snake_plan(ids, GROUPS, self.rounds, self.mode)),
             {i: (shas[i], len(blobs[shas[i]])) for i in range(4)}, blobs, encode_tensors(self.initial),
-            HopSettings(1, 8, 0.1, 0, None), 4096, "none", 60.0, 60.0,
+            HopSettings(1, 8, 0.1, 0, None, self.checkpoints), 4096, "none", 60.0, 60.0,
             FedAvgStrategy() if fedavg else SnakeStrategy(),
         )  # fmt: skip
         self.ctl = Controller(setup, 0.0)
@@ -61,6 +62,7 @@ class Harness:
         for name in self.machines:
             self.broker.subscribe(name, topics.agent_inbox(name))
         self.events: list[str] = []
+        self.round_models: list[tuple[int, bytes]] = []
         self.exited: set[str] = set()  # agents that obeyed a shutdown: they read nothing more
 
     def run(self, steps: int = 10_000) -> None:
@@ -80,6 +82,7 @@ class Harness:
                         step = self.ctl.handle(topic, payload, now)
                         self._publish(step.out)
                         self.events += [e.kind for e in step.events]
+                        self.round_models += [e.body for e in step.events if e.kind == "checkpoint"]
                     else:
                         self._apply(client, self.machines[client].handle(topic, payload, now), now)
             if self.ctl.final_model is not None or self.ctl.failed:
@@ -226,3 +229,13 @@ def test_a_stale_shutdown_from_another_trial_does_not_stop_a_fresh_agent() -> No
     h.broker.publish(topics.agent_inbox("a0"), encode(stale))  # queued in a0's persistent session
     h.run()
     assert h.ctl.failed is None and h.ctl.final_model is not None  # a0 did not exit
+
+
+@pytest.mark.parametrize(("algorithm", "mode"), [("snake", "p2p"), ("snake", "cs"), ("fedavg", "cs")])
+def test_every_round_yields_one_checkpoint_for_evaluation(algorithm: str, mode: str) -> None:
+    h = Harness(agents=2, rounds=3, mode=mode, algorithm=algorithm, checkpoints=True)
+    h.run()
+    assert h.ctl.failed is None
+    assert sorted(r for r, _ in h.round_models) == [0, 1, 2]
+    # only P2P needs extra copies (the last hop of rounds 0 and 1); the final model is the last round's
+    assert (h.ctl.checkpoint_bytes > 0) == (mode == "p2p")
