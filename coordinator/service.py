@@ -64,11 +64,12 @@ class TrialService:
         next_tick = time.monotonic()
         while not done():
             msg = self.link.get(timeout=0.05)
-            if msg is not None:
+            while msg is not None:  # drain what is queued before timers run: an ack waiting here is not lost
                 step = ctl.handle(msg.topic, msg.payload, time.time())
                 self._publish(step.out)
                 for event in step.events:
                     self.on_event(event)
+                msg = self.link.get(timeout=0)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self.tick_s
                 step = ctl.tick(time.time())

@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,23 +55,38 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
 
 
 class RoundEvaluator:
-    """Turns each round's model (a checkpoint event) into a test-set evaluation in the run record."""
+    """Turns each round's model (a checkpoint event) into a test-set evaluation in the run record.
+
+    Evaluation runs in a worker thread: the coordinator's message loop must keep acknowledging
+    transfers while a large model is exported and evaluated."""
 
     def __init__(self, prepared: Prepared, dataset: Dataset, record: RunRecord, work: Path) -> None:
-        self.prepared, self.record, self.path = prepared, record, work / "round_model.onnx"
+        self.prepared, self.record, self.work = prepared, record, work
         self.x, self.y = to_float(dataset.x_test), dataset.y_test
         self.service: TrialService | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
+        self.pending: list[Future[None]] = []
+        self.seen: set[int] = set()
 
     def __call__(self, event: Event) -> None:
-        if event.kind != "checkpoint" or self.service is None or self.service.controller is None:
+        if event.kind != "checkpoint" or self.service is None or event.body[0] in self.seen:
             return
         round_, data = event.body
-        if any(r["round"] == round_ for r in self.record.rounds):
-            return
-        onnx_path = finalize(self.prepared.model, decode_tensors(data), self.prepared.forward.input_shape, self.path)
-        test = evaluate_onnx(onnx_path, self.x, self.y)
+        self.seen.add(round_)
         # what the algorithm moved so far: everything the coordinator sent + the model each hop handed on
         sent = self.service.link.bytes_sent + sum(int(h["model_bytes"]) for h in self.record.hops)
+        self.pending.append(self.pool.submit(self._evaluate, round_, data, sent))
+
+    def wait(self) -> None:
+        for future in self.pending:
+            future.result()
+        self.pool.shutdown()
+
+    def _evaluate(self, round_: int, data: bytes, sent: int) -> None:
+        path = self.work / f"round_model_{round_}.onnx"
+        onnx_path = finalize(self.prepared.model, decode_tensors(data), self.prepared.forward.input_shape, path)
+        test = evaluate_onnx(onnx_path, self.x, self.y)
+        onnx_path.unlink(missing_ok=True)
         self.record.round_done(round_, test.accuracy, test.loss, sent)
         log.info(
             "round %d: test accuracy %.4f (loss %.4f), %.1f MB so far", round_, test.accuracy, test.loss, sent / 1e6
@@ -98,7 +114,10 @@ def run_trial(
         rounds = RoundEvaluator(prepared, dataset, record, out / "work")
         service = TrialService(broker, setup, lambda e: (display(e), rounds(e)))
         rounds.service = service
-        outcome = service.run(exit_agents, stop)
+        try:
+            outcome = service.run(exit_agents, stop)
+        finally:
+            rounds.wait()
         if outcome.failed is not None or outcome.final_model is None:
             record.write_summary(
                 record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)
