@@ -1,32 +1,59 @@
-"""Trainer backends by name; the agent picks one that is installed."""
+"""Trainer backends by name; the agent picks one that is installed.
+
+``ort`` needs onnxruntime-training (its on-device training API); ``portable`` needs
+any onnxruntime build (plain ``onnxruntime`` ships for every board and Python; the
+training build runs its graphs too). Availability is read off the installed files:
+nothing is imported, so asking is cheap and never imports torch.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from edge_agent.errors import EdgeAgentError
 from edge_agent.trainer import Trainer
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "portable")
 
 
 class BackendError(EdgeAgentError):
     """The requested backend is unknown or not installed."""
 
 
+def _onnxruntime_dir() -> Path | None:
+    try:
+        spec = importlib.util.find_spec("onnxruntime")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def installed() -> list[str]:
-    """Backends whose runtime is importable here (``import`` not attempted: cheap)."""
-    return ["ort"] if importlib.util.find_spec("onnxruntime") is not None else []
+    """Backends whose runtime is installed here, preferred first (``auto`` takes the first)."""
+    root = _onnxruntime_dir()
+    if root is None:
+        return []
+    has_training = (root / "training" / "api").is_dir()
+    return ["ort", "portable"] if has_training else ["portable"]
 
 
 def make_trainer(name: str, threads: int = 0) -> Trainer:
     if name == "auto":
         have = installed()
         if not have:
-            raise BackendError("no trainer backend installed: pip install 'snakelearn[agent]'")
+            raise BackendError(
+                "no trainer backend installed: pip install 'snakelearn[agent]' or 'snakelearn[agent-portable]'"
+            )
         name = have[0]
     if name == "ort":
         from edge_agent.ort_trainer import OrtTrainer
 
         return OrtTrainer(threads=threads)
+    if name == "portable":
+        from edge_agent.portable_trainer import PortableTrainer
+
+        return PortableTrainer(threads=threads)
     raise BackendError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")

@@ -17,7 +17,7 @@ class AgentConfig:
     samples: int = 0  # cap on local training samples (0 = all)
     val_fraction: float = 0.1  # local validation split when partitioning
     cache_dir: Path = Path.home() / ".cache" / "snakelearn"
-    backend: str = "auto"  # ort | auto
+    backend: str = "auto"  # auto | ort | portable
     threads: int = 0  # intra-op threads (0 = runtime default)
     memory_budget_mb: int = 0  # 0 = physical memory
     connect_timeout_s: float = 30.0  # give up if the broker does not answer

@@ -33,7 +33,7 @@ class SegmentManifest:
     shapes: Mapping[str, tuple[int, ...]]  # shape of each tensor in ``order``
     trainable: tuple[str, ...]  # parameters this segment updates (subset of ``order``)
     buffers: tuple[str, ...]  # every float buffer (BN running stats): updated by training, never by gradients
-    segment_buffers: tuple[str, ...]  # the buffers that belong to the segment (the rest are kept unchanged)
+    segment_buffers: tuple[str, ...]  # the buffers of the segment's layer groups (every buffer follows the data)
     optimizer: str  # "adamw" | "sgd"
     num_classes: int
     input_shape: tuple[int, ...]  # per-sample input shape, e.g. (1, 28, 28)
@@ -43,7 +43,7 @@ class SegmentManifest:
     train_graph: str = ""  # inputs (input, labels, every tensor in ``order``); outputs loss, logits, grads, stats
     eval_graph: str = ""  # inputs as train_graph; outputs (loss, logits), BatchNorm in inference mode
     grad_outputs: Mapping[str, str] = field(default_factory=dict)  # trainable name -> its gradient output
-    buffer_outputs: Mapping[str, str] = field(default_factory=dict)  # segment buffer -> its updated value output
+    buffer_outputs: Mapping[str, str] = field(default_factory=dict)  # every buffer -> its updated value output
 
     def __post_init__(self) -> None:
         known = set(self.order)
@@ -72,8 +72,8 @@ class SegmentManifest:
             raise ManifestError("a portable manifest names its train and eval graphs")
         if set(self.grad_outputs) != set(self.trainable):
             raise ManifestError("portable manifest grad_outputs do not match its trainable set")
-        if set(self.buffer_outputs) != set(self.segment_buffers):
-            raise ManifestError("portable manifest buffer_outputs do not match its segment buffers")
+        if set(self.buffer_outputs) != set(self.buffers):
+            raise ManifestError("portable manifest buffer_outputs do not match its buffers")
 
     def to_json(self) -> str:
         data = {
@@ -97,7 +97,7 @@ class SegmentManifest:
                 "train_graph": self.train_graph,
                 "eval_graph": self.eval_graph,
                 "grad_outputs": {name: self.grad_outputs[name] for name in self.trainable},
-                "buffer_outputs": {name: self.buffer_outputs[name] for name in self.segment_buffers},
+                "buffer_outputs": {name: self.buffer_outputs[name] for name in self.buffers},
             }
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 

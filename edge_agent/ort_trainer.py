@@ -23,18 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import EdgeAgentError
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.ort_training import ort_errors, training_module
-from edge_agent.trainer import EvalStats, StepCallback, TrainSpec, TrainStats
+from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
 
 logger = logging.getLogger(__name__)
 
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "nominal_checkpoint")
-
-
-class TrainerError(EdgeAgentError):
-    """A trainer cannot run: missing artifacts or weights, a tensor's name or shape, bad data."""
 
 
 class _Session:

@@ -66,6 +66,20 @@ def _register_bare_packages() -> None:
         sys.modules[_ORTMODULE] = None  # type: ignore[assignment]
 
 
+def import_onnxruntime() -> types.ModuleType:
+    """``import onnxruntime``, skipping the training build's torch probe when that build is installed.
+
+    For code that needs only the inference API (the portable backend): with plain
+    onnxruntime this is a plain import.
+    """
+    if "onnxruntime" not in sys.modules:
+        try:
+            _register_bare_packages()
+        except OrtUnavailableError:
+            pass  # plain onnxruntime (no training folder) or none: nothing to skip
+    return importlib.import_module("onnxruntime")
+
+
 def training_module(name: str) -> types.ModuleType:
     """Import ``onnxruntime.training.<name>`` (``api``, ``artifacts``, ``onnxblock``) without torch."""
     _register_bare_packages()

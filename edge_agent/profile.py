@@ -39,7 +39,18 @@ def memory_mb() -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, MiB."""
+    """Peak resident set size of this process, MiB.
+
+    On Linux from /proc (VmHWM): ``ru_maxrss`` survives exec, so a process spawned by a
+    large parent (simulate's coordinator, with torch) would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
 

@@ -14,8 +14,14 @@ from typing import Protocol
 
 import numpy as np
 
+from edge_agent.errors import EdgeAgentError
+
 StepCallback = Callable[[int, int, float], None]
 """Called after each optimizer step with (step, total_steps, loss)."""
+
+
+class TrainerError(EdgeAgentError):
+    """A trainer cannot run: missing artifacts or weights, a tensor's name or shape, bad data."""
 
 
 @dataclass(frozen=True)

@@ -126,10 +126,9 @@ class Builder:
 
     def shape_slice(self, tensor: str, start: int, end: int | None = None) -> str:
         """``Shape(tensor)[start:end]`` as an int64 vector."""
-        attrs: dict[str, int] = {"start": start}
-        if end is not None:
-            attrs["end"] = end
-        return self.op("Shape", [tensor], **attrs)
+        if end is None:
+            return self.op("Shape", [tensor], start=start)
+        return self.op("Shape", [tensor], start=start, end=end)
 
     def concat_ints(self, parts: Iterable[str]) -> str:
         """Concatenate int64 vectors."""

@@ -19,11 +19,15 @@ _FAST_ALPHA = math.sqrt(2.0 / math.pi)
 _FAST_GAMMA = 0.044715
 
 
+def _mask(b: Builder, condition: str) -> str:
+    """A bool tensor as 1.0/0.0: multiplying by it is ~5x faster in onnxruntime than Where with a scalar."""
+    return b.op("Cast", [condition], to=onnx.TensorProto.FLOAT)
+
+
 def relu_grad(b: Builder, node: onnx.NodeProto) -> None:
-    """dX = dY where Y > 0, else 0."""
+    """dX = dY where Y > 0, else 0 (as dY * [Y > 0]: equal values; a non-finite dY where Y <= 0 gives NaN)."""
     dy, y = node.input[0], node.input[1]
-    positive = b.op("Greater", [y, b.scalar(0.0)])
-    b.op("Where", [positive, dy, b.scalar(0.0)], node.output[0])
+    b.op("Mul", [dy, _mask(b, b.op("Greater", [y, b.scalar(0.0)]))], node.output[0])
 
 
 def sigmoid_grad(b: Builder, node: onnx.NodeProto) -> None:
@@ -116,5 +120,5 @@ def dropout_grad(b: Builder, node: onnx.NodeProto) -> None:
     ratio = b.op("Cast", [node.input[2]], to=onnx.TensorProto.FLOAT) if has_input(node, 2) else b.scalar(0.5)
     ratio = b.op("Reshape", [ratio, b.const(np.zeros(0, np.int64))])  # a scalar, whatever its rank-0/1 shape
     keep = b.op("Or", [mask, b.op("Equal", [ratio, b.scalar(0.0)])])
-    kept = b.op("Where", [keep, dy, b.scalar(0.0)])
+    kept = b.op("Mul", [dy, _mask(b, keep)])
     b.op("Div", [kept, b.op("Sub", [b.scalar(1.0), ratio])], node.output[0])

@@ -47,8 +47,8 @@ def softmax_cross_entropy_loss_grad(b: Builder, node: onnx.NodeProto) -> None:
     one_hot = b.op("OneHot", [labels, depth, b.const([0.0, 1.0], np.float32)], axis=1)
     diff = b.op("Sub", [b.op("Exp", [log_prob]), one_hot])
     factor = _row_factor(b, node, labels, ignored)
-    if attr(node, "reduction", "mean") == "none":
-        factor = b.op("Unsqueeze", [factor, b.const([1])])
+    if attr(node, "reduction", "mean") == "none" or ignored is not None or has_input(node, 3):
+        factor = b.op("Unsqueeze", [factor, b.const([1])])  # one factor per label: broadcast over classes
     b.op("Mul", [diff, factor], node.output[0])
 
 
@@ -65,13 +65,12 @@ def concat_training(b: Builder, node: onnx.NodeProto) -> None:
 def split_training(b: Builder, node: onnx.NodeProto) -> None:
     """SplitTraining(input, split) -> outputs: a standard Split (split sizes as an input)."""
     axis = int(attr(node, "axis", 0))
-    inputs = [node.input[0]]
-    extra: dict[str, int] = {}
     if has_input(node, 1):
-        inputs.append(node.input[1])
+        b.multi("Split", [node.input[0], node.input[1]], list(node.output), axis=axis)
     elif b.opset >= 18:
-        extra["num_outputs"] = len(node.output)
-    b.multi("Split", inputs, list(node.output), axis=axis, **extra)
+        b.multi("Split", [node.input[0]], list(node.output), axis=axis, num_outputs=len(node.output))
+    else:
+        b.multi("Split", [node.input[0]], list(node.output), axis=axis)
 
 
 def inplace_accumulator(b: Builder, node: onnx.NodeProto) -> None:

@@ -1,0 +1,79 @@
+"""Per-segment portable bundles (for agents with plain onnxruntime), built once and cached by content.
+
+The same conventions as :mod:`coordinator.artifacts`: one bundle per (forward model,
+trainable set, optimizer), cached under ``cache_dir/<key>/`` with a key distinct from
+the ORT bundle's, deterministic bytes, so a stable sha256. Building one first builds
+(or reuses) the segment's ORT artifacts in the same cache, then lowers them
+(:func:`coordinator.lowering.lower_segment`), which also checks that both graphs load
+in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from coordinator.artifacts import (
+    SegmentArtifactError,
+    SegmentArtifacts,
+    _check_request,
+    artifact_key,
+    build_segment_artifacts,
+)
+from coordinator.export import ForwardModel
+from coordinator.lowering import LoweringError, lower_segment
+from edge_agent.bundle import pack_dir, sha256_hex
+from edge_agent.manifest import MANIFEST_NAME
+
+logger = logging.getLogger(__name__)
+
+LOWERING_VERSION = 1  # bump when the lowering's output changes: old cache entries are then rebuilt
+
+
+def portable_key(forward_onnx: bytes, trainable: Sequence[str], optimizer: str) -> str:
+    """Cache key of a portable bundle: the ORT bundle's key, the bundle kind and the lowering version."""
+    ort_key = artifact_key(forward_onnx, trainable, optimizer)
+    return hashlib.sha256(f"{ort_key}\0portable\0{LOWERING_VERSION}".encode()).hexdigest()
+
+
+def _lower_into(source: Path, target: Path) -> None:
+    """Lower into a private directory next to ``target``, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
+    try:
+        lower_segment(source, staging)
+        os.rename(staging, target)
+    except LoweringError as exc:
+        raise SegmentArtifactError(f"cannot lower the segment for plain onnxruntime: {exc}") from exc
+    except OSError:
+        if not (target / MANIFEST_NAME).is_file():  # unless a concurrent build already put it there
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_portable_artifacts(
+    forward: ForwardModel, trainable: Sequence[str], cache_dir: Path, optimizer: str = "adamw"
+) -> SegmentArtifacts:
+    """The portable bundle of the segment that trains ``trainable`` (parameter names); cached.
+
+    ``optimizer`` as for :func:`coordinator.artifacts.build_segment_artifacts`; the device
+    applies it in numpy (:mod:`edge_agent.optim`).
+    """
+    ordered = _check_request(forward, trainable, optimizer)
+    key = portable_key(Path(forward.onnx_path).read_bytes(), ordered, optimizer)
+    directory = Path(cache_dir) / key
+    if (directory / MANIFEST_NAME).is_file():
+        logger.debug("portable artifact cache hit %s", key[:12])
+    else:
+        source = build_segment_artifacts(forward, ordered, cache_dir, optimizer)
+        _lower_into(source.directory, directory)
+    blob = pack_dir(directory)
+    sha = sha256_hex(blob)
+    logger.info("portable segment bundle %s: %d trainable tensors, %d bytes", sha[:12], len(ordered), len(blob))
+    return SegmentArtifacts(sha256=sha, directory=directory, blob=blob, trainable=ordered)

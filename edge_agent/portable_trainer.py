@@ -1,0 +1,208 @@
+"""The portable backend (``backend = "portable"``): plain ``onnxruntime`` + numpy. No torch, no ORT training.
+
+A portable bundle (built by :mod:`coordinator.lowering`) holds two standard-ONNX
+graphs whose inputs are the batch and every tensor of the model:
+
+    train graph: (loss, logits, gradient of each trainable tensor, updated running stats of every BatchNorm)
+    eval graph:  (loss, logits), BatchNorm in inference mode
+
+The trainer keeps the weights as numpy arrays, runs the train graph once per
+batch and applies the optimizer update in numpy (:mod:`edge_agent.optim`, the
+same rules as ONNX Runtime's kernels). Like :class:`~edge_agent.ort_trainer.OrtTrainer`:
+BatchNorm normalises with batch statistics during training and every layer's
+running stats follow the data (inside and outside the segment); parameters
+outside the segment never change; ``set_weights`` starts a fresh optimizer;
+dropout masks come from ``onnxruntime.set_seed(spec.seed)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
+from edge_agent.optim import Optimizer, make_optimizer
+from edge_agent.ort_training import import_onnxruntime
+from edge_agent.segment_checks import check_data, check_tensors, plan_steps
+from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
+
+logger = logging.getLogger(__name__)
+
+
+def ort_errors() -> tuple[type[Exception], ...]:
+    """The exception types plain onnxruntime raises (its pybind errors do not derive from RuntimeError)."""
+    import_onnxruntime()
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = "Fail InvalidArgument NoSuchFile NoModel EngineError RuntimeException InvalidProtobuf".split()
+    names += ["ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail"]
+    found = [getattr(state, name) for name in names if isinstance(getattr(state, name, None), type)]
+    return (RuntimeError, *found)
+
+
+class _Graph:
+    """One InferenceSession and the names it is fed and read by."""
+
+    def __init__(self, path: Path, options: Any, outputs: list[str]) -> None:
+        onnxruntime = import_onnxruntime()
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [item.name for item in self.session.get_inputs()]
+        self.outputs = outputs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(self.outputs, {name: feeds[name] for name in self.inputs}))
+
+
+class PortableTrainer:
+    """Trainer backed by plain onnxruntime (InferenceSession) and a numpy optimizer."""
+
+    backend = "portable"
+
+    def __init__(self, threads: int = 0, log_severity: int = 3) -> None:
+        self.threads = threads  # intra-op threads; 0 lets ONNX Runtime choose
+        self.log_severity = log_severity  # 3 = errors only
+        self._dir: Path | None = None
+        self._manifest: SegmentManifest | None = None
+        self._train: _Graph | None = None
+        self._eval: _Graph | None = None
+        self._tensors: dict[str, np.ndarray] | None = None
+        self._optimizer: Optimizer | None = None
+
+    @property
+    def manifest(self) -> SegmentManifest:
+        if self._manifest is None:
+            raise TrainerError("no artifacts open; call open() first")
+        return self._manifest
+
+    def open(self, artifact_dir: Path) -> None:
+        directory = Path(artifact_dir)
+        try:
+            manifest = read_manifest(directory)
+        except ManifestError as exc:
+            raise TrainerError(str(exc)) from exc
+        if manifest.kind != "portable":
+            raise TrainerError(f"{directory} holds {manifest.kind!r} artifacts; this backend needs a portable bundle")
+        missing = [name for name in (manifest.train_graph, manifest.eval_graph) if not (directory / name).is_file()]
+        if missing:
+            raise TrainerError(f"artifact directory {directory} lacks {', '.join(missing)}")
+        self._dir, self._manifest = directory, manifest
+        self._train = self._eval = None
+        self._tensors, self._optimizer = None, None
+        self._train_graph()  # fail here, not at the first step, if the graph does not load
+        logger.info(
+            "opened portable %s segment: %d trainable of %d tensors",
+            manifest.optimizer,
+            len(manifest.trainable),
+            len(manifest.order),
+        )
+
+    def set_weights(self, tensors: Mapping[str, np.ndarray]) -> None:
+        self._tensors = check_tensors(self.manifest, tensors)
+        self._optimizer = make_optimizer(self.manifest.optimizer)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        tensors = self._require_weights()
+        return {name: tensors[name].copy() for name in self.manifest.order}
+
+    def train(self, x: np.ndarray, y: np.ndarray, spec: TrainSpec, on_step: StepCallback | None = None) -> TrainStats:
+        tensors = self._require_weights()
+        manifest = self.manifest
+        x, y = check_data(manifest, x, y)
+        batch, per_epoch, total = plan_steps(spec, len(x))
+        import_onnxruntime().set_seed(spec.seed)  # dropout masks
+        rng = np.random.default_rng(spec.seed)
+        started, steps, losses = time.perf_counter(), 0, [float("nan")]
+        try:
+            graph = self._train_graph()
+            while steps < total:
+                order, losses = rng.permutation(len(x)), []
+                for start in range(0, min(per_epoch, total - steps) * batch, batch):
+                    idx = order[start : start + batch]
+                    losses.append(self._step(graph, tensors, x[idx], y[idx], spec.lr))
+                    steps += 1
+                    if on_step is not None:
+                        on_step(steps, total, losses[-1])
+        except ort_errors() as exc:
+            raise TrainerError(f"training step failed: {exc}") from exc
+        seconds = time.perf_counter() - started
+        return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalStats:
+        tensors = self._require_weights()
+        manifest = self.manifest
+        x, y = check_data(manifest, x, y)
+        total_loss, correct, size = 0.0, 0, max(1, batch_size)
+        try:
+            graph = self._eval_graph()
+            for start in range(0, len(x), size):
+                xb, yb = x[start : start + size], y[start : start + size]
+                loss, logits = graph.run(self._feeds(tensors, xb, yb))
+                total_loss += float(loss) * len(xb)
+                predicted = np.argmax(np.asarray(logits).reshape(len(xb), manifest.num_classes), axis=1)
+                correct += int(np.count_nonzero(predicted == yb))
+        except ort_errors() as exc:
+            raise TrainerError(f"evaluation failed: {exc}") from exc
+        return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _step(self, graph: _Graph, tensors: dict[str, np.ndarray], xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
+        manifest = self.manifest
+        outputs = graph.run(self._feeds(tensors, xb, yb))
+        trained = len(manifest.trainable)
+        grads = dict(zip(manifest.trainable, outputs[2 : 2 + trained], strict=True))
+        for name, value in zip(manifest.buffers, outputs[2 + trained :], strict=True):
+            tensors[name] = np.asarray(value, dtype=np.float32)  # running stats, updated by the forward pass
+        assert self._optimizer is not None  # set with the weights
+        self._optimizer.step(tensors, grads, lr)
+        return float(outputs[0])
+
+    def _feeds(self, tensors: Mapping[str, np.ndarray], xb: np.ndarray, yb: np.ndarray) -> dict[str, np.ndarray]:
+        manifest = self.manifest
+        return {manifest.input_name: xb, manifest.label_name: yb, **tensors}
+
+    def _options(self) -> Any:
+        options = import_onnxruntime().SessionOptions()
+        options.log_severity_level = self.log_severity
+        options.enable_cpu_mem_arena = False  # as OrtTrainer: the arena kept memory after evaluation
+        if self.threads > 0:
+            options.intra_op_num_threads = self.threads
+        return options
+
+    def _load(self, file_name: str, outputs: list[str]) -> _Graph:
+        assert self._dir is not None  # the manifest is open
+        manifest = self.manifest
+        try:
+            graph = _Graph(self._dir / file_name, self._options(), outputs)
+        except ort_errors() as exc:
+            raise TrainerError(f"cannot load {file_name} in {self._dir}: {exc}") from exc
+        unknown = set(graph.inputs) - {manifest.input_name, manifest.label_name, *manifest.order}
+        if unknown:
+            raise TrainerError(f"{file_name} wants inputs the manifest does not name: {sorted(unknown)[:5]}")
+        return graph
+
+    def _train_graph(self) -> _Graph:
+        if self._train is None:
+            manifest = self.manifest
+            outputs = [manifest.loss_name, manifest.logits_name]
+            outputs += [manifest.grad_outputs[name] for name in manifest.trainable]
+            outputs += [manifest.buffer_outputs[name] for name in manifest.buffers]
+            self._train = self._load(manifest.train_graph, outputs)
+        return self._train
+
+    def _eval_graph(self) -> _Graph:
+        if self._eval is None:
+            manifest = self.manifest
+            self._eval = self._load(manifest.eval_graph, [manifest.loss_name, manifest.logits_name])
+        return self._eval
+
+    def _require_weights(self) -> dict[str, np.ndarray]:
+        self.manifest  # noqa: B018 (raises if not open)
+        if self._tensors is None:
+            raise TrainerError("no weights loaded; call set_weights() first")
+        return self._tensors
