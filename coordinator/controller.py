@@ -47,7 +47,7 @@ class TrialSetup:
     trial_id: str
     expected_agents: int
     plan_for: Callable[[list[str]], Plan]  # agent ids (sorted) -> plan
-    artifacts: dict[int, tuple[str, int]]  # segment -> (sha256, size)
+    artifacts: dict[tuple[int, str], tuple[str, int]]  # (segment, kind "ort"|"portable") -> (sha256, size)
     blobs: dict[str, bytes]  # sha256 -> artifact bundle
     initial_model: bytes  # safetensors of every tensor
     settings: HopSettings
@@ -201,7 +201,8 @@ class Controller:
     def _start(self, step: Step, now: float) -> None:
         agents = sorted(self.hellos)[: self.setup.expected_agents]
         self.plan = self.setup.plan_for(agents)
-        self.tasks = hop_tasks(self.plan, self.setup.artifacts, self.setup.settings)
+        backends = {agent: self.hellos[agent].backend for agent in agents}
+        self.tasks = hop_tasks(self.plan, self.setup.artifacts, self.setup.settings, backends)
         self.last_progress = now
         step.events.append(Event("planned", body=self.plan))
         step.out.extend(self._assign(agent, now) for agent in agents if agent in self.tasks)

@@ -13,6 +13,7 @@ from torch import nn
 from coordinator.artifacts import SegmentArtifacts, build_segment_artifacts
 from coordinator.config import TrialConfig
 from coordinator.export import ForwardModel, export_forward
+from coordinator.portable_artifacts import build_portable_artifacts
 from coordinator.scheduler import GroupInfo, Plan, Segment, fedavg_plan, snake_plan, split_segments
 from models import InputSpec, build_model
 
@@ -25,7 +26,7 @@ class Prepared:
     forward: ForwardModel
     groups: tuple[GroupInfo, ...]
     segments: tuple[Segment, ...]
-    artifacts: dict[int, SegmentArtifacts]  # by segment index
+    artifacts: dict[tuple[int, str], SegmentArtifacts]  # by (segment index, kind: "ort" | "portable")
 
     def plan_for(self, config: TrialConfig) -> Callable[[list[str]], Plan]:
         if config.algorithm == "fedavg":
@@ -53,12 +54,12 @@ def prepare(
     count = 1 if config.algorithm == "fedavg" else min(config.agents, len(groups))
     segments = tuple(split_segments(groups, count))
     artifacts = {}
-    for seg in segments:
-        artifacts[seg.index] = build_segment_artifacts(
-            forward, seg.params, work / "artifacts", optimizer=config.train.optimizer
-        )
+    for seg in segments:  # both kinds: which one an agent gets depends on the backend its hello names
+        cache, opt = work / "artifacts", config.train.optimizer
+        artifacts[seg.index, "ort"] = build_segment_artifacts(forward, seg.params, cache, optimizer=opt)
+        artifacts[seg.index, "portable"] = build_portable_artifacts(forward, seg.params, cache, optimizer=opt)
         log.info("segment %d (%s): bundle %s, %d bytes", seg.index, ", ".join(seg.groups),
-                 artifacts[seg.index].sha256[:12], len(artifacts[seg.index].blob))  # fmt: skip
+                 artifacts[seg.index, "ort"].sha256[:12], len(artifacts[seg.index, "ort"].blob))  # fmt: skip
         if on_segment:
             on_segment(seg.index + 1, len(segments))
     return Prepared(model, forward, groups, segments, artifacts)

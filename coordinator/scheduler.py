@@ -13,7 +13,7 @@ features that just moved (measured on Fashion-MNIST/cnn: finishing on the large
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from edge_agent.protocol.messages import HopTask
@@ -140,8 +140,19 @@ class HopSettings:
     checkpoints: bool = False  # the last hop of every round sends the coordinator a copy
 
 
-def hop_tasks(plan: Plan, artifacts: dict[int, tuple[str, int]], settings: HopSettings) -> dict[str, list[HopTask]]:
-    """Per agent, its HopTasks; ``artifacts`` maps segment -> (sha256, size)."""
+def artifact_kind(backend: str) -> str:
+    """The artifact bundle a trainer backend runs: portable graphs for ``portable``, ORT training otherwise."""
+    return "portable" if backend == "portable" else "ort"
+
+
+def hop_tasks(
+    plan: Plan,
+    artifacts: Mapping[tuple[int, str], tuple[str, int]],
+    settings: HopSettings,
+    backends: Mapping[str, str] | None = None,
+) -> dict[str, list[HopTask]]:
+    """Per agent, its HopTasks; ``artifacts`` maps (segment, kind) -> (sha256, size), ``backends``
+    agent -> the backend its hello names."""
     out: dict[str, list[HopTask]] = {}
     for h in plan.hops:
         if plan.mode == "cs" or plan.algorithm == "fedavg":
@@ -150,7 +161,7 @@ def hop_tasks(plan: Plan, artifacts: dict[int, tuple[str, int]], settings: HopSe
             prev = plan.hops[h.hop - 1].agent if h.hop > 0 else COORDINATOR
             nxt = plan.hops[h.hop + 1].agent if h.hop + 1 < len(plan.hops) else COORDINATOR
         seg = plan.segments[h.segment]
-        sha, size = artifacts[h.segment]
+        sha, size = artifacts[h.segment, artifact_kind((backends or {}).get(h.agent, "ort"))]
         round_end = h.hop + 1 == len(plan.hops) or plan.hops[h.hop + 1].round != h.round
         task = HopTask(
             h.round, h.hop, h.segment, list(seg.groups), list(seg.tensors), sha, size, prev, nxt,

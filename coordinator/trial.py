@@ -42,7 +42,7 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
         trial_id=f"{config.name}-{uuid.uuid4().hex[:8]}",
         expected_agents=config.agents,
         plan_for=prepared.plan_for(config),
-        artifacts={i: (a.sha256, len(a.blob)) for i, a in arts.items()},
+        artifacts={key: (a.sha256, len(a.blob)) for key, a in arts.items()},
         blobs={a.sha256: a.blob for a in arts.values()},
         initial_model=encode_tensors(prepared.forward.tensors),
         settings=HopSettings(t.epochs, t.batch_size, t.lr, config.seed, t.max_steps or None, config.eval_every_round),

@@ -48,7 +48,7 @@ def test_more_agents_than_groups_share_segments() -> None:
 
 
 def test_p2p_chains_agents_and_cs_routes_every_hop_through_the_coordinator() -> None:
-    arts = {0: ("sha0", 1), 1: ("sha1", 1)}
+    arts = {(0, "ort"): ("sha0", 1), (1, "ort"): ("sha1", 1), (0, "portable"): ("p0", 1), (1, "portable"): ("p1", 1)}
     settings = HopSettings(1, 32, 0.1, 7, None)
     p2p = hop_tasks(snake_plan(["a", "b"], groups(1, 1), 2, "p2p"), arts, settings)
     assert [(t.prev, t.next) for t in p2p["a"]] == [(COORDINATOR, "b"), ("b", "b")]
@@ -56,6 +56,11 @@ def test_p2p_chains_agents_and_cs_routes_every_hop_through_the_coordinator() -> 
     cs = hop_tasks(snake_plan(["a", "b"], groups(1, 1), 2, "cs"), arts, settings)
     assert all(t.prev == t.next == COORDINATOR for ts in cs.values() for t in ts)
     assert [t.seed for t in p2p["a"]] == [7, 9]  # a distinct shuffling seed per hop
+    mixed = hop_tasks(snake_plan(["a", "b"], groups(1, 1), 1), arts, settings, {"a": "ort", "b": "portable"})
+    assert [t.artifact_sha256 for t in mixed["a"] + mixed["b"]] == [
+        "sha0",
+        "p1",
+    ]  # each agent gets its backend's bundle
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,15 @@ def test_fedavg_baseline_on_the_same_agents(mosquitto: RunningBroker, tmp_path: 
     assert snake["bytes_total"] < 0.75 * fedavg["bytes_total"]
 
 
+def test_a_mixed_ort_and_portable_fleet_trains_one_model(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    options = SimOptions(broker=mosquitto.url, backends=("ort", "portable"), show_progress=False)
+    summary = simulate(small(model="cnn", agents=2, rounds=2, samples_per_agent=400), tmp_path, options)
+    assert [a["backend"] for a in summary["agents"]] == ["ort", "portable"]
+    assert summary["hops"] == 4 and summary["final_test_accuracy"] > 0.4
+    bundles = {p.name for p in (tmp_path / "cache" / "agent-1" / "artifacts").iterdir()}
+    assert bundles and bundles.isdisjoint(p.name for p in (tmp_path / "cache" / "agent-0" / "artifacts").iterdir())
+
+
 def test_corrupted_chunk_is_requested_again(mosquitto: RunningBroker, tmp_path: Path) -> None:
     proxy = CorruptingProxy(mosquitto.port, corrupt_over=100_000)
     try:

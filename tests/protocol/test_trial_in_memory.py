@@ -51,7 +51,7 @@ class Harness:
         setup = TrialSetup(
             "t1", self.agents,
             (lambda ids: fedavg_plan(ids, GROUPS, self.rounds)) if fedavg else (lambda ids: snake_plan(ids, GROUPS, self.rounds, self.mode)),
-            {i: (shas[i], len(blobs[shas[i]])) for i in range(4)}, blobs, encode_tensors(self.initial),
+            {(i, "ort"): (shas[i], len(blobs[shas[i]])) for i in range(4)}, blobs, encode_tensors(self.initial),
             HopSettings(1, 8, 0.1, 0, None, self.checkpoints), 4096, "none", 60.0, 60.0,
             FedAvgStrategy() if fedavg else SnakeStrategy(),
         )  # fmt: skip
