@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.ort_training import ort_errors, training_module
+from edge_agent.segment_checks import check_data, check_tensors, plan_steps
 from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
 
 logger = logging.getLogger(__name__)
@@ -105,11 +106,7 @@ class OrtTrainer:
     def train(self, x: np.ndarray, y: np.ndarray, spec: TrainSpec, on_step: StepCallback | None = None) -> TrainStats:
         session = self._require_session()
         x, y = self._check_data(x, y)
-        if spec.batch_size < 1 or spec.epochs < 1 or (spec.max_steps is not None and spec.max_steps < 0):
-            raise TrainerError(f"bad train spec: {spec}")
-        batch = min(spec.batch_size, len(x))
-        per_epoch = len(x) // batch  # the incomplete last batch is dropped (a batch of 1 upsets BatchNorm)
-        total = per_epoch * spec.epochs if spec.max_steps is None else min(per_epoch * spec.epochs, spec.max_steps)
+        batch, per_epoch, total = plan_steps(spec, len(x))
         import onnxruntime
 
         onnxruntime.set_seed(spec.seed)  # dropout masks
@@ -180,22 +177,7 @@ class OrtTrainer:
 
     def _flatten(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         """Every manifest tensor, checked by name, shape and dtype, as one float32 buffer in order."""
-        manifest = self.manifest
-        missing = [name for name in manifest.order if name not in tensors]
-        unknown = sorted(set(tensors) - set(manifest.order))
-        if missing or unknown:
-            raise TrainerError(
-                f"weights do not match the segment: missing {missing[:5]}{'...' * (len(missing) > 5)}"
-                f" ({len(missing)}), unknown {unknown[:5]} ({len(unknown)})"
-            )
-        parts: list[np.ndarray] = []
-        for name in manifest.order:
-            value = np.asarray(tensors[name])
-            if value.shape != manifest.shapes[name]:
-                raise TrainerError(f"tensor {name!r} has shape {value.shape}, expected {manifest.shapes[name]}")
-            if not np.issubdtype(value.dtype, np.floating):
-                raise TrainerError(f"tensor {name!r} has dtype {value.dtype}, expected a float type")
-            parts.append(value.astype(np.float32, copy=False).ravel())
+        parts = [t.ravel() for t in check_tensors(self.manifest, tensors).values()]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
@@ -212,17 +194,4 @@ class OrtTrainer:
         return out
 
     def _check_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        manifest = self.manifest
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 1 + len(manifest.input_shape) or x.shape[1:] != manifest.input_shape:
-            raise TrainerError(
-                f"inputs have shape {x.shape}, expected [N, {', '.join(map(str, manifest.input_shape))}]"
-            )
-        labels = np.asarray(y)
-        if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
-            raise TrainerError(f"labels must be integers of shape ({len(x)},), got {labels.dtype} {labels.shape}")
-        if len(x) == 0:
-            raise TrainerError("no samples")
-        if labels.min() < 0 or labels.max() >= manifest.num_classes:
-            raise TrainerError(f"labels must lie in [0, {manifest.num_classes})")
-        return x, np.ascontiguousarray(labels, dtype=np.int64)
+        return check_data(self.manifest, x, y)
