@@ -66,9 +66,9 @@ class TrialService:
             msg = self.link.get(timeout=0.05)
             while msg is not None:  # drain what is queued before timers run: an ack waiting here is not lost
                 step = ctl.handle(msg.topic, msg.payload, time.time())
-                self._publish(step.out)
-                for event in step.events:
+                for event in step.events:  # before publishing: a round's figures exclude the next round's sends
                     self.on_event(event)
+                self._publish(step.out)
                 msg = self.link.get(timeout=0)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self.tick_s
