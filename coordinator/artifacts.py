@@ -1,7 +1,7 @@
 """Per-segment training artifact bundles, built once and cached by content.
 
 A segment's trainable set is baked into its training graph, so each distinct
-(forward model, trainable set, optimizer) gets its own bundle. Bundles are cached
+(forward model, trainable set, optimizer, KD or not) gets its own bundle. Bundles are cached
 under ``cache_dir/<key>/`` where the key hashes exactly those inputs; generation
 is deterministic, so the bundle's sha256 (of :func:`edge_agent.bundle.pack_dir`)
 is stable across runs too. Generation itself is the torch-free
@@ -41,12 +41,14 @@ class SegmentArtifacts:
     trainable: tuple[str, ...]  # trainable parameter names, forward order
 
 
-def artifact_key(forward_onnx: bytes, trainable: Sequence[str], optimizer: str) -> str:
-    """Cache key: sha256 of the forward ONNX bytes, the sorted trainable set, optimizer and format."""
+def artifact_key(forward_onnx: bytes, trainable: Sequence[str], optimizer: str, kd: bool = False) -> str:
+    """Cache key: sha256 of the forward ONNX bytes, the sorted trainable set, optimizer, format (and KD)."""
     digest = hashlib.sha256()
     digest.update(forward_onnx)
     digest.update(b"\0" + "\n".join(sorted(set(trainable))).encode())
     digest.update(b"\0" + optimizer.encode() + b"\0" + str(FORMAT_VERSION).encode())
+    if kd:  # non-KD keys stay as they were
+        digest.update(b"\0kd")
     return digest.hexdigest()
 
 
@@ -70,7 +72,7 @@ def _check_request(forward: ForwardModel, trainable: Sequence[str], optimizer: s
     return tuple(name for name in forward.order if name in wanted)
 
 
-def _generate(forward: ForwardModel, trainable: tuple[str, ...], optimizer: str, target: Path) -> None:
+def _generate(forward: ForwardModel, trainable: tuple[str, ...], optimizer: str, target: Path, kd: bool) -> None:
     """Generate into a private directory next to ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
@@ -85,6 +87,7 @@ def _generate(forward: ForwardModel, trainable: tuple[str, ...], optimizer: str,
             num_classes=forward.num_classes,
             input_name=forward.input_name,
             logits_name=forward.output_name,
+            kd=kd,
         )
         os.rename(staging, target)
     except EdgeAgentError as exc:
@@ -97,20 +100,21 @@ def _generate(forward: ForwardModel, trainable: tuple[str, ...], optimizer: str,
 
 
 def build_segment_artifacts(
-    forward: ForwardModel, trainable: Sequence[str], cache_dir: Path, optimizer: str = "adamw"
+    forward: ForwardModel, trainable: Sequence[str], cache_dir: Path, optimizer: str = "adamw", kd: bool = False
 ) -> SegmentArtifacts:
     """The artifact bundle of the segment that trains ``trainable`` (parameter names); cached.
 
     ``optimizer``: "adamw" (torch defaults: betas 0.9/0.999, eps 1e-8, weight decay 0.01)
-    or "sgd" (no momentum). The learning rate is set at run time.
+    or "sgd" (no momentum). The learning rate is set at run time. ``kd``: the loss is
+    CE + knowledge distillation, alpha and T fed at run time (:mod:`edge_agent.kd_loss`).
     """
     ordered = _check_request(forward, trainable, optimizer)
-    key = artifact_key(Path(forward.onnx_path).read_bytes(), ordered, optimizer)
+    key = artifact_key(Path(forward.onnx_path).read_bytes(), ordered, optimizer, kd)
     directory = Path(cache_dir) / key
     if (directory / MANIFEST_NAME).is_file():
         logger.debug("artifact cache hit %s", key[:12])
     else:
-        _generate(forward, ordered, optimizer, directory)
+        _generate(forward, ordered, optimizer, directory, kd)
     blob = pack_dir(directory)
     sha = sha256_hex(blob)
     logger.info("segment bundle %s: %d trainable tensors, %d bytes", sha[:12], len(ordered), len(blob))

@@ -46,6 +46,12 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch-size", type=int, help="Batch size."),
         click.option("--compression", type=click.Choice(["none", "fp16"]), help="Tensor encoding on the wire."),
         click.option("--eval-every-round", is_flag=True, default=None, help="Test accuracy after every round."),
+        click.option(
+            "--kd-alpha",
+            type=float,
+            help="Knowledge distillation weight (0 = off): CE + alpha*T^2*KL(teacher||student).",
+        ),
+        click.option("--kd-temperature", type=float, help="Distillation temperature T."),
         click.option("--seed", type=int, help="Seed for model init, partitions and shuffling."),
         click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/NAME-TIME)."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
@@ -68,6 +74,8 @@ def build_config(path: Path | None, opts: dict[str, Any]) -> TrialConfig:
         "lr": "train.lr",
         "batch_size": "train.batch_size",
         "compression": "transfer.compression",
+        "kd_alpha": "train.kd_alpha",
+        "kd_temperature": "train.kd_temperature",
     }
     overrides = {
         keys.get(k, k): opts.pop(k)

@@ -22,6 +22,10 @@ A trial file (every key optional; defaults shown)::
     lr = 0.001
     optimizer = "adamw"        # adamw | sgd
     max_steps = 0              # per hop, 0 = no cap
+    kd_alpha = 0.0             # knowledge distillation (>= 0; 0 = off): loss = CE + kd_alpha * T^2 *
+                               #   KL(softmax(teacher/T) || softmax(student/T)), teacher = the model
+                               #   as received at the start of the hop; > 0 builds KD artifacts
+    kd_temperature = 2.0       # T (> 0)
 
     [transfer]
     chunk_bytes = 1048576      # never above the broker's packet limit
@@ -35,6 +39,7 @@ A trial file (every key optional; defaults shown)::
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +59,8 @@ class TrainConfig:
     lr: float = 0.001
     optimizer: str = "adamw"
     max_steps: int = 0
+    kd_alpha: float = 0.0
+    kd_temperature: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,11 @@ class TrialConfig:
             (self.train.epochs >= 1 and self.train.batch_size >= 2, "train.epochs >= 1 and train.batch_size >= 2"),
             (self.train.lr > 0, "train.lr must be > 0"),
             (self.train.optimizer in ("adamw", "sgd"), "train.optimizer must be adamw or sgd"),
+            (math.isfinite(self.train.kd_alpha) and self.train.kd_alpha >= 0, "train.kd_alpha must be >= 0"),
+            (
+                math.isfinite(self.train.kd_temperature) and self.train.kd_temperature > 0,
+                "train.kd_temperature must be > 0",
+            ),
             (4096 <= self.transfer.chunk_bytes <= 64 << 20, "transfer.chunk_bytes must be in [4096, 64 MiB]"),
             (self.transfer.compression in ("none", "fp16"), "transfer.compression must be none or fp16"),
         ]

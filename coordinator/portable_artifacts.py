@@ -35,9 +35,9 @@ logger = logging.getLogger(__name__)
 LOWERING_VERSION = 1  # bump when the lowering's output changes: old cache entries are then rebuilt
 
 
-def portable_key(forward_onnx: bytes, trainable: Sequence[str], optimizer: str) -> str:
+def portable_key(forward_onnx: bytes, trainable: Sequence[str], optimizer: str, kd: bool = False) -> str:
     """Cache key of a portable bundle: the ORT bundle's key, the bundle kind and the lowering version."""
-    ort_key = artifact_key(forward_onnx, trainable, optimizer)
+    ort_key = artifact_key(forward_onnx, trainable, optimizer, kd)
     return hashlib.sha256(f"{ort_key}\0portable\0{LOWERING_VERSION}".encode()).hexdigest()
 
 
@@ -58,20 +58,20 @@ def _lower_into(source: Path, target: Path) -> None:
 
 
 def build_portable_artifacts(
-    forward: ForwardModel, trainable: Sequence[str], cache_dir: Path, optimizer: str = "adamw"
+    forward: ForwardModel, trainable: Sequence[str], cache_dir: Path, optimizer: str = "adamw", kd: bool = False
 ) -> SegmentArtifacts:
     """The portable bundle of the segment that trains ``trainable`` (parameter names); cached.
 
     ``optimizer`` as for :func:`coordinator.artifacts.build_segment_artifacts`; the device
-    applies it in numpy (:mod:`edge_agent.optim`).
+    applies it in numpy (:mod:`edge_agent.optim`); ``kd`` as there too.
     """
     ordered = _check_request(forward, trainable, optimizer)
-    key = portable_key(Path(forward.onnx_path).read_bytes(), ordered, optimizer)
+    key = portable_key(Path(forward.onnx_path).read_bytes(), ordered, optimizer, kd)
     directory = Path(cache_dir) / key
     if (directory / MANIFEST_NAME).is_file():
         logger.debug("portable artifact cache hit %s", key[:12])
     else:
-        source = build_segment_artifacts(forward, ordered, cache_dir, optimizer)
+        source = build_segment_artifacts(forward, ordered, cache_dir, optimizer, kd)
         _lower_into(source.directory, directory)
     blob = pack_dir(directory)
     sha = sha256_hex(blob)

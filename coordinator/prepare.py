@@ -55,9 +55,9 @@ def prepare(
     segments = tuple(split_segments(groups, count))
     artifacts = {}
     for seg in segments:  # both kinds: which one an agent gets depends on the backend its hello names
-        cache, opt = work / "artifacts", config.train.optimizer
-        artifacts[seg.index, "ort"] = build_segment_artifacts(forward, seg.params, cache, optimizer=opt)
-        artifacts[seg.index, "portable"] = build_portable_artifacts(forward, seg.params, cache, optimizer=opt)
+        cache, opt, kd = work / "artifacts", config.train.optimizer, config.train.kd_alpha > 0
+        artifacts[seg.index, "ort"] = build_segment_artifacts(forward, seg.params, cache, optimizer=opt, kd=kd)
+        artifacts[seg.index, "portable"] = build_portable_artifacts(forward, seg.params, cache, optimizer=opt, kd=kd)
         log.info("segment %d (%s): bundle %s, %d bytes", seg.index, ", ".join(seg.groups),
                  artifacts[seg.index, "ort"].sha256[:12], len(artifacts[seg.index, "ort"].blob))  # fmt: skip
         if on_segment:

@@ -138,6 +138,8 @@ class HopSettings:
     seed: int
     max_steps: int | None
     checkpoints: bool = False  # the last hop of every round sends the coordinator a copy
+    kd_alpha: float = 0.0  # knowledge distillation weight (0 = off)
+    kd_temperature: float = 2.0
 
 
 def artifact_kind(backend: str) -> str:
@@ -167,6 +169,7 @@ def hop_tasks(
             h.round, h.hop, h.segment, list(seg.groups), list(seg.tensors), sha, size, prev, nxt,
             settings.epochs, settings.batch_size, settings.lr, settings.seed + h.hop, settings.max_steps,
             settings.checkpoints and round_end and plan.algorithm == "snake" and plan.mode == "p2p",
+            settings.kd_alpha, settings.kd_temperature,
         )  # fmt: skip
         out.setdefault(h.agent, []).append(task)
     return out

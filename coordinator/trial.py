@@ -45,7 +45,16 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
         artifacts={key: (a.sha256, len(a.blob)) for key, a in arts.items()},
         blobs={a.sha256: a.blob for a in arts.values()},
         initial_model=encode_tensors(prepared.forward.tensors),
-        settings=HopSettings(t.epochs, t.batch_size, t.lr, config.seed, t.max_steps or None, config.eval_every_round),
+        settings=HopSettings(
+            t.epochs,
+            t.batch_size,
+            t.lr,
+            config.seed,
+            t.max_steps or None,
+            config.eval_every_round,
+            t.kd_alpha,
+            t.kd_temperature,
+        ),  # fmt: skip
         chunk_bytes=config.transfer.chunk_bytes,
         compression=config.transfer.compression,
         join_timeout_s=config.timeouts.join_s,

@@ -44,6 +44,14 @@ class SegmentManifest:
     eval_graph: str = ""  # inputs as train_graph; outputs (loss, logits), BatchNorm in inference mode
     grad_outputs: Mapping[str, str] = field(default_factory=dict)  # trainable name -> its gradient output
     buffer_outputs: Mapping[str, str] = field(default_factory=dict)  # every buffer -> its updated value output
+    # Knowledge-distillation bundles only (absent otherwise): the extra graph inputs (teacher logits
+    # float [N, num_classes], alpha and temperature float scalars), in that order. See edge_agent.kd_loss.
+    kd_inputs: tuple[str, ...] = ()
+
+    @property
+    def kd(self) -> bool:
+        """Whether the loss is CE + knowledge distillation (the graphs take ``kd_inputs``)."""
+        return bool(self.kd_inputs)
 
     def __post_init__(self) -> None:
         known = set(self.order)
@@ -59,6 +67,8 @@ class SegmentManifest:
             raise ManifestError("manifest buffers overlap the trainable set or miss segment buffers")
         if self.optimizer not in OPTIMIZERS:
             raise ManifestError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        if self.kd_inputs and len(self.kd_inputs) != 3:
+            raise ManifestError("manifest kd_inputs names teacher logits, alpha and temperature")
         self._check_kind()
 
     def _check_kind(self) -> None:
@@ -99,6 +109,8 @@ class SegmentManifest:
                 "grad_outputs": {name: self.grad_outputs[name] for name in self.trainable},
                 "buffer_outputs": {name: self.buffer_outputs[name] for name in self.buffers},
             }
+        if self.kd_inputs:
+            data |= {"kd": True, "kd_inputs": list(self.kd_inputs)}
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -125,6 +137,7 @@ class SegmentManifest:
                 eval_graph=str(data.get("eval_graph", "")),
                 grad_outputs={str(k): str(v) for k, v in data.get("grad_outputs", {}).items()},
                 buffer_outputs={str(k): str(v) for k, v in data.get("buffer_outputs", {}).items()},
+                kd_inputs=tuple(map(str, data.get("kd_inputs", []))) if data.get("kd", False) else (),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"malformed manifest: {exc!r}") from exc

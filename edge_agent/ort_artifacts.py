@@ -5,6 +5,7 @@ trainable set is baked into ``training_model.onnx``, so every segment gets its
 own artifact directory:
 
     training_model.onnx   forward + CrossEntropy loss + gradients; outputs (loss, logits, ...)
+                          (kd=True: CE + distillation loss, inputs teacher logits/alpha/T; see kd_loss)
     eval_model.onnx       forward + loss; outputs (loss, logits)
     optimizer_model.onnx  AdamW (torch defaults) or plain SGD
     nominal_checkpoint    parameter names and shapes only: weights travel separately
@@ -27,6 +28,7 @@ from pathlib import Path
 import onnx
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.kd_loss import ALPHA_NAME, TEACHER_NAME, TEMPERATURE_NAME, kd_loss_block
 from edge_agent.manifest import OPTIMIZERS, SegmentManifest, write_manifest
 from edge_agent.ort_training import training_module
 
@@ -133,8 +135,15 @@ def _optimizer_block(optimizer: str) -> object:
 
 
 def _run_generator(
-    model: onnx.ModelProto, trainable: list[str], frozen: list[str], out: Path, optimizer: str, logits_name: str
+    model: onnx.ModelProto,
+    trainable: list[str],
+    frozen: list[str],
+    out: Path,
+    optimizer: str,
+    logits_name: str,
+    kd_classes: int | None = None,
 ) -> None:
+    """``kd_classes``: build the knowledge-distillation loss (:mod:`edge_agent.kd_loss`) for that many classes."""
     artifacts = training_module("artifacts")
     graph_utils = training_module("onnxblock._graph_utils")
     try:
@@ -145,7 +154,7 @@ def _run_generator(
                 model,
                 requires_grad=trainable,
                 frozen_params=frozen,
-                loss=artifacts.LossType.CrossEntropyLoss,
+                loss=artifacts.LossType.CrossEntropyLoss if kd_classes is None else kd_loss_block(kd_classes),
                 optimizer=_optimizer_block(optimizer),
                 artifact_directory=out,
                 nominal_checkpoint=True,
@@ -261,6 +270,7 @@ def generate_segment(
     num_classes: int | None = None,
     input_name: str = "input",
     logits_name: str = "logits",
+    kd: bool = False,
 ) -> SegmentManifest:
     """Generate the artifacts of the segment that trains ``trainable`` into the empty/new ``out_dir``.
 
@@ -268,13 +278,17 @@ def generate_segment(
     ``buffers`` (every float tensor that is state, not a parameter) defaults to the running
     stats of every BatchNormalization; ``segment_buffers`` (the buffers this segment owns)
     to those of each BatchNormalization whose scale or bias is trainable.
+    ``kd``: the loss is CE + knowledge distillation, with the extra graph inputs teacher
+    logits, alpha and temperature (:mod:`edge_agent.kd_loss`); the manifest names them.
     """
     model = onnx.load(forward_onnx)
     order = [init.name for init in float_initializers(model)]
     chosen, all_buffers, owned = _segment_names(model, order, trainable, buffers, segment_buffers, optimizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _run_generator(model, chosen, [name for name in order if name not in chosen], out, optimizer, logits_name)
+    classes = num_classes if num_classes is not None else _num_classes(model, logits_name)
+    frozen = [name for name in order if name not in chosen]
+    _run_generator(model, chosen, frozen, out, optimizer, logits_name, classes if kd else None)
     fix_eval_batchnorm(out / "eval_model.onnx")
     if optimizer == "adamw" and not use_torch_adamw(out / "optimizer_model.onnx"):
         raise ArtifactError("optimizer_model.onnx has no AdamWOptimizer node to configure")
@@ -290,8 +304,9 @@ def generate_segment(
         buffers=tuple(all_buffers),
         segment_buffers=tuple(owned),
         optimizer=optimizer,
-        num_classes=num_classes if num_classes is not None else _num_classes(model, logits_name),
+        num_classes=classes,
         input_shape=_input_shape(model, input_name),
+        kd_inputs=(TEACHER_NAME, ALPHA_NAME, TEMPERATURE_NAME) if kd else (),
     )
     write_manifest(out, manifest)
     logger.info("generated %s artifacts for %d trainable tensors in %s", optimizer, len(chosen), out)

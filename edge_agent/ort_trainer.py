@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.distill import check_kd, kd_extras, teacher_logits
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.ort_training import ort_errors, training_module
 from edge_agent.segment_checks import check_data, check_tensors, plan_steps
@@ -36,7 +37,7 @@ ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onn
 class _Session:
     """ONNX Runtime objects for one set of weights: checkpoint state, module, optimizer."""
 
-    def __init__(self, directory: Path, options: Any, flat: np.ndarray) -> None:
+    def __init__(self, directory: Path, options: Any, flat: np.ndarray, manifest: SegmentManifest) -> None:
         api = training_module("api")
         import onnxruntime
 
@@ -44,6 +45,11 @@ class _Session:
         self.module = api.Module(
             directory / "training_model.onnx", self.state, directory / "eval_model.onnx", session_options=options
         )
+        expected = [manifest.input_name, manifest.label_name, *manifest.kd_inputs]
+        if list(self.module.input_names()) != expected:
+            raise TrainerError(
+                f"training graph inputs {self.module.input_names()} differ from the manifest's {expected}"
+            )
         size = self.module.get_parameters_size(False)
         if size != flat.size:
             raise TrainerError(f"training graph holds {size} floats, the manifest describes {flat.size}")
@@ -96,17 +102,28 @@ class OrtTrainer:
         assert self._dir is not None  # _flatten checked the manifest
         self._session = None
         try:
-            self._session = _Session(self._dir, self._options(), flat)
+            self._session = _Session(self._dir, self._options(), flat, self.manifest)
         except ort_errors() as exc:
             raise TrainerError(f"cannot load artifacts in {self._dir}: {exc}") from exc
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return self._split(self._require_session().flat())
 
-    def train(self, x: np.ndarray, y: np.ndarray, spec: TrainSpec, on_step: StepCallback | None = None) -> TrainStats:
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        spec: TrainSpec,
+        on_step: StepCallback | None = None,
+        teacher: np.ndarray | None = None,
+    ) -> TrainStats:
+        """Train; with ``spec.kd_alpha > 0`` distil from ``teacher`` (default: the current weights' logits)."""
         session = self._require_session()
         x, y = self._check_data(x, y)
         batch, per_epoch, total = plan_steps(spec, len(x))
+        kd = check_kd(self.manifest, spec)
+        if kd and teacher is None:
+            teacher = self.teacher_logits(x, y)
         import onnxruntime
 
         onnxruntime.set_seed(spec.seed)  # dropout masks
@@ -119,7 +136,10 @@ class OrtTrainer:
                 order, losses = rng.permutation(len(x)), []
                 for start in range(0, min(per_epoch, total - steps) * batch, batch):
                     idx = order[start : start + batch]
-                    losses.append(self._step(session, x[idx], y[idx]))
+                    extras = kd_extras(
+                        self.manifest, len(idx), *((teacher[idx], spec.kd_alpha, spec.kd_temperature) if kd else ())
+                    )
+                    losses.append(self._step(session, x[idx], y[idx], extras))
                     steps += 1
                     if on_step is not None:
                         on_step(steps, total, losses[-1])
@@ -137,7 +157,8 @@ class OrtTrainer:
             session.module.eval()
             for start in range(0, len(x), size):
                 xb, yb = x[start : start + size], y[start : start + size]
-                loss, logits = self._outputs(session.module(xb, yb), manifest)
+                extras = kd_extras(manifest, len(xb))  # alpha 0: plain cross-entropy
+                loss, logits = self._outputs(session.module(xb, yb, *extras.values()), manifest)
                 total_loss += float(loss) * len(xb)
                 correct += int(np.count_nonzero(np.argmax(logits, axis=1) == yb))
         except ort_errors() as exc:
@@ -145,6 +166,23 @@ class OrtTrainer:
         finally:
             session.module.train()
         return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
+
+    def teacher_logits(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode)."""
+        session = self._require_session()
+        x, y = self._check_data(x, y)
+        manifest = self.manifest
+
+        def logits_of(xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
+            return self._outputs(session.module(xb, yb, *kd_extras(manifest, len(xb)).values()), manifest)[1]
+
+        try:
+            session.module.eval()
+            return teacher_logits(logits_of, x, y)
+        except ort_errors() as exc:
+            raise TrainerError(f"teacher pass failed: {exc}") from exc
+        finally:
+            session.module.train()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -169,8 +207,8 @@ class OrtTrainer:
         loss, logits = outputs[0], outputs[1]  # graph outputs: (loss, logits)
         return float(loss), np.asarray(logits).reshape(len(logits), manifest.num_classes)
 
-    def _step(self, session: _Session, xb: np.ndarray, yb: np.ndarray) -> float:
-        loss, _ = self._outputs(session.module(xb, yb), self.manifest)
+    def _step(self, session: _Session, xb: np.ndarray, yb: np.ndarray, extras: Mapping[str, np.ndarray]) -> float:
+        loss, _ = self._outputs(session.module(xb, yb, *extras.values()), self.manifest)
         session.optimizer.step()
         session.module.lazy_reset_grad()
         return loss

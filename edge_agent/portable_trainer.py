@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.distill import check_kd, kd_extras, teacher_logits
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.optim import Optimizer, make_optimizer
 from edge_agent.ort_training import import_onnxruntime
@@ -109,11 +110,22 @@ class PortableTrainer:
         tensors = self._require_weights()
         return {name: tensors[name].copy() for name in self.manifest.order}
 
-    def train(self, x: np.ndarray, y: np.ndarray, spec: TrainSpec, on_step: StepCallback | None = None) -> TrainStats:
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        spec: TrainSpec,
+        on_step: StepCallback | None = None,
+        teacher: np.ndarray | None = None,
+    ) -> TrainStats:
+        """Train; with ``spec.kd_alpha > 0`` distil from ``teacher`` (default: the current weights' logits)."""
         tensors = self._require_weights()
         manifest = self.manifest
         x, y = check_data(manifest, x, y)
         batch, per_epoch, total = plan_steps(spec, len(x))
+        kd = check_kd(manifest, spec)
+        if kd and teacher is None:
+            teacher = self.teacher_logits(x, y)
         import_onnxruntime().set_seed(spec.seed)  # dropout masks
         rng = np.random.default_rng(spec.seed)
         started, steps, losses = time.perf_counter(), 0, [float("nan")]
@@ -123,7 +135,9 @@ class PortableTrainer:
                 order, losses = rng.permutation(len(x)), []
                 for start in range(0, min(per_epoch, total - steps) * batch, batch):
                     idx = order[start : start + batch]
-                    losses.append(self._step(graph, tensors, x[idx], y[idx], spec.lr))
+                    kd_args = (teacher[idx], spec.kd_alpha, spec.kd_temperature) if kd else ()
+                    extras = kd_extras(manifest, len(idx), *kd_args)
+                    losses.append(self._step(graph, tensors, x[idx], y[idx], spec.lr, extras))
                     steps += 1
                     if on_step is not None:
                         on_step(steps, total, losses[-1])
@@ -151,9 +165,32 @@ class PortableTrainer:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _step(self, graph: _Graph, tensors: dict[str, np.ndarray], xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
+    def teacher_logits(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode)."""
+        tensors = self._require_weights()
         manifest = self.manifest
-        outputs = graph.run(self._feeds(tensors, xb, yb))
+        x, y = check_data(manifest, x, y)
+
+        def logits_of(xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
+            logits = self._eval_graph().run(self._feeds(tensors, xb, yb))[1]
+            return np.asarray(logits).reshape(len(xb), manifest.num_classes)
+
+        try:
+            return teacher_logits(logits_of, x, y)
+        except ort_errors() as exc:
+            raise TrainerError(f"teacher pass failed: {exc}") from exc
+
+    def _step(
+        self,
+        graph: _Graph,
+        tensors: dict[str, np.ndarray],
+        xb: np.ndarray,
+        yb: np.ndarray,
+        lr: float,
+        extras: Mapping[str, np.ndarray],
+    ) -> float:
+        manifest = self.manifest
+        outputs = graph.run({**self._feeds(tensors, xb, yb), **extras})
         trained = len(manifest.trainable)
         grads = dict(zip(manifest.trainable, outputs[2 : 2 + trained], strict=True))
         for name, value in zip(manifest.buffers, outputs[2 + trained :], strict=True):
@@ -164,7 +201,8 @@ class PortableTrainer:
 
     def _feeds(self, tensors: Mapping[str, np.ndarray], xb: np.ndarray, yb: np.ndarray) -> dict[str, np.ndarray]:
         manifest = self.manifest
-        return {manifest.input_name: xb, manifest.label_name: yb, **tensors}
+        extras = kd_extras(manifest, len(xb))  # alpha 0 (plain cross-entropy) unless the step overrides them
+        return {manifest.input_name: xb, manifest.label_name: yb, **extras, **tensors}
 
     def _options(self) -> Any:
         options = import_onnxruntime().SessionOptions()
@@ -181,7 +219,7 @@ class PortableTrainer:
             graph = _Graph(self._dir / file_name, self._options(), outputs)
         except ort_errors() as exc:
             raise TrainerError(f"cannot load {file_name} in {self._dir}: {exc}") from exc
-        unknown = set(graph.inputs) - {manifest.input_name, manifest.label_name, *manifest.order}
+        unknown = set(graph.inputs) - {manifest.input_name, manifest.label_name, *manifest.kd_inputs, *manifest.order}
         if unknown:
             raise TrainerError(f"{file_name} wants inputs the manifest does not name: {sorted(unknown)[:5]}")
         return graph

@@ -138,7 +138,9 @@ class AgentService:
     # -- training -----------------------------------------------------------------------------
     def _start_training(self, action: Train) -> None:
         task = action.task
-        spec = TrainSpec(task.epochs, task.batch_size, task.lr, task.max_steps, task.seed)
+        spec = TrainSpec(
+            task.epochs, task.batch_size, task.lr, task.max_steps, task.seed, task.kd_alpha, task.kd_temperature
+        )
         steps = task.epochs * (len(self.data.y_train) // task.batch_size)
         total = min(steps, task.max_steps) if task.max_steps else steps
         started = HopStarted(task.round, task.hop, task.segment, total)

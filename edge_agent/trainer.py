@@ -33,6 +33,8 @@ class TrainSpec:
     lr: float = 1e-3  # learning rate, set at run time
     max_steps: int | None = None  # stop early after this many optimizer steps
     seed: int = 0  # shuffling (and dropout) seed
+    kd_alpha: float = 0.0  # knowledge-distillation weight; 0 = plain cross-entropy (needs a KD bundle if > 0)
+    kd_temperature: float = 2.0  # distillation temperature T (> 0)
 
 
 @dataclass(frozen=True)

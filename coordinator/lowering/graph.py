@@ -41,6 +41,7 @@ class Interface:
     order: tuple[str, ...]  # every model tensor, each a graph input
     trainable: tuple[str, ...] = ()
     buffers: tuple[str, ...] = ()  # running stats whose updated values the training graph returns
+    extra_inputs: tuple[str, ...] = ()  # further loss inputs after the labels (knowledge distillation)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ def _builder(model: onnx.ModelProto) -> Builder:
 
 def _data_inputs(model: onnx.ModelProto, names: Interface) -> list[onnx.ValueInfoProto]:
     inputs = [_value_info(model.graph, names.input_name), _value_info(model.graph, names.label_name)]
+    inputs += [_value_info(model.graph, name) for name in names.extra_inputs]
     for name in names.order:
         inputs.append(_value_info(model.graph, name, _tensor_info(name, None)))
     return inputs

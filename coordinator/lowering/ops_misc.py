@@ -1,4 +1,4 @@
-"""The loss gradient and the bookkeeping operators: ConcatTraining, SplitTraining, InPlaceAccumulatorV2."""
+"""The loss gradient and the bookkeeping operators: ConcatTraining, SplitTraining, InPlaceAccumulatorV2, Scale."""
 
 from __future__ import annotations
 
@@ -87,3 +87,10 @@ def inplace_accumulator(b: Builder, node: onnx.NodeProto) -> None:
     flag_out = wanted(node, 0)
     if flag_out is not None:
         b.op("Constant", [], flag_out, value=numpy_helper.from_array(np.array([True]), "updated"))
+
+
+def scale(b: Builder, node: onnx.NodeProto) -> None:
+    """com.microsoft Scale (ReduceMean's gradient): ``X * s``, or ``X / s`` with scale_down=1; s cast to X's type."""
+    factor = b.op("CastLike", [node.input[1], node.input[0]]) if b.opset >= 15 else node.input[1]
+    op_type = "Div" if int(attr(node, "scale_down", 0)) else "Mul"
+    b.op(op_type, [node.input[0], factor], node.output[0])

@@ -34,6 +34,7 @@ RULES: dict[str, Rule] = {
     "ConcatTraining": ops_misc.concat_training,
     "SplitTraining": ops_misc.split_training,
     "InPlaceAccumulatorV2": ops_misc.inplace_accumulator,
+    "Scale": ops_misc.scale,
 }
 """Training-only operators (com.microsoft, and MaxPoolGrad in the default domain) and their lowering."""
 

@@ -34,6 +34,7 @@ def interface(manifest: SegmentManifest) -> Interface:
         order=manifest.order,
         trainable=manifest.trainable,
         buffers=manifest.buffers,
+        extra_inputs=manifest.kd_inputs,
     )
 
 

@@ -64,6 +64,8 @@ class HopTask:
     seed: int
     max_steps: int | None = None
     checkpoint: bool = False  # also send the coordinator a copy after this hop (per-round evaluation)
+    kd_alpha: float = 0.0  # knowledge distillation weight (0 = off; > 0 needs a KD bundle)
+    kd_temperature: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -126,4 +126,9 @@ def bookkeeping_cases() -> list[OpCase]:
         node = _node("InPlaceAccumulatorV2", list(inputs), ["updated", "accumulated"])
         outs = (("updated", BOOL), ("accumulated", FLOAT))
         cases.append(OpCase(f"InPlaceAccumulatorV2_{label}", (node,), inputs, outs))
+    for down in (0, 1):  # ReduceMean's gradient (knowledge-distillation loss)
+        inputs = {"x": _f(4, 3), "s": np.array(2.5, np.float32)}
+        cases.append(
+            OpCase(f"Scale_down{down}", (_node("Scale", ["x", "s"], ["y"], scale_down=down),), inputs, (("y", FLOAT),))
+        )
     return cases

@@ -44,3 +44,13 @@ def test_bad_trial_files_are_refused_with_the_key(tmp_path: Path, text: str, mes
 def test_missing_trial_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_trial(tmp_path / "nope.toml")
+
+
+def test_kd_settings_default_off_and_are_validated(tmp_path: Path) -> None:
+    config = load_trial(None)
+    assert (config.train.kd_alpha, config.train.kd_temperature) == (0.0, 2.0)
+    config = load_trial(write(tmp_path, "[train]\nkd_alpha = 1\nkd_temperature = 4.0\n"))
+    assert (config.train.kd_alpha, config.train.kd_temperature) == (1.0, 4.0)
+    for text, message in (("kd_alpha = -0.5", "kd_alpha"), ("kd_temperature = 0.0", "kd_temperature")):
+        with pytest.raises(ConfigError, match=message):
+            load_trial(write(tmp_path, f"[train]\n{text}\n"))

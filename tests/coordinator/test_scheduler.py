@@ -71,3 +71,16 @@ def test_bad_plan_requests_say_why(kwargs: dict, message: str) -> None:
     args = {"agents": ["a"], "groups": groups(1), "rounds": 1, "mode": "p2p"} | kwargs
     with pytest.raises(ValueError, match=message):
         snake_plan(**args)
+
+
+def test_kd_settings_reach_every_hop_task_and_old_tasks_still_parse() -> None:
+    from edge_agent.protocol.messages import HopTask, body_of, to_body
+
+    arts = {(0, "ort"): ("sha0", 1), (1, "ort"): ("sha1", 1)}
+    settings = HopSettings(1, 32, 0.1, 7, None, kd_alpha=0.5, kd_temperature=3.0)
+    tasks = hop_tasks(snake_plan(["a", "b"], groups(1, 1), 1), arts, settings)
+    assert {(t.kd_alpha, t.kd_temperature) for ts in tasks.values() for t in ts} == {(0.5, 3.0)}
+    body = to_body(tasks["a"][0])
+    assert body_of(HopTask, body) == tasks["a"][0]
+    old = {k: v for k, v in body.items() if not k.startswith("kd_")}  # a task from before KD existed
+    assert (body_of(HopTask, old).kd_alpha, body_of(HopTask, old).kd_temperature) == (0.0, 2.0)

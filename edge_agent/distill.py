@@ -1,0 +1,63 @@
+"""Knowledge-distillation inputs every trainer backend feeds a KD bundle (numpy only).
+
+A KD bundle's graphs (see :mod:`edge_agent.kd_loss`) take three extra inputs after
+the batch and labels: teacher logits [N, num_classes], alpha and temperature (float
+scalars). The teacher is the model as received at the start of the hop, evaluated in
+inference mode once over the local training set; each step is fed the teacher rows of
+its batch. Feeding alpha = 0 (and zero teacher logits) makes the loss plain cross-entropy,
+which is how evaluation and the teacher pass itself run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from edge_agent.manifest import SegmentManifest
+from edge_agent.trainer import TrainerError, TrainSpec
+
+logger = logging.getLogger(__name__)
+
+TEACHER_BATCH = 256  # rows per teacher (eval graph) run
+
+
+def check_kd(manifest: SegmentManifest, spec: TrainSpec) -> bool:
+    """Whether this hop distils; TrainerError for a bad alpha/T or a bundle built without KD."""
+    if spec.kd_alpha < 0 or not np.isfinite(spec.kd_alpha):
+        raise TrainerError(f"kd_alpha must be finite and >= 0, got {spec.kd_alpha}")
+    if spec.kd_temperature <= 0 or not np.isfinite(spec.kd_temperature):
+        raise TrainerError(f"kd_temperature must be finite and > 0, got {spec.kd_temperature}")
+    if spec.kd_alpha > 0 and not manifest.kd:
+        raise TrainerError("kd_alpha > 0 needs a knowledge-distillation bundle (built with kd=True)")
+    return spec.kd_alpha > 0
+
+
+def kd_extras(
+    manifest: SegmentManifest,
+    rows: int,
+    teacher: np.ndarray | None = None,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """The KD inputs of one run by name ({} for a non-KD bundle); no teacher -> zeros and alpha must be 0."""
+    if not manifest.kd:
+        return {}
+    if teacher is None:
+        teacher = np.zeros((rows, manifest.num_classes), np.float32)
+    teacher_name, alpha_name, temperature_name = manifest.kd_inputs
+    return {
+        teacher_name: np.ascontiguousarray(teacher, dtype=np.float32),
+        alpha_name: np.asarray(alpha, dtype=np.float32),
+        temperature_name: np.asarray(temperature, dtype=np.float32),
+    }
+
+
+def teacher_logits(
+    logits_of: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray
+) -> np.ndarray:
+    """Logits [N, num_classes] of every sample, from ``logits_of(xb, yb)`` run in batches."""
+    parts = [logits_of(x[i : i + TEACHER_BATCH], y[i : i + TEACHER_BATCH]) for i in range(0, len(x), TEACHER_BATCH)]
+    logger.debug("teacher logits for %d samples", len(x))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
