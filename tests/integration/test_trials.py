@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -80,6 +81,17 @@ def test_a_mixed_ort_and_portable_fleet_trains_one_model(mosquitto: RunningBroke
     assert summary["hops"] == 4 and summary["final_test_accuracy"] > 0.4
     bundles = {p.name for p in (tmp_path / "cache" / "agent-1" / "artifacts").iterdir()}
     assert bundles and bundles.isdisjoint(p.name for p in (tmp_path / "cache" / "agent-0" / "artifacts").iterdir())
+
+
+def test_knowledge_distillation_trial_on_both_backends(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    options = SimOptions(broker=mosquitto.url, backends=("ort", "portable"), show_progress=False)
+    config = small(model="cnn", agents=2, rounds=2, samples_per_agent=400, partition="dirichlet:0.5")
+    summary = simulate(
+        dataclasses.replace(config, train=dataclasses.replace(config.train, kd_alpha=2.0)), tmp_path, options
+    )
+    assert summary["hops"] == 4 and summary["final_test_accuracy"] > 0.2
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/artifacts/*/manifest.json")]
+    assert manifests and all(m.get("kd") for m in manifests)  # every bundle an agent trained with carries the KD loss
 
 
 def test_corrupted_chunk_is_requested_again(mosquitto: RunningBroker, tmp_path: Path) -> None:
