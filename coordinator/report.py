@@ -19,8 +19,9 @@ def reach(summary: dict[str, Any], target: float) -> tuple[int | None, int | Non
 def row(summary: dict[str, Any], target: float) -> dict[str, Any]:
     agents = summary.get("agents", [])
     rounds, bytes_ = reach(summary, target)
+    kd = f" kd={summary['kd_alpha']:g}" if summary.get("kd_alpha") else ""
     return {
-        "run": f"{summary['algorithm']} / {summary['partition']}",
+        "run": f"{summary['algorithm']}{kd} / {summary['partition']}",
         "algorithm": summary["algorithm"],
         "partition": summary["partition"],
         "failed": summary.get("failed"),

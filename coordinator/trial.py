@@ -166,5 +166,7 @@ def _base(config: TrialConfig, trial_id: str, extra: dict[str, Any] | None) -> d
         "batch_size": config.train.batch_size,
         "lr": config.train.lr,
         "compression": config.transfer.compression,
+        "kd_alpha": config.train.kd_alpha,
+        "kd_temperature": config.train.kd_temperature,
         **(extra or {}),
     }
