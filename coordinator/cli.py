@@ -256,6 +256,7 @@ def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
 @click.option("--samples-per-agent", type=int, help="Cap each agent's partition (quick runs).")
 @click.option("--broker", help="Use this broker instead of starting one.")
 @click.option("--threads", default=0, show_default=True, help="Training threads per agent.")
+@click.option("--agent-backends", help="Comma-separated backend per agent, cycled (e.g. portable).")
 @trial_options
 def compare(
     trial_file: Path | None,
@@ -264,6 +265,7 @@ def compare(
     target: float,
     broker: str | None,
     threads: int,
+    agent_backends: str | None,
     out: Path | None,
     as_json: bool,
     log_level: str,
@@ -280,7 +282,8 @@ def compare(
         opts.pop("partition", None)
         config = build_config(trial_file, opts)
         run_dir = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-        options = SimOptions(broker, "auto", (), threads, show_progress=sys.stderr.isatty())
+        backends = tuple(b.strip() for b in agent_backends.split(",")) if agent_backends else ()
+        options = SimOptions(broker, "auto", backends, threads, show_progress=sys.stderr.isatty())
         result = run_compare(config, algorithms.split(","), partitions.split(","), run_dir, options, target)
         if as_json:
             click.echo(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2, default=str))

@@ -28,6 +28,7 @@ def main() -> int:
     ap.add_argument("--partitions", default="iid,dirichlet:0.1")
     ap.add_argument("--algorithms", default="snake,fedavg")
     ap.add_argument("--target", type=float, default=0.7)
+    ap.add_argument("--agent-backends", default="", help="e.g. portable (default: the installed ORT backend)")
     args = ap.parse_args()
     cmd = [
         sys.executable, "-m", "coordinator.cli", "compare", "--model", args.model, "--agents", str(args.agents),
@@ -35,6 +36,8 @@ def main() -> int:
         args.partitions, "--algorithms", args.algorithms, "--target", str(args.target), "--out", str(args.out),
         "--json", "--log-level", "warning",
     ]  # fmt: skip
+    if args.agent_backends:
+        cmd += ["--agent-backends", args.agent_backends]
     started = time.monotonic()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
