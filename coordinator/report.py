@@ -104,14 +104,16 @@ def plots(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         paths.append(out / f"{name}.png")
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(len(done), 1)
+    ids = sorted({a["agent_id"] for s in done for a in s["agents"]})
     for i, s in enumerate(done):
-        agents = s["agents"]
-        ax.bar([j + i * width for j in range(len(agents))], [a["peak_rss_mb"] for a in agents], width,
-               label=f"{s['algorithm']} / {s['partition']}")  # fmt: skip
+        peaks = {a["agent_id"]: a["peak_rss_mb"] for a in s["agents"]}
+        ax.bar([j + i * width for j, agent in enumerate(ids) if agent in peaks], [peaks[a] for a in ids if a in peaks],
+               width, label=f"{s['algorithm']} / {s['partition']}")  # fmt: skip
+    ax.set_xticks([j + width * (len(done) - 1) / 2 for j in range(len(ids))], ids)
     ax.set(xlabel="agent", ylabel="peak RSS (MiB)", title="Peak memory per agent")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(out / "peak_memory.png")
     fig.savefig(paths[-1], dpi=100)
