@@ -54,3 +54,10 @@ def test_kd_settings_default_off_and_are_validated(tmp_path: Path) -> None:
     for text, message in (("kd_alpha = -0.5", "kd_alpha"), ("kd_temperature = 0.0", "kd_temperature")):
         with pytest.raises(ConfigError, match=message):
             load_trial(write(tmp_path, f"[train]\n{text}\n"))
+
+
+def test_every_example_trial_file_loads() -> None:
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.toml"))
+    assert len(examples) >= 4
+    for path in examples:
+        assert load_trial(path).name in path.stem, path  # parses, validates, and is the trial it says it is
