@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.errors import CoordinatorError
 from coordinator.export import ForwardModel
-from edge_agent.bundle import pack_dir, sha256_hex
+from edge_agent.bundle import fill_atomically, pack_dir, sha256_hex
 from edge_agent.errors import EdgeAgentError
 from edge_agent.manifest import FORMAT_VERSION, MANIFEST_NAME, OPTIMIZERS
 from edge_agent.ort_artifacts import generate_segment
@@ -73,10 +70,7 @@ def _check_request(forward: ForwardModel, trainable: Sequence[str], optimizer: s
 
 
 def _generate(forward: ForwardModel, trainable: tuple[str, ...], optimizer: str, target: Path, kd: bool) -> None:
-    """Generate into a private directory next to ``target``, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
-    try:
+    def fill(staging: Path) -> None:
         generate_segment(
             forward.onnx_path,
             trainable,
@@ -89,14 +83,19 @@ def _generate(forward: ForwardModel, trainable: tuple[str, ...], optimizer: str,
             logits_name=forward.output_name,
             kd=kd,
         )
-        os.rename(staging, target)
+
+    try:
+        fill_atomically(target, fill)
     except EdgeAgentError as exc:
         raise SegmentArtifactError(f"cannot build artifacts: {exc}") from exc
-    except OSError:
-        if not (target / MANIFEST_NAME).is_file():  # unless a concurrent build already put it there
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+
+def packed(directory: Path, trainable: tuple[str, ...], kind: str) -> SegmentArtifacts:
+    """A built bundle directory as bytes, digest and description."""
+    blob = pack_dir(directory)
+    sha = sha256_hex(blob)
+    logger.info("%s segment bundle %s: %d trainable tensors, %d bytes", kind, sha[:12], len(trainable), len(blob))
+    return SegmentArtifacts(sha256=sha, directory=directory, blob=blob, trainable=trainable)
 
 
 def build_segment_artifacts(
@@ -115,7 +114,4 @@ def build_segment_artifacts(
         logger.debug("artifact cache hit %s", key[:12])
     else:
         _generate(forward, ordered, optimizer, directory, kd)
-    blob = pack_dir(directory)
-    sha = sha256_hex(blob)
-    logger.info("segment bundle %s: %d trainable tensors, %d bytes", sha[:12], len(ordered), len(blob))
-    return SegmentArtifacts(sha256=sha, directory=directory, blob=blob, trainable=ordered)
+    return packed(directory, ordered, "ort")

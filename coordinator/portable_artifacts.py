@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,10 +21,11 @@ from coordinator.artifacts import (
     _check_request,
     artifact_key,
     build_segment_artifacts,
+    packed,
 )
 from coordinator.export import ForwardModel
 from coordinator.lowering import LoweringError, lower_segment
-from edge_agent.bundle import pack_dir, sha256_hex
+from edge_agent.bundle import fill_atomically
 from edge_agent.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
@@ -42,19 +40,10 @@ def portable_key(forward_onnx: bytes, trainable: Sequence[str], optimizer: str, 
 
 
 def _lower_into(source: Path, target: Path) -> None:
-    """Lower into a private directory next to ``target``, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
     try:
-        lower_segment(source, staging)
-        os.rename(staging, target)
+        fill_atomically(target, lambda staging: lower_segment(source, staging))
     except LoweringError as exc:
         raise SegmentArtifactError(f"cannot lower the segment for plain onnxruntime: {exc}") from exc
-    except OSError:
-        if not (target / MANIFEST_NAME).is_file():  # unless a concurrent build already put it there
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_portable_artifacts(
@@ -73,7 +62,4 @@ def build_portable_artifacts(
     else:
         source = build_segment_artifacts(forward, ordered, cache_dir, optimizer, kd)
         _lower_into(source.directory, directory)
-    blob = pack_dir(directory)
-    sha = sha256_hex(blob)
-    logger.info("portable segment bundle %s: %d trainable tensors, %d bytes", sha[:12], len(ordered), len(blob))
-    return SegmentArtifacts(sha256=sha, directory=directory, blob=blob, trainable=ordered)
+    return packed(directory, ordered, "portable")

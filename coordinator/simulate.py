@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,11 @@ class AgentProcesses:
         return None
 
     def stop(self, grace_s: float = 15.0) -> None:
+        """Wait up to ``grace_s`` for agents told to exit, then terminate, then kill after 5 s."""
+        deadline = time.monotonic() + grace_s
         for proc, _ in self.procs.values():
             try:
-                proc.wait(timeout=grace_s)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.terminate()
         for proc, _ in self.procs.values():
@@ -91,7 +94,6 @@ class AgentProcesses:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            grace_s = 0.0
 
 
 def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from edge_agent.errors import EdgeAgentError
@@ -112,6 +113,27 @@ def unpack_bytes(blob: bytes, dest: Path) -> None:
                 shutil.copyfileobj(source, handle, _CHUNK)
 
 
+def fill_atomically(target: Path, fill: Callable[[Path], None]) -> bool:
+    """Let ``fill`` write a directory in private staging next to ``target``, then rename it into place.
+
+    Readers never see a half-written directory. Returns False if a concurrent writer put ``target``
+    there first (same content by construction: directories are named by content hash). Errors of
+    ``fill`` propagate; the staging directory never survives.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
+    try:
+        fill(staging)
+        os.rename(staging, target)
+        return True
+    except OSError:
+        if target.is_dir():
+            return False
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class ArtifactStore:
     """Unpacked bundles kept by sha256 under ``root`` (``root/<sha>/``)."""
 
@@ -135,18 +157,10 @@ class ArtifactStore:
             raise BundleError(f"bundle digest mismatch: expected {sha}, got {actual}")
         if final.is_dir():
             return final
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=self.root))
         try:
-            unpack_bytes(blob, staging)
-            os.rename(staging, final)
+            fill_atomically(final, lambda staging: unpack_bytes(blob, staging))
         except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            if final.is_dir():  # another writer won the race with the same content
-                return final
             raise BundleError(f"cannot store bundle {sha}: {exc}") from exc
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        return final
         logger.info("stored bundle %s (%d bytes)", sha, len(blob))
         return final
