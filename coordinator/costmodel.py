@@ -133,12 +133,13 @@ def hop_memory_mb(
     optimizer: str = "adamw",
     backend: str = "ort",
     data_mb: float = 0.0,
+    eval_samples: int = 256,
 ) -> float:
     """Peak RSS of an agent during a hop: its idle footprint, the model in transit, the trainer, its
-    data as float32 (``data_mb``) and the validation pass after training (``EVAL_BATCH`` samples at
-    a time, about the largest group's activations each)."""
+    data as float32 (``data_mb``) and the validation pass after training (up to ``EVAL_BATCH`` of its
+    ``eval_samples`` at a time, about the largest group's activations each)."""
     transit = TRANSFER_COPIES * model_bytes(groups) / MIB
-    evaluation = EVAL_BATCH * max(g.act_bytes for g in groups) / MIB
+    evaluation = min(EVAL_BATCH, eval_samples) * max(g.act_bytes for g in groups) / MIB
     trainer = trainer_memory(groups, lo, hi, batch, optimizer, backend).total_mb
     return baseline_mb + transit + trainer + data_mb + evaluation
 

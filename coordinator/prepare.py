@@ -68,7 +68,7 @@ def profile_of(hello: Hello, config: TrialConfig) -> AgentProfile:
     data_mb = (hello.num_train + hello.num_val) * math.prod(hello.input_shape) * 4 / (1 << 20)
     return AgentProfile(
         hello.agent_id, float(hello.memory_budget_mb), float(hello.baseline_mb or 0.0), hello.gflops,
-        hello.backend, samples, data_mb,
+        hello.backend, samples, data_mb, hello.num_val,
     )  # fmt: skip
 
 

@@ -54,6 +54,7 @@ class AgentProfile:
     backend: str = "ort"
     samples: int = 0  # training samples per hop (0 = unknown: time estimates are per sample)
     data_mb: float = 0.0  # its local data as float32
+    eval_samples: int = 256  # its local validation set (evaluated after every hop)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class _Costs:
         key = (p.agent, lo, hi)
         if key not in self.memo:
             mem = costmodel.hop_memory_mb(
-                self.groups, lo, hi, self.batch, p.baseline_mb, self.optimizer, p.backend, p.data_mb
+                self.groups, lo, hi, self.batch, p.baseline_mb, self.optimizer, p.backend, p.data_mb, p.eval_samples
             )
             seconds = costmodel.hop_seconds(self.groups, lo, hi, max(p.samples, 1), p.gflops)
             self.memo[key] = (mem, seconds)

@@ -37,7 +37,9 @@ def test_memory_estimates_are_within_tolerance_on_unseen_segments(tmp_path: Path
 
 
 def groups() -> list[GroupInfo]:
-    return [GroupInfo(f"g{i}", (f"g{i}.w",), (), p, 0, act, 10**6) for i, (p, act) in enumerate([(10, 4000), (10**6, 40)])]
+    return [
+        GroupInfo(f"g{i}", (f"g{i}.w",), (), p, 0, act, 10**6) for i, (p, act) in enumerate([(10, 4000), (10**6, 40)])
+    ]
 
 
 def test_a_front_segment_keeps_more_activations_and_a_large_one_more_state() -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from coordinator import memcap
 from coordinator.broker import RunningBroker
 from coordinator.config import TrialConfig, load_trial
 from coordinator.simulate import SimOptions, simulate
@@ -18,6 +19,7 @@ from edge_agent.mqtt import MqttLink, parse_broker_url
 from edge_agent.protocol import topics
 from edge_agent.protocol.codec import decode_tensors
 from edge_agent.protocol.envelope import decode
+from models import InputSpec, build_model, layer_groups
 from tests.integration.mqtt_proxy import CorruptingProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.ort, pytest.mark.torch, pytest.mark.timeout(300)]
@@ -46,7 +48,9 @@ def test_small_trial_end_to_end(mosquitto: RunningBroker, tmp_path: Path) -> Non
     assert [h["hop"] for h in lines] == list(range(6))
     for agent in ("agent-0", "agent-1", "agent-2"):  # segments rotate over rounds
         assert len({h["segment"] for h in lines if h["agent"] == agent}) == 2
-    assert lines[-1]["segment"] == len(summary["segments"]) - 1  # the trial ends on the output side
+    assert summary["plan"]["hops"][0]["est_mb"] > 0  # planned from the agents' reported budgets and speeds
+    last = summary["segments"][lines[-1]["segment"]]["groups"][-1]
+    assert last == layer_groups(build_model("mlp", InputSpec()))[-1]  # the trial ends on the output side
     # the deployable model runs in plain InferenceSession and answers for a batch
     session = ort.InferenceSession(str(tmp_path / "final_model.onnx"))
     logits = session.run(None, {session.get_inputs()[0].name: np.zeros((5, 1, 28, 28), np.float32)})[0]
@@ -210,3 +214,25 @@ def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: P
                 assert changed, (line["hop"], name)  # every BN layer ran in training mode on this hop's data
             else:
                 assert changed == (name in owned), (line["hop"], name)
+
+
+def test_a_capped_agent_trains_in_snake_and_fedavg_leaves_it_out(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    """One agent in a 420 MiB cgroup: too small for VGG-11's whole-model training state (FedAvg needs
+    about 490 MiB by the cost model), enough for any snake segment (about 310-340 MiB)."""
+    reason = memcap.available()
+    if reason is not None:
+        pytest.skip(f"memory caps unavailable here: {reason}")
+    trial = tmp_path / "het.toml"
+    trial.write_text(
+        '[trial]\nmodel = "vgg11"\nagents = 3\nrounds = 1\nsamples_per_agent = 300\n'
+        "[train]\nbatch_size = 32\nmax_steps = 3\n[[fleet]]\n[[fleet]]\n[[fleet]]\nmemory_mb = 420\n"
+    )
+    snake = run(load_trial(trial), tmp_path / "snake", mosquitto.url)
+    capped = next(a for a in snake["agents"] if a["agent_id"] == "agent-2")
+    assert capped["memory_budget_mb"] == 420 and capped["hops"] == 1  # it reported its cap and trained
+    assert capped["peak_rss_mb"] < 420 and not snake["excluded"]
+    assert all(h["est_mb"] <= 420 for h in snake["plan"]["hops"] if h["agent"] == "agent-2")
+    fedavg = run(load_trial(trial, {"algorithm": "fedavg"}), tmp_path / "fedavg", mosquitto.url)
+    assert list(fedavg["excluded"]) == ["agent-2"]
+    assert "unable to train" in fedavg["excluded"]["agent-2"] and "420 MiB" in fedavg["excluded"]["agent-2"]
+    assert sorted(a["agent_id"] for a in fedavg["agents"] if a["hops"]) == ["agent-0", "agent-1"]
