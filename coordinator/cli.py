@@ -34,7 +34,14 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Flags that override the trial file."""
     options = [
         click.option("--rounds", type=int, help="Rounds (every agent trains once per round)."),
-        click.option("--algorithm", type=click.Choice(["snake", "fedavg"]), help="snake, or the FedAvg baseline."),
+        click.option(
+            "--algorithm",
+            type=click.Choice(["snake", "fedavg", "split"]),
+            help="snake, or a baseline: fedavg, or split learning (agents train the front, the coordinator the back).",
+        ),
+        click.option(
+            "--split-cut", help="Split learning: the last layer group the agents train (default: the first group)."
+        ),
         click.option("--model", type=click.Choice(["mlp", "cnn", "vgg11"]), help="Model from the registry."),
         click.option("--dataset", help="fashion-mnist[:DIR] | cifar10:DIR | npz:FILE."),
         click.option("--partition", help="iid | dirichlet:ALPHA."),
@@ -76,6 +83,7 @@ def build_config(path: Path | None, opts: dict[str, Any]) -> TrialConfig:
         "compression": "transfer.compression",
         "kd_alpha": "train.kd_alpha",
         "kd_temperature": "train.kd_temperature",
+        "split_cut": "train.split_cut",
     }
     overrides = {
         keys.get(k, k): opts.pop(k)
@@ -215,6 +223,8 @@ def run(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--model", type=click.Choice(["mlp", "cnn", "vgg11"]), help="Model from the registry.")
 @click.option("--rounds", type=int, help="Rounds.")
+@click.option("--algorithm", type=click.Choice(["snake", "fedavg", "split"]), help="Algorithm to plan.")
+@click.option("--split-cut", help="Split learning: the last layer group the agents train.")
 def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
     """Print the trial's segments and route without running anything."""
     setup_logging("warning")
@@ -222,7 +232,8 @@ def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
     def go() -> None:
         import torch
 
-        from coordinator.scheduler import GroupInfo, snake_plan
+        from coordinator.prepare import split_cut
+        from coordinator.scheduler import GroupInfo, fedavg_plan, snake_plan, split_plan
         from models import InputSpec, build_model, layer_groups
 
         config = build_config(trial_file, opts)
@@ -236,11 +247,17 @@ def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
             )
             groups.append(GroupInfo(g, params, buffers, sum(state[p].numel() for p in params)))
         agents = [f"agent-{i}" for i in range(config.agents)]
-        p = snake_plan(agents, groups, config.rounds, config.mode)
+        if config.algorithm == "split":
+            p = split_plan(agents, groups, config.rounds, split_cut(config, tuple(groups)))
+        elif config.algorithm == "fedavg":
+            p = fedavg_plan(agents, groups, config.rounds)
+        else:
+            p = snake_plan(agents, groups, config.rounds, config.mode)
         if as_json:
             hops = [{"round": h.round, "hop": h.hop, "agent": h.agent, "segment": h.segment} for h in p.hops]
             segs = [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in p.segments]
-            click.echo(json.dumps({"mode": p.mode, "segments": segs, "hops": hops}, indent=2))
+            doc = {"algorithm": p.algorithm, "mode": p.mode, "segments": segs, "hops": hops}
+            click.echo(json.dumps(doc, indent=2))
         else:
             click.echo("\n".join(p.describe()))
 
