@@ -210,3 +210,26 @@ def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: P
                 assert changed, (line["hop"], name)  # every BN layer ran in training mode on this hop's data
             else:
                 assert changed == (name in owned), (line["hop"], name)
+
+
+def test_split_learning_baseline_on_the_same_agents(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    """Agents train the front (conv0) batch by batch against the coordinator's back over the real broker."""
+    config = small(model="cnn", agents=2, rounds=2, samples_per_agent=1000, algorithm="split")
+    summary = run(config, tmp_path, mosquitto.url)
+    assert summary["algorithm"] == "split" and summary["mode"] == "cs" and summary["split_cut"] == "conv0"
+    assert summary["hops"] == 4 and [a["hops"] for a in summary["agents"]] == [2, 2]
+    assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
+    assert [r["round"] for r in summary["round_test"]] == [0, 1]  # front + back assembled after every round
+    lines = hop_lines(tmp_path)
+    assert all(h["val_accuracy"] is None and 0 < h["train_loss"] < 2.5 for h in lines)
+    steps = sum(h["steps"] for h in lines)
+    assert steps == 4 * (900 // 32)  # 1000 samples, 10 % validation, batches of 32, every batch answered once
+    # one batch of activations: 32 x 32 x 14 x 14 float32 (+ labels); as much comes back as gradients
+    batch = 32 * 32 * 14 * 14 * 4
+    assert summary["bytes_activations"] >= steps * batch and summary["bytes_gradients"] >= steps * batch
+    assert summary["bytes_total"] > summary["bytes_activations"] + summary["bytes_gradients"]
+    for agent in summary["agents"]:  # each agent sent its own activations and received its gradients
+        assert agent["bytes_sent"] >= 2 * (900 // 32) * batch and agent["bytes_received"] >= 2 * (900 // 32) * batch
+        assert agent["max_trainable_params"] == summary["segments"][0]["params"] == 352  # conv0 only
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert "ms waiting for gradients" in logs
