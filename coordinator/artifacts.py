@@ -125,11 +125,13 @@ def build_front_artifacts(front_onnx: Path, cache_dir: Path, optimizer: str = "a
     digest = hashlib.sha256(Path(front_onnx).read_bytes())
     digest.update(b"\0split-front\0" + optimizer.encode() + b"\0" + str(FORMAT_VERSION).encode())
     directory = Path(cache_dir) / digest.hexdigest()
+
+    def fill(staging: Path) -> None:
+        generate_front(front_onnx, staging, optimizer=optimizer)
+
     if not (directory / MANIFEST_NAME).is_file():
         try:
-            fill_atomically(
-                directory, lambda staging: generate_front(front_onnx, staging, optimizer=optimizer) and None
-            )
+            fill_atomically(directory, fill)
         except EdgeAgentError as exc:
             raise SegmentArtifactError(f"cannot build the split front's artifacts: {exc}") from exc
     return packed(directory, read_manifest(directory).trainable, "split front")

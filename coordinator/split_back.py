@@ -35,7 +35,7 @@ class TorchBack:
         a = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32)).requires_grad_(True)
         loss = functional.cross_entropy(self.part(a), torch.from_numpy(np.asarray(labels, dtype=np.int64)))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
         assert a.grad is not None  # a requires grad and reaches the loss
         return a.grad.numpy().copy(), float(loss.detach())

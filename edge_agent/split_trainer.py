@@ -40,7 +40,7 @@ class OrtFrontTrainer(OrtTrainer):
         if not self.manifest.split_front:
             raise TrainerError(f"{artifact_dir} is not a split-learning front bundle")
 
-    def train(self, *args: object, **kwargs: object) -> TrainStats:  # type: ignore[override]
+    def train(self, *args: object, **kwargs: object) -> TrainStats:
         raise TrainerError("a split-learning front trains with train_split (it needs the coordinator's gradients)")
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalStats:
