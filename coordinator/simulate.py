@@ -19,7 +19,7 @@ import numpy as np
 
 from coordinator.broker import start_broker
 from coordinator.config import TrialConfig
-from coordinator.errors import TrialError
+from coordinator.errors import ConfigError, TrialError
 from coordinator.trial import run_trial
 from edge_agent.data import Dataset, load_dataset, parse_partition, partition, save_npz, split_holdout
 
@@ -98,6 +98,11 @@ class AgentProcesses:
 
 def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, Any]:
     """Run a simulated trial; returns the summary (also in ``out/summary.json``)."""
+    backends = options.backends or ("auto",)
+    if config.algorithm == "split":  # fail before starting anything (the controller checks hellos too)
+        portable = [f"agent-{i}" for i in range(config.agents) if backends[i % len(backends)] == "portable"]
+        if portable:
+            raise ConfigError(f"split learning needs the ort backend; {', '.join(portable)} would run portable")
     ds = load_dataset(config.dataset)
     paths = write_partitions(config, ds, out / "data")
     broker = None if options.broker else start_broker(options.broker_kind, workdir=out / "broker")
@@ -112,7 +117,6 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
         return reason is not None
 
     try:
-        backends = options.backends or ("auto",)
         for i, path in enumerate(paths):
             agents.spawn(f"agent-{i}", url, path, out, backends[i % len(backends)], options.threads)
         extra = {"broker": broker.kind if broker else "external", "samples_per_agent": config.samples_per_agent}
