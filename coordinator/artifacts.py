@@ -123,7 +123,7 @@ def build_front_artifacts(front_onnx: Path, cache_dir: Path, optimizer: str = "a
     if optimizer not in OPTIMIZERS:
         raise SegmentArtifactError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     digest = hashlib.sha256(Path(front_onnx).read_bytes())
-    digest.update(b"\0split-front\0" + optimizer.encode() + b"\0" + str(FORMAT_VERSION).encode())
+    digest.update(b"\0split-front+probe\0" + optimizer.encode() + b"\0" + str(FORMAT_VERSION).encode())
     directory = Path(cache_dir) / digest.hexdigest()
 
     def fill(staging: Path) -> None:

@@ -9,6 +9,11 @@ the front trains on the surrogate loss
 whose gradient with respect to every front parameter is exactly dL/dparameter (chain rule).
 Only standard operators (Mul, ReduceSum) are added, as with the KD loss. The manifest records
 the activations' per-sample shape; ``label_name`` names the dA input.
+
+Besides the usual graphs the bundle holds ``probe_model.onnx``: the front's forward in training
+mode (BatchNorm on batch statistics, exactly as in the training step) with every tensor a graph
+input, which plain ``onnxruntime.InferenceSession`` runs to get A before dA exists (see
+:mod:`edge_agent.split_trainer` for why and what it costs).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from edge_agent.ort_training import training_module
 
 logger = logging.getLogger(__name__)
 
+PROBE_FILE = "probe_model.onnx"
 GRAD_NAME = "dloss_dactivations"  # float [N, *activation_shape]: dL/dA (ORT hides inputs named *_grad*)
 
 
@@ -66,6 +72,21 @@ def activation_shape(model: onnx.ModelProto, output_name: str) -> tuple[int, ...
                 raise ArtifactError(f"front output {output_name!r} needs a static per-sample shape")
             return tuple(int(d.dim_value) for d in dims)
     raise ArtifactError(f"front model has no output {output_name!r}")
+
+
+def write_probe(model: onnx.ModelProto, output_name: str, path: Path) -> None:
+    """The forward graph with its float tensors as inputs (fed the current weights) and only A as output."""
+    probe = copy.deepcopy(model)
+    floats = float_initializers(probe)
+    names = {init.name for init in floats}
+    probe.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in floats)
+    kept = [init for init in probe.graph.initializer if init.name not in names]
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(kept)
+    outputs = [o for o in probe.graph.output if o.name == output_name]
+    del probe.graph.output[:]
+    probe.graph.output.extend(outputs)
+    onnx.save(probe, path)
 
 
 def generate_front(
@@ -105,6 +126,7 @@ def generate_front(
         input_shape=_input_shape(model, input_name),
         activation_shape=activation_shape(model, output_name),
     )
+    write_probe(model, output_name, out / PROBE_FILE)
     write_manifest(out, manifest)
     logger.info("generated split front artifacts: %d trainable tensors, activations %s", len(trainable),
                 manifest.activation_shape)  # fmt: skip
