@@ -233,3 +233,36 @@ def test_split_learning_baseline_on_the_same_agents(mosquitto: RunningBroker, tm
         assert agent["max_trainable_params"] == summary["segments"][0]["params"] == 352  # conv0 only
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     assert "ms waiting for gradients" in logs
+
+
+class DeafBack:
+    """A back that cannot use any batch (as if the coordinator's side were broken): no gradient ever comes."""
+
+    def __init__(self, *args: object) -> None:
+        self.calls = 0
+
+    def step(self, activations: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+        self.calls += 1
+        raise ValueError("this back takes no batches")
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {}
+
+
+@pytest.mark.expect_errors
+def test_a_gradient_that_never_comes_fails_the_hop_with_a_reason(
+    mosquitto: RunningBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coordinator.trial
+    from coordinator.errors import TrialError
+
+    monkeypatch.setattr(coordinator.trial, "TorchBack", DeafBack)
+    config = small(
+        model="cnn", agents=2, rounds=1, samples_per_agent=200, algorithm="split", **{"timeouts.gradient_s": 2.0}
+    )
+    with pytest.raises(TrialError, match="no gradient for batch 0 of hop 0 from the coordinator within 2 s"):
+        run(config, tmp_path, mosquitto.url)
+    log = (tmp_path / "logs" / "agent-0.log").read_text()
+    assert "does not fit the back" in log  # the coordinator answered the batch with an error, never a gradient
+    # the agent reported the failure and stayed up until the coordinator told it to exit
+    assert "agent exits: trial failed: hop 0 failed on agent-0: TrainerError: no gradient for batch 0" in log
