@@ -30,10 +30,10 @@ class MLP(nn.Module):
     def stages(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
         """(layer group, its step) in order: the forward pass, cuttable between groups (split learning)."""
 
-        def hidden(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda h: torch.relu(layer(h.flatten(1)))  # [B, hidden_i]
+        def hidden(layer: nn.Module, flatten: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda h: torch.relu(layer(h.flatten(1) if flatten else h))  # [B, hidden_i]
 
-        layers = [(f"fc{i}", hidden(getattr(self, f"fc{i}"))) for i in range(len(self.config.hidden))]
+        layers = [(f"fc{i}", hidden(getattr(self, f"fc{i}"), i == 0)) for i in range(len(self.config.hidden))]
         return [*layers, ("head", self.head)]  # [B, num_classes]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -74,13 +74,12 @@ class VGG(nn.Module):
     def stages(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
         """(layer group, its step) in order: the forward pass, cuttable between groups (split learning)."""
 
-        def hidden(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda h: self.drop(torch.relu(layer(h.flatten(1))))  # [B, hidden]
+        def hidden(layer: nn.Module, flatten: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda h: self.drop(torch.relu(layer(h.flatten(1) if flatten else h)))  # [B, hidden]
 
         features = [(f"features.{i}", layer) for i, layer in enumerate(self.features)]  # [B, C, H, W]
-        head = self.classifier[2]  # [B, num_classes]
-        return [*features, ("classifier.0", hidden(self.classifier[0])), ("classifier.1", hidden(self.classifier[1])),
-                ("classifier.2", head)]  # fmt: skip
+        classifier = [(f"classifier.{i}", hidden(self.classifier[i], i == 0)) for i in range(2)]
+        return [*features, *classifier, ("classifier.2", self.classifier[2])]  # [B, num_classes]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _, stage in self.stages():
