@@ -14,6 +14,7 @@ import click
 
 from coordinator.config import TrialConfig, load_trial
 from coordinator.errors import ConfigError, CoordinatorError
+from coordinator.scheduler import PlanError
 from edge_agent.data import DataError
 from edge_agent.errors import EdgeAgentError
 from edge_agent.exitcodes import ExitCode
@@ -132,6 +133,9 @@ def guarded(fn: Callable[[], None]) -> None:
     except ConfigError as exc:
         log.error("configuration: %s", exc)
         sys.exit(ExitCode.CONFIG)
+    except PlanError as exc:
+        log.error("plan: %s", exc)
+        sys.exit(ExitCode.CONFIG)
     except DataError as exc:
         log.error("data: %s", exc)
         sys.exit(ExitCode.DATA)
@@ -223,42 +227,58 @@ def run(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--model", type=click.Choice(["mlp", "cnn", "vgg11"]), help="Model from the registry.")
 @click.option("--rounds", type=int, help="Rounds.")
-@click.option("--algorithm", type=click.Choice(["snake", "fedavg", "split"]), help="Algorithm to plan.")
+@click.option(
+    "--algorithm", type=click.Choice(["snake", "fedavg", "split"]), help="snake, or a baseline: fedavg, split."
+)
 @click.option("--split-cut", help="Split learning: the last layer group the agents train.")
+@click.option("--mode", type=click.Choice(["p2p", "cs"]), help="Peer to peer or client-server.")
+@click.option("--batch-size", type=int, help="Batch size (drives the activation memory estimate).")
 def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
-    """Print the trial's segments and route without running anything."""
+    """Print the plan without running anything: route, and per round each agent's segment with its
+    estimated peak memory and hop time, and any agent left out with why.
+
+    The fleet comes from the trial file's [[fleet]] tables (memory_mb as the budget, gflops as the
+    speed); agents without one are taken as unlimited and of equal speed. A real trial plans from
+    what the agents measure and report."""
     setup_logging("warning")
 
     def go() -> None:
-        import torch
-
-        from coordinator.prepare import split_cut
-        from coordinator.scheduler import GroupInfo, fedavg_plan, snake_plan, split_plan
+        from coordinator.costmodel import TYPICAL_BASELINE_MB, TYPICAL_GFLOPS
+        from coordinator.costs import profile_groups
+        from coordinator.prepare import make_plan
+        from coordinator.scheduler import AgentProfile, GroupInfo
         from models import InputSpec, build_model, layer_groups
 
         config = build_config(trial_file, opts)
-        model = build_model(config.model, InputSpec())
+        spec = InputSpec()
+        model = build_model(config.model, spec)
         state = model.state_dict()
+        names = layer_groups(model)
+        costs = profile_groups(model, (spec.channels, spec.height, spec.width), names)
         groups = []
-        for g in layer_groups(model):
+        for g in names:
             params = tuple(n for n, _ in model.named_parameters() if n.startswith(g + "."))
             buffers = tuple(
-                n for n, t in state.items() if n.startswith(g + ".") and n not in params and t.dtype == torch.float32
+                n for n, t in state.items() if n.startswith(g + ".") and n not in params and t.is_floating_point()
             )
-            groups.append(GroupInfo(g, params, buffers, sum(state[p].numel() for p in params)))
-        agents = [f"agent-{i}" for i in range(config.agents)]
-        if config.algorithm == "split":
-            p = split_plan(agents, groups, config.rounds, split_cut(config, tuple(groups)))
-        elif config.algorithm == "fedavg":
-            p = fedavg_plan(agents, groups, config.rounds)
-        else:
-            p = snake_plan(agents, groups, config.rounds, config.mode)
+            count = sum(state[p].numel() for p in params), sum(state[b].numel() for b in buffers)
+            groups.append(GroupInfo(g, params, buffers, *count, costs[g].act_bytes, costs[g].flops))
+        samples = config.samples_per_agent or int(60_000 * (1 - config.val_fraction)) // config.agents
+        fleet = []
+        for i in range(config.agents):
+            m = config.member(i)
+            backend = m.backend or "ort"
+            data_mb = samples / (1 - config.val_fraction) * spec.channels * spec.height * spec.width * 4 / (1 << 20)
+            fleet.append(AgentProfile(f"agent-{i}", float(m.memory_mb), TYPICAL_BASELINE_MB[backend],
+                                      m.gflops or TYPICAL_GFLOPS, backend, samples * config.train.epochs, data_mb))  # fmt: skip
+        p = make_plan(config, groups, fleet)
         if as_json:
-            hops = [{"round": h.round, "hop": h.hop, "agent": h.agent, "segment": h.segment} for h in p.hops]
-            segs = [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in p.segments]
-            doc = {"algorithm": p.algorithm, "mode": p.mode, "segments": segs, "hops": hops}
-            click.echo(json.dumps(doc, indent=2))
+            click.echo(json.dumps(p.as_dict(), indent=2))
         else:
+            click.echo(f"{config.algorithm} plan for {config.model}, {config.agents} agents, {config.rounds} rounds, "
+                       f"batch {config.train.batch_size}, {samples * config.train.epochs} samples per hop "
+                       f"(estimates: peak agent RSS, compute time at {TYPICAL_GFLOPS:.0f} GFLOP/s unless the "
+                       f"fleet says otherwise)")  # fmt: skip
             click.echo("\n".join(p.describe()))
 
     guarded(go)

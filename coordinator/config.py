@@ -38,6 +38,13 @@ A trial file (every key optional; defaults shown)::
     join_s = 180               # wait for agents
     hop_s = 900                # one hop, including transfers
     gradient_s = 60            # split learning: an agent waits this long for a batch's gradient
+
+    [[fleet]]                  # optional, one table per simulated agent, in agent order (agent-0 first);
+    memory_mb = 0              #   agents without a table get the defaults. memory_mb: a hard cap on the
+    threads = 0                #   agent process (a cgroup, so going over means an OOM kill) that the
+    backend = ""               #   agent also reports as its budget (0 = none); threads: training threads
+    gflops = 0.0               #   (0 = runtime default); backend: ort | portable ("" = simulate's choice);
+                               #   gflops: assumed speed for `plan` only (agents measure their own)
 """
 
 from __future__ import annotations
@@ -82,6 +89,14 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class FleetAgent:
+    memory_mb: int = 0
+    threads: int = 0
+    backend: str = ""
+    gflops: float = 0.0
+
+
+@dataclass(frozen=True)
 class TrialConfig:
     name: str = "snake"
     algorithm: str = "snake"
@@ -98,6 +113,11 @@ class TrialConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    fleet: tuple[FleetAgent, ...] = ()
+
+    def member(self, index: int) -> FleetAgent:
+        """The fleet table of agent ``index`` (defaults when the file has none for it)."""
+        return self.fleet[index] if index < len(self.fleet) else FleetAgent()
 
     def validate(self) -> TrialConfig:
         checks = [
@@ -123,6 +143,15 @@ class TrialConfig:
             (4096 <= self.transfer.chunk_bytes <= 64 << 20, "transfer.chunk_bytes must be in [4096, 64 MiB]"),
             (self.transfer.compression in ("none", "fp16"), "transfer.compression must be none or fp16"),
         ]
+        for i, a in enumerate(self.fleet):
+            checks += [
+                (a.memory_mb == 0 or a.memory_mb >= 64, f"fleet[{i}].memory_mb must be 0 (no cap) or >= 64"),
+                (a.threads >= 0, f"fleet[{i}].threads must be >= 0"),
+                (a.backend in ("", "ort", "portable"), f"fleet[{i}].backend must be ort or portable"),
+                (math.isfinite(a.gflops) and a.gflops >= 0, f"fleet[{i}].gflops must be >= 0"),
+            ]
+        if len(self.fleet) > self.agents:
+            checks.append((False, f"the trial has {self.agents} agents but {len(self.fleet)} [[fleet]] tables"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -147,11 +176,15 @@ def load_trial(path: Path | None, overrides: dict[str, Any] | None = None) -> Tr
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"trial file {path} is not valid TOML: {exc}") from exc
     top = _build(TrialConfig, raw.get("trial", {}), "trial")
-    unknown = set(raw) - {"trial", *_SECTIONS}
+    unknown = set(raw) - {"trial", "fleet", *_SECTIONS}
     if unknown:
         raise ConfigError(f"unknown section(s) in trial file: {', '.join(sorted(unknown))}")
     sections = {name: _build(kind, raw.get(name, {}), name) for name, kind in _SECTIONS.items()}
-    config = dataclasses.replace(top, **sections)
+    fleet = raw.get("fleet", [])
+    if not isinstance(fleet, list):
+        raise ConfigError("fleet must be an array of tables: [[fleet]]")
+    members = tuple(_build(FleetAgent, table, f"fleet[{i}]") for i, table in enumerate(fleet))
+    config = dataclasses.replace(top, **sections, fleet=members)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -168,7 +201,7 @@ def load_trial(path: Path | None, overrides: dict[str, Any] | None = None) -> Tr
 def _build(kind: type, table: Any, where: str) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"[{where}] must be a table")
-    fields = {f.name: f for f in dataclasses.fields(kind) if f.name not in _SECTIONS}
+    fields = {f.name: f for f in dataclasses.fields(kind) if f.name not in _SECTIONS and f.name != "fleet"}
     values = {}
     for key, value in table.items():
         if key not in fields:

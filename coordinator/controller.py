@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.scheduler import HopSettings, Plan, artifact_kind, hop_tasks
+from coordinator.errors import CoordinatorError
+from coordinator.scheduler import HopSettings, Plan, PlanError, artifact_kind, hop_tasks
 from coordinator.strategy import ModelSend, SnakeStrategy, Strategy
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, decode, encode
@@ -47,7 +48,7 @@ ME = topics.COORDINATOR
 class TrialSetup:
     trial_id: str
     expected_agents: int
-    plan_for: Callable[[list[str]], Plan]  # agent ids (sorted) -> plan
+    plan_for: Callable[[Mapping[str, Hello]], Plan]  # the agents' hellos -> plan (may raise PlanError)
     artifacts: dict[tuple[int, str], tuple[str, int]]  # (segment, kind "ort"|"portable") -> (sha256, size)
     blobs: dict[str, bytes]  # sha256 -> artifact bundle
     initial_model: bytes  # safetensors of every tensor
@@ -57,11 +58,13 @@ class TrialSetup:
     join_timeout_s: float
     hop_timeout_s: float
     strategy: Strategy = field(default_factory=SnakeStrategy)
+    # builds the plan's segment bundles once the plan is known: plan -> (artifacts, blobs) as above
+    build_artifacts: Callable[[Plan], tuple[dict[tuple[int, str], tuple[str, int]], dict[str, bytes]]] | None = None
 
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # joined | planned | hop_started | hop_progress | hop_done | warning | bye | finished | failed
+    kind: str  # joined | planned | excluded | hop_started | hop_progress | hop_done | warning | bye | finished | failed
     agent: str = ""
     body: Any = None
 
@@ -82,6 +85,7 @@ class Controller:
         self.online: dict[str, bool] = {}
         self.plan: Plan | None = None
         self.tasks: dict[str, list[HopTask]] = {}
+        self.artifacts, self.blobs = setup.artifacts, setup.blobs
         self.done_hops: dict[int, HopDone] = {}
         self.byes: dict[str, Bye] = {}
         self.last_progress = now
@@ -140,7 +144,7 @@ class Controller:
         body = to_body(
             Shutdown("trial finished" if self.failed is None else f"trial failed: {self.failed}", exit_agents)
         )
-        return [self._send(agent, "shutdown", body, now) for agent in sorted(self.tasks or self.hellos)]
+        return [self._send(agent, "shutdown", body, now) for agent in sorted(set(self.tasks) | set(self.hellos))]
 
     # -- dispatch -----------------------------------------------------------------------------
     def _on_status(self, agent: str, env: Envelope, now: float) -> Step:
@@ -203,14 +207,24 @@ class Controller:
 
     def _start(self, step: Step, now: float) -> None:
         agents = sorted(self.hellos)[: self.setup.expected_agents]
-        self.plan = self.setup.plan_for(agents)
+        try:
+            self.plan = self.setup.plan_for({agent: self.hellos[agent] for agent in agents})
+            if self.setup.build_artifacts is not None:
+                self.artifacts, self.blobs = self.setup.build_artifacts(self.plan)
+        except (PlanError, CoordinatorError) as exc:
+            self._fail(step, f"cannot plan the trial: {exc}")
+            return
+        for agent, reason in self.plan.excluded:
+            log.warning("%s left out of the plan: %s", agent, reason)
+            step.events.append(Event("excluded", agent, reason))
+        agents = sorted({h.agent for h in self.plan.hops})
         backends = {agent: self.hellos[agent].backend for agent in agents}
-        unfit = [f"{a} ({b})" for a, b in backends.items() if (0, artifact_kind(b)) not in self.setup.artifacts]
+        unfit = [f"{a} ({b})" for a, b in backends.items() if (0, artifact_kind(b)) not in self.artifacts]
         if unfit:
             self._fail(step, f"{self.plan.algorithm} has no bundle for the backend of agent(s) {', '.join(unfit)}"
                        + ("; split learning needs the ort backend" if self.plan.algorithm == "split" else ""))  # fmt: skip
             return
-        self.tasks = hop_tasks(self.plan, self.setup.artifacts, self.setup.settings, backends)
+        self.tasks = hop_tasks(self.plan, self.artifacts, self.setup.settings, backends)
         self.last_progress = now
         step.events.append(Event("planned", body=self.plan))
         step.out.extend(self._assign(agent, now) for agent in agents if agent in self.tasks)
@@ -232,7 +246,7 @@ class Controller:
 
     def _on_artifact_request(self, env: Envelope, now: float) -> Step:
         sha = body_of(ArtifactRequest, env.body).sha256
-        blob = self.setup.blobs.get(sha)
+        blob = self.blobs.get(sha)
         if blob is None:
             raise ProtocolError("unknown_artifact", f"no artifact bundle {sha[:12]}")
         _, out = self.outbox.send(

@@ -50,6 +50,8 @@ class TrialDisplay:
             for line in plan.describe():
                 log.info("plan: %s", line)
             self.progress.update(self.task, total=len(plan.hops), completed=0)
+        elif event.kind == "excluded":
+            self.record.excluded[event.agent] = body
         elif event.kind == "hop_started":
             self.started[body.hop] = time.monotonic()
             self.status(f"round {body.round} hop {body.hop} {event.agent} seg {body.segment}: training")

@@ -3,85 +3,92 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 from coordinator.artifacts import SegmentArtifacts, build_front_artifacts, build_segment_artifacts
 from coordinator.config import TrialConfig
+from coordinator.costs import profile_groups
 from coordinator.errors import ConfigError
 from coordinator.export import ForwardModel, export_forward, export_front
 from coordinator.portable_artifacts import build_portable_artifacts
-from coordinator.scheduler import (
-    GroupInfo,
-    Plan,
-    Segment,
-    cut_segments,
-    fedavg_plan,
-    snake_plan,
-    split_plan,
-    split_segments,
-)
+from coordinator.scheduler import AgentProfile, GroupInfo, Plan, Segment, fedavg_plan, snake_plan, split_plan
+from edge_agent.protocol.messages import Hello
 from models import InputSpec, build_model
 from models.split import split_model
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prepared:
     model: nn.Module
     forward: ForwardModel
     groups: tuple[GroupInfo, ...]
-    segments: tuple[Segment, ...]
-    artifacts: dict[tuple[int, str], SegmentArtifacts]  # by (segment index, kind: "ort" | "portable")
-    cut: str = ""  # split learning: the last layer group of the agents' front
+    config: TrialConfig
+    work: Path
+    plan: Plan | None = None  # once the agents have joined
+    artifacts: dict[tuple[int, str], SegmentArtifacts] = field(default_factory=dict)  # (segment, kind) of the plan
 
-    def plan_for(self, config: TrialConfig) -> Callable[[list[str]], Plan]:
-        if config.algorithm == "split":
-            return lambda agents: split_plan(agents, self.groups, config.rounds, self.cut)
-        if config.algorithm == "fedavg":
-            return lambda agents: fedavg_plan(agents, self.groups, config.rounds)
-        return lambda agents: snake_plan(agents, self.groups, config.rounds, config.mode)
+    def plan_for(self, config: TrialConfig) -> Callable[[Mapping[str, Hello]], Plan]:
+        def plan(hellos: Mapping[str, Hello]) -> Plan:
+            return make_plan(config, self.groups, [profile_of(h, config) for _, h in sorted(hellos.items())])
+
+        return plan
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return self.plan.segments if self.plan is not None else ()
+
+    @property
+    def cut(self) -> str:
+        """Split learning: the last layer group of the agents' front."""
+        return split_cut(self.config, self.groups)
+
+    def build_artifacts(self, plan: Plan) -> None:
+        """Both bundle kinds of every segment the plan uses (cached by content under ``work``); split
+        learning: the front's one ORT bundle."""
+        self.plan, self.artifacts = plan, {}
+        cache, opt, kd = self.work / "artifacts", self.config.train.optimizer, self.config.train.kd_alpha > 0
+        if plan.algorithm == "split":
+            shape = self.forward.input_shape
+            front_onnx = export_front(self.model, split_model(self.model, self.cut)[0], shape, self.work / "export")
+            self.artifacts[0, "ort"] = build_front_artifacts(front_onnx, cache, optimizer=opt)
+            front, back = plan.segments
+            log.info("split after %s: front %s (%d params) on the agents, back %s (%d params) on the coordinator",
+                     self.cut, ", ".join(front.groups), front.num_params, ", ".join(back.groups), back.num_params)  # fmt: skip
+            return
+        for seg in plan.segments:  # both kinds: which one an agent gets depends on the backend its hello names
+            self.artifacts[seg.index, "ort"] = build_segment_artifacts(self.forward, seg.params, cache, opt, kd)
+            self.artifacts[seg.index, "portable"] = build_portable_artifacts(self.forward, seg.params, cache, opt, kd)
+            log.info("segment %d (%s): bundle %s, %d bytes", seg.index, ", ".join(seg.groups),
+                     self.artifacts[seg.index, "ort"].sha256[:12], len(self.artifacts[seg.index, "ort"].blob))  # fmt: skip
+
+    def artifacts_for(self, plan: Plan) -> tuple[dict[tuple[int, str], tuple[str, int]], dict[str, bytes]]:
+        """For the controller: build the plan's bundles; (segment, kind) -> (sha256, size), and the blobs."""
+        self.build_artifacts(plan)
+        arts = self.artifacts
+        return {key: (a.sha256, len(a.blob)) for key, a in arts.items()}, {a.sha256: a.blob for a in arts.values()}
 
 
-def group_infos(forward: ForwardModel) -> tuple[GroupInfo, ...]:
-    return tuple(
-        GroupInfo(g.name, g.params, g.buffers, int(sum(np.prod(forward.tensors[p].shape) for p in g.params)))
-        for g in forward.groups
-    )
+def profile_of(hello: Hello, config: TrialConfig) -> AgentProfile:
+    """The planner's view of an agent: its hello, and how many samples one hop of this trial trains."""
+    t = config.train
+    samples = t.epochs * hello.num_train
+    if t.max_steps:
+        samples = min(samples, t.max_steps * t.batch_size)
+    data_mb = (hello.num_train + hello.num_val) * math.prod(hello.input_shape) * 4 / (1 << 20)
+    return AgentProfile(
+        hello.agent_id, float(hello.memory_budget_mb), float(hello.baseline_mb or 0.0), hello.gflops,
+        hello.backend, samples, data_mb,
+    )  # fmt: skip
 
 
-def prepare(
-    config: TrialConfig, spec: InputSpec, work: Path, on_segment: Callable[[int, int], None] | None = None
-) -> Prepared:
-    """Build the model (seeded), export it, split it into segments and build each segment's artifacts."""
-    import torch
-
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, spec)
-    forward = export_forward(model, (spec.channels, spec.height, spec.width), spec.num_classes, work / "export")
-    groups = group_infos(forward)
-    if config.algorithm == "split":
-        return _prepare_split(config, spec, work, model, forward, groups)
-    count = 1 if config.algorithm == "fedavg" else min(config.agents, len(groups))
-    segments = tuple(split_segments(groups, count))
-    artifacts = {}
-    for seg in segments:  # both kinds: which one an agent gets depends on the backend its hello names
-        cache, opt, kd = work / "artifacts", config.train.optimizer, config.train.kd_alpha > 0
-        artifacts[seg.index, "ort"] = build_segment_artifacts(forward, seg.params, cache, optimizer=opt, kd=kd)
-        artifacts[seg.index, "portable"] = build_portable_artifacts(forward, seg.params, cache, optimizer=opt, kd=kd)
-        log.info("segment %d (%s): bundle %s, %d bytes", seg.index, ", ".join(seg.groups),
-                 artifacts[seg.index, "ort"].sha256[:12], len(artifacts[seg.index, "ort"].blob))  # fmt: skip
-        if on_segment:
-            on_segment(seg.index + 1, len(segments))
-    return Prepared(model, forward, groups, segments, artifacts)
-
-
-def split_cut(config: TrialConfig, groups: tuple[GroupInfo, ...]) -> str:
+def split_cut(config: TrialConfig, groups: Sequence[GroupInfo]) -> str:
     """The trial's cut (``train.split_cut``, default: the first layer group), checked against the model."""
     cut = config.train.split_cut or groups[0].name
     names = [g.name for g in groups]
@@ -93,16 +100,45 @@ def split_cut(config: TrialConfig, groups: tuple[GroupInfo, ...]) -> str:
     return cut
 
 
-def _prepare_split(
-    config: TrialConfig, spec: InputSpec, work: Path, model: nn.Module, forward: ForwardModel,
-    groups: tuple[GroupInfo, ...],
-) -> Prepared:  # fmt: skip
-    """Split learning: export the front (input -> activations) and build its one ORT bundle."""
-    cut = split_cut(config, groups)
-    front, back = cut_segments(groups, cut)
-    front_onnx = export_front(model, split_model(model, cut)[0], (spec.channels, spec.height, spec.width),
-                              work / "export")  # fmt: skip
-    bundle = build_front_artifacts(front_onnx, work / "artifacts", optimizer=config.train.optimizer)
-    log.info("split after %s: front %s (%d params) on the agents, back %s (%d params) on the coordinator",
-             cut, ", ".join(front.groups), front.num_params, ", ".join(back.groups), back.num_params)  # fmt: skip
-    return Prepared(model, forward, groups, (front, back), {(0, "ort"): bundle}, cut)
+def make_plan(config: TrialConfig, groups: Sequence[GroupInfo], fleet: Sequence[AgentProfile]) -> Plan:
+    t = config.train
+    if config.algorithm == "split":  # the agents' memory budgets are not planned: the front is the small side
+        return split_plan(fleet, groups, config.rounds, split_cut(config, groups))
+    if config.algorithm == "fedavg":
+        return fedavg_plan(fleet, groups, config.rounds, t.batch_size, t.optimizer)
+    return snake_plan(fleet, groups, config.rounds, config.mode, t.batch_size, t.optimizer)
+
+
+def group_infos(forward: ForwardModel, model: nn.Module) -> tuple[GroupInfo, ...]:
+    """Layer groups with their sizes and measured costs (activations, compute) per sample."""
+    costs = profile_groups(model, forward.input_shape, [g.name for g in forward.groups])
+
+    def size(names: tuple[str, ...]) -> int:
+        return int(sum(forward.tensors[n].size for n in names))
+
+    return tuple(
+        GroupInfo(
+            g.name,
+            g.params,
+            g.buffers,
+            size(g.params),
+            size(g.buffers),
+            costs[g.name].act_bytes,
+            costs[g.name].flops,
+        )  # fmt: skip
+        for g in forward.groups
+    )
+
+
+def prepare(config: TrialConfig, spec: InputSpec, work: Path) -> Prepared:
+    """Build the model (seeded), export it and measure its layer groups. Segment artifacts follow the
+    plan, which needs the agents' hellos (:meth:`Prepared.build_artifacts`)."""
+    import torch
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, spec)
+    forward = export_forward(model, (spec.channels, spec.height, spec.width), spec.num_classes, work / "export")
+    prepared = Prepared(model, forward, group_infos(forward, model), config, work)
+    if config.algorithm == "split":
+        split_cut(config, prepared.groups)  # a bad cut fails now, not once the agents have joined
+    return prepared

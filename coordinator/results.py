@@ -24,6 +24,8 @@ class AgentFigures:
     bytes_received: int = 0
     hops: int = 0
     max_trainable_params: int = 0
+    memory_budget_mb: int = 0
+    gflops: float | None = None
 
 
 @dataclass
@@ -34,6 +36,7 @@ class RunRecord:
     agents: dict[str, AgentFigures] = field(default_factory=dict)
     hops: list[dict[str, Any]] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)  # test-set evaluation after each round
+    excluded: dict[str, str] = field(default_factory=dict)  # agent -> why the plan left it out
 
     def __post_init__(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -41,7 +44,9 @@ class RunRecord:
         (self.out / "rounds.jsonl").unlink(missing_ok=True)
 
     def joined(self, hello: Hello) -> None:
-        self.agents[hello.agent_id] = AgentFigures(hello.agent_id, hello.backend)
+        self.agents[hello.agent_id] = AgentFigures(
+            hello.agent_id, hello.backend, memory_budget_mb=hello.memory_budget_mb, gflops=hello.gflops
+        )
 
     def hop_done(self, agent: str, done: HopDone, agent_hop_s: float) -> dict[str, Any]:
         fig = self.agents.setdefault(agent, AgentFigures(agent, done.backend))
@@ -93,6 +98,7 @@ class RunRecord:
         out["round_test"] = sorted(self.rounds, key=lambda r: r["round"])
         out["agents"] = agents
         out["hops"] = len(self.hops)
+        out["excluded"] = dict(self.excluded)
         return out
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:

@@ -13,9 +13,12 @@ features that just moved (measured on Fashion-MNIST/cnn: finishing on the large
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from coordinator import costmodel
 from edge_agent.protocol.messages import HopTask
 from edge_agent.protocol.topics import COORDINATOR
 
@@ -26,6 +29,9 @@ class GroupInfo:
     params: tuple[str, ...]  # trainable parameter names
     buffers: tuple[str, ...]  # other float tensors (BN running stats)
     num_params: int  # scalar parameter count
+    num_buffer_elems: int = 0  # scalar buffer count
+    act_bytes: int = 0  # per sample, kept for backward (coordinator.costs)
+    flops: int = 0  # per sample, forward
 
 
 @dataclass(frozen=True)
@@ -38,11 +44,26 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class AgentProfile:
+    """What the planner knows of an agent (from its hello): budget, idle footprint, speed, backend."""
+
+    agent: str
+    budget_mb: float = 0.0  # 0 = no limit known
+    baseline_mb: float = 0.0  # resident when idle, runtime imported
+    gflops: float | None = None  # calibrated speed; None = unknown (all unknown: equal speeds)
+    backend: str = "ort"
+    samples: int = 0  # training samples per hop (0 = unknown: time estimates are per sample)
+    data_mb: float = 0.0  # its local data as float32
+
+
+@dataclass(frozen=True)
 class PlannedHop:
     round: int
     hop: int  # global index
     agent: str
     segment: int
+    est_mb: float = 0.0  # estimated agent peak RSS during the hop
+    est_s: float = 0.0  # estimated compute time of the hop
 
 
 @dataclass(frozen=True)
@@ -51,86 +72,297 @@ class Plan:
     segments: tuple[Segment, ...]
     hops: tuple[PlannedHop, ...]
     algorithm: str = "snake"  # "snake" | "fedavg" | "split" (agents train segment 0, the coordinator 1)
+    excluded: tuple[tuple[str, str], ...] = ()  # (agent, reason): agents the plan leaves out
 
     @property
     def rounds(self) -> int:
         return 1 + max(h.round for h in self.hops) if self.hops else 0
 
+    def coverage(self, groups: Sequence[str] | None = None) -> dict[str, set[str]]:
+        """Layer group -> the agents whose data trains it somewhere in the plan."""
+        out: dict[str, set[str]] = {g: set() for g in groups or ()}
+        for h in self.hops:
+            for g in self.segments[h.segment].groups:
+                out.setdefault(g, set()).add(h.agent)
+        return out
+
     def describe(self) -> list[str]:
-        """Human-readable lines: the segments, then the route per round."""
+        """Human-readable lines: the segments, the route per round (with estimates), who is left out."""
         lines = [f"segment {s.index}: {', '.join(s.groups)} ({s.num_params:,} params)" for s in self.segments]
         if self.algorithm == "split":
             lines[0] += ": the front, trained on the agents in turn"
             lines[1] += ": the back, trained on the coordinator for every agent's batches"
         joiner = " | " if self.algorithm == "fedavg" else " -> "  # fedavg: agents train in parallel
         for r in range(self.rounds):
-            route = [f"{h.agent}[s{h.segment}]" for h in self.hops if h.round == r]
+            route = [f"{h.agent}[s{h.segment}{_estimates(h)}]" for h in self.hops if h.round == r]
             lines.append(f"round {r}: " + joiner.join(route))
+        agents = {h.agent for h in self.hops}
+        missing = [(g, a) for g, met in self.coverage().items() for a in sorted(agents - met)]
+        if self.algorithm == "snake":
+            total = len(agents) * len(self.coverage())
+            detail = ": missing " + ", ".join(f"{g}/{a}" for g, a in missing) if 0 < len(missing) <= 6 else ""
+            lines.append(f"coverage: {total - len(missing)} of {total} (layer group, agent) pairs{detail}")
+        lines.extend(f"left out: {agent}: {reason}" for agent, reason in self.excluded)
         return lines
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "algorithm": self.algorithm,
+            "mode": self.mode,
+            "segments": [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in self.segments],
+            "hops": [
+                {
+                    "round": h.round,
+                    "hop": h.hop,
+                    "agent": h.agent,
+                    "segment": h.segment,
+                    "est_mb": round(h.est_mb, 1),
+                    "est_s": round(h.est_s, 2),
+                }  # fmt: skip
+                for h in self.hops
+            ],
+            "excluded": [{"agent": a, "reason": r} for a, r in self.excluded],
+            "coverage": {g: sorted(a) for g, a in self.coverage().items()},
+        }
+
+
+def _estimates(h: PlannedHop) -> str:
+    parts = ([f" ~{h.est_mb:.0f} MiB"] if h.est_mb else []) + ([f" ~{h.est_s:.1f} s"] if h.est_s else [])
+    return "".join(parts)
+
+
+class PlanError(ValueError):
+    """No plan fits the fleet (every agent left out, or no assignment within the budgets)."""
+
+
+def _segment(index: int, run: Sequence[GroupInfo]) -> Segment:
+    params = tuple(p for g in run for p in g.params)
+    tensors = tuple(t for g in run for t in (*g.params, *g.buffers))
+    return Segment(index, tuple(g.name for g in run), params, tensors, sum(g.num_params for g in run))
 
 
 def split_segments(groups: Sequence[GroupInfo], parts: int) -> list[Segment]:
     """Contiguous partition of ``groups`` into ``parts`` runs minimising the largest parameter count."""
     if not 1 <= parts <= len(groups):
         raise ValueError(f"cannot split {len(groups)} layer groups into {parts} segments")
-    sizes = [g.num_params for g in groups]
-    cuts = _min_max_cuts(sizes, parts)
-    segments = []
-    for index, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, len(groups)], strict=True)):
-        run = groups[lo:hi]
-        params = tuple(p for g in run for p in g.params)
-        tensors = tuple(t for g in run for t in (*g.params, *g.buffers))
-        segments.append(Segment(index, tuple(g.name for g in run), params, tensors, sum(g.num_params for g in run)))
-    return segments
+    cuts = _min_max_cuts([g.num_params for g in groups], parts)
+    return [_segment(i, groups[lo:hi]) for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, len(groups)], strict=True))]
 
 
 def _min_max_cuts(sizes: Sequence[int], parts: int) -> list[int]:
     """Cut points (exclusive ends of all but the last run) of the min-max contiguous partition (DP)."""
-    n, inf = len(sizes), float("inf")
     prefix = [0]
     for s in sizes:
         prefix.append(prefix[-1] + s)
+    cuts = _min_max_split(len(sizes), parts, lambda k, lo, hi: float(prefix[hi] - prefix[lo]))
+    assert cuts is not None  # no constraint can fail
+    return cuts[1]
+
+
+def _min_max_split(n: int, parts: int, cost: Callable[[int, int, int], float]) -> tuple[float, list[int]] | None:
+    """Split ``n`` items into ``parts`` contiguous non-empty runs, run ``k`` costing ``cost(k, lo, hi)``
+    (``inf`` = not allowed), minimising the largest cost: (that cost, cut points) or None."""
+    inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(parts + 1)]
     cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0
+    best[0][0] = 0.0
     for k in range(1, parts + 1):
         for i in range(k, n - (parts - k) + 1):
             for j in range(k - 1, i):
-                cost = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cost < best[k][i]:
-                    best[k][i], cut[k][i] = cost, j
+                if best[k - 1][j] == inf:
+                    continue
+                value = max(best[k - 1][j], cost(k - 1, j, i))
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    if best[parts][n] == inf:
+        return None
     cuts, i = [], n
     for k in range(parts, 1, -1):
         i = cut[k][i]
         cuts.append(i)
-    return sorted(cuts)
+    return best[parts][n], sorted(cuts)
 
 
-def snake_plan(agents: Sequence[str], groups: Sequence[GroupInfo], rounds: int, mode: str = "p2p") -> Plan:
-    """The default plan: one segment per agent per round, rotating over rounds."""
+@dataclass
+class _Costs:
+    """Per agent, the estimated memory and time of training each run of groups ``[lo, hi)``."""
+
+    groups: Sequence[GroupInfo]
+    batch: int
+    optimizer: str
+
+    def __post_init__(self) -> None:
+        self.memo: dict[tuple[str, int, int], tuple[float, float]] = {}
+
+    def of(self, p: AgentProfile, lo: int, hi: int) -> tuple[float, float]:
+        key = (p.agent, lo, hi)
+        if key not in self.memo:
+            mem = costmodel.hop_memory_mb(
+                self.groups, lo, hi, self.batch, p.baseline_mb, self.optimizer, p.backend, p.data_mb
+            )
+            seconds = costmodel.hop_seconds(self.groups, lo, hi, max(p.samples, 1), p.gflops)
+            self.memo[key] = (mem, seconds)
+        return self.memo[key]
+
+    def fits(self, p: AgentProfile, lo: int, hi: int) -> bool:
+        return p.budget_mb <= 0 or self.of(p, lo, hi)[0] <= p.budget_mb
+
+
+def _profiles(agents: Sequence[str | AgentProfile]) -> list[AgentProfile]:
+    profiles = [a if isinstance(a, AgentProfile) else AgentProfile(a) for a in agents]
+    if any(p.gflops for p in profiles) and not all(p.gflops for p in profiles):
+        known = [p.gflops for p in profiles if p.gflops]
+        typical = sorted(known)[len(known) // 2]  # an uncalibrated agent is taken as a typical one
+        profiles = [p if p.gflops else dataclasses.replace(p, gflops=typical) for p in profiles]
+    return profiles
+
+
+TIME_SLACK = 1.25  # assignments within 25 % of the fastest round time count as equally fast (calibration noise)
+
+
+def snake_plan(
+    agents: Sequence[str | AgentProfile],
+    groups: Sequence[GroupInfo],
+    rounds: int,
+    mode: str = "p2p",
+    batch: int = 64,
+    optimizer: str = "adamw",
+) -> Plan:
+    """Capability-aware Snake Learning plan.
+
+    Every round, each agent trains one contiguous segment and the hops run from the input-side
+    segment to the output side (so every round, and the trial, ends on the classifier). The
+    segments are chosen per round: among the orders of agents along the layers, the planner
+    keeps those whose slowest hop is within ``TIME_SLACK`` of the fastest possible, prefers the
+    one that brings layer groups to agents whose data they have not met yet (rotation), then
+    the one whose largest parameters-per-speed share is smallest (a slow agent gets fewer or
+    lighter layers); every hop must fit its agent's memory budget. An agent that cannot train even
+    the cheapest group within its budget is left out with the reason. With more agents than groups,
+    a round is several sweeps over the layers, each agent training once per round.
+    """
     if not agents:
         raise ValueError("a plan needs at least one agent")
     if rounds < 1:
         raise ValueError("a plan needs at least one round")
     if mode not in ("p2p", "cs"):
         raise ValueError(f"unknown mode {mode!r}; use p2p or cs")
-    segments = split_segments(groups, min(len(agents), len(groups)))
-    count = len(segments)
-    phase = (count - 1 - (len(agents) - 1) - (rounds - 1)) % count  # the last hop trains segment count - 1
-    hops = []
+    costs = _Costs(groups, batch, optimizer)
+    n = len(groups)
+    fleet, excluded = [], []
+    for p in _profiles(agents):
+        cheapest = min(costs.of(p, g, g + 1)[0] for g in range(n))
+        if p.budget_mb > 0 and cheapest > p.budget_mb:
+            excluded.append((p.agent, f"training even its lightest layer group needs about {cheapest:.0f} MiB "
+                                      f"(the whole model is held for the forward pass); its budget is "
+                                      f"{p.budget_mb:.0f} MiB"))  # fmt: skip
+        else:
+            fleet.append(p)
+    if not fleet:
+        raise PlanError("no agent can train any layer group: " + "; ".join(f"{a}: {r}" for a, r in excluded))
+    covered: set[tuple[str, int]] = set()
+    runs: dict[tuple[int, int], int] = {}
+    hops: list[tuple[int, AgentProfile, int, int]] = []
     for r in range(rounds):
-        for i, agent in enumerate(agents):
-            hops.append(PlannedHop(r, len(hops), agent, (i + r + phase) % count))
-    return Plan(mode, tuple(segments), tuple(hops))
+        shift = r % len(fleet)
+        rotated = fleet[shift:] + fleet[:shift]
+        sweeps = -(-len(fleet) // n)
+        for s in range(sweeps):
+            members = rotated[s::sweeps]
+            order, cuts = _best_sweep(members, costs, n, covered, r)
+            for p, lo, hi in zip(order, [0, *cuts], [*cuts, n], strict=True):
+                covered.update((p.agent, g) for g in range(lo, hi))
+                runs.setdefault((lo, hi), len(runs))
+                hops.append((r, p, lo, hi))
+    index = {run: i for i, run in enumerate(sorted(runs))}
+    segments = tuple(_segment(index[run], groups[run[0] : run[1]]) for run in sorted(runs))
+    planned = tuple(
+        PlannedHop(r, i, p.agent, index[lo, hi], *(costs.of(p, lo, hi) if p.baseline_mb or p.gflops else (0.0, 0.0)))
+        for i, (r, p, lo, hi) in enumerate(hops)
+    )
+    return Plan(mode, segments, planned, excluded=tuple(excluded))
 
 
-def fedavg_plan(agents: Sequence[str], groups: Sequence[GroupInfo], rounds: int) -> Plan:
-    """FedAvg baseline: every agent trains the whole model (one segment) every round, in parallel."""
+def _best_sweep(
+    members: list[AgentProfile], costs: _Costs, n: int, covered: set[tuple[str, int]], round_: int
+) -> tuple[list[AgentProfile], list[int]]:
+    """The agents' order along the layers and the cut points for one sweep (see ``snake_plan``)."""
+    m = min(len(members), n)
+    if m < len(members):  # more agents than groups in one sweep cannot happen (sweeps split them)
+        members = members[:m]
+    if m <= 5:
+        orders = [list(o) for o in itertools.permutations(members)]
+    else:
+        orders = [members[i:] + members[:i] for i in range(m)]
+        orders += [o[::-1] for o in orders]
+    candidates = []
+    for k, order in enumerate(orders):
+        timed = _min_max_split(
+            n, m, lambda j, lo, hi, o=order: costs.of(o[j], lo, hi)[1] if costs.fits(o[j], lo, hi) else float("inf")
+        )  # noqa: E501
+        if timed is None:
+            continue
+        candidates.append((timed[0], k, order))
+    if not candidates:
+        names = ", ".join(f"{p.agent} ({p.budget_mb:.0f} MiB)" for p in members)
+        raise PlanError(f"round {round_}: no assignment of the layers to {names} fits their memory budgets")
+    fastest = min(t for t, _, _ in candidates)
+    best: tuple[tuple[float, float, int], list[AgentProfile], list[int]] | None = None
+    for seconds, k, order in candidates:
+        if seconds > fastest * TIME_SLACK + 1e-12:
+            continue
+        limit = max(seconds, fastest) * TIME_SLACK + 1e-12
+
+        def share(j: int, lo: int, hi: int, o: list[AgentProfile] = order, limit: float = limit) -> float:
+            p = o[j]
+            if not costs.fits(p, lo, hi) or costs.of(p, lo, hi)[1] > limit:
+                return float("inf")
+            return sum(g.num_params for g in costs.groups[lo:hi]) / (p.gflops or 1.0)
+
+        balanced = _min_max_split(n, m, share)
+        if balanced is None:
+            continue
+        cuts = balanced[1]
+        fresh = sum(
+            (p.agent, g) not in covered
+            for p, lo, hi in zip(order, [0, *cuts], [*cuts, n], strict=True)
+            for g in range(lo, hi)
+        )
+        key = (-float(fresh), balanced[0], k)
+        if best is None or key < best[0]:
+            best = (key, order, cuts)
+    assert best is not None  # the fastest candidate always passes its own limit
+    return best[1], best[2]
+
+
+def fedavg_plan(
+    agents: Sequence[str | AgentProfile],
+    groups: Sequence[GroupInfo],
+    rounds: int,
+    batch: int = 64,
+    optimizer: str = "adamw",
+) -> Plan:
+    """FedAvg baseline: every agent trains the whole model (one segment) every round, in parallel.
+    An agent whose memory budget cannot hold the whole model's training state is left out, with why."""
     if not agents or rounds < 1:
         raise ValueError("a plan needs at least one agent and one round")
-    segments = split_segments(groups, 1)
-    hops = [PlannedHop(r, r * len(agents) + i, a, 0) for r in range(rounds) for i, a in enumerate(agents)]
-    return Plan("cs", tuple(segments), tuple(hops), algorithm="fedavg")
+    costs = _Costs(groups, batch, optimizer)
+    n = len(groups)
+    fleet, excluded = [], []
+    for p in _profiles(agents):
+        if costs.fits(p, 0, n):
+            fleet.append(p)
+        else:
+            need = costs.of(p, 0, n)[0]
+            excluded.append((p.agent, f"unable to train: the whole model's training state needs about {need:.0f} MiB; "
+                                      f"its budget is {p.budget_mb:.0f} MiB"))  # fmt: skip
+    if not fleet:
+        raise PlanError("no agent can train the whole model: " + "; ".join(f"{a}: {r}" for a, r in excluded))
+    hops = [
+        PlannedHop(r, r * len(fleet) + i, p.agent, 0, *(costs.of(p, 0, n) if p.baseline_mb or p.gflops else (0.0, 0.0)))
+        for r in range(rounds)
+        for i, p in enumerate(fleet)
+    ]
+    return Plan("cs", (_segment(0, groups),), tuple(hops), algorithm="fedavg", excluded=tuple(excluded))
 
 
 def cut_segments(groups: Sequence[GroupInfo], cut: str) -> tuple[Segment, Segment]:
@@ -139,21 +371,17 @@ def cut_segments(groups: Sequence[GroupInfo], cut: str) -> tuple[Segment, Segmen
     if cut not in names[:-1]:
         raise ValueError(f"cannot cut after layer group {cut!r}; choose one of: {', '.join(names[:-1])}")
     at = names.index(cut) + 1
-    parts = []
-    for index, run in enumerate((groups[:at], groups[at:])):
-        params = tuple(p for g in run for p in g.params)
-        tensors = tuple(t for g in run for t in (*g.params, *g.buffers))
-        parts.append(Segment(index, tuple(g.name for g in run), params, tensors, sum(g.num_params for g in run)))
-    return parts[0], parts[1]
+    return _segment(0, groups[:at]), _segment(1, groups[at:])
 
 
-def split_plan(agents: Sequence[str], groups: Sequence[GroupInfo], rounds: int, cut: str) -> Plan:
+def split_plan(agents: Sequence[str | AgentProfile], groups: Sequence[GroupInfo], rounds: int, cut: str) -> Plan:
     """Split learning baseline (vanilla, sequential): every round the agents train the front in route order,
     batch by batch with the coordinator, which trains the back; the front passes via the coordinator."""
     if not agents or rounds < 1:
         raise ValueError("a plan needs at least one agent and one round")
+    names = [a if isinstance(a, str) else a.agent for a in agents]
     front, back = cut_segments(groups, cut)
-    hops = [PlannedHop(r, r * len(agents) + i, a, 0) for r in range(rounds) for i, a in enumerate(agents)]
+    hops = [PlannedHop(r, r * len(names) + i, a, 0) for r in range(rounds) for i, a in enumerate(names)]
     return Plan("cs", (front, back), tuple(hops), algorithm="split")
 
 

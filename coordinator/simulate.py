@@ -20,6 +20,7 @@ import numpy as np
 from coordinator.broker import start_broker
 from coordinator.config import TrialConfig
 from coordinator.errors import ConfigError, TrialError
+from coordinator.memcap import MemoryCap
 from coordinator.trial import run_trial
 from edge_agent.data import Dataset, load_dataset, parse_partition, partition, save_npz, split_holdout
 
@@ -56,8 +57,12 @@ class AgentProcesses:
 
     def __init__(self) -> None:
         self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        self.caps: dict[str, MemoryCap] = {}
 
-    def spawn(self, agent_id: str, broker: str, data: Path, out: Path, backend: str, threads: int) -> None:
+    def spawn(
+        self, agent_id: str, broker: str, data: Path, out: Path, backend: str, threads: int, memory_mb: int = 0
+    ) -> None:
+        """Start one agent; ``memory_mb`` > 0 runs it in a cgroup capped at that (an OOM kill beyond it)."""
         log_path = out / "logs" / f"{agent_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -65,6 +70,10 @@ class AgentProcesses:
             "--data", f"npz:{data}", "--cache-dir", str(out / "cache" / agent_id), "--backend", backend,
             "--threads", str(threads),
         ]  # fmt: skip
+        if memory_mb:
+            self.caps[agent_id] = cap = MemoryCap(agent_id, memory_mb)
+            cmd = cap.wrap(cmd)
+            log.info("%s runs under a %d MiB memory cap (%s)", agent_id, memory_mb, cap.path)
         with log_path.open("wb") as fh:
             proc = subprocess.Popen(
                 cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=os.environ.copy()
@@ -77,7 +86,13 @@ class AgentProcesses:
             code = proc.poll()
             if code not in (None, 0):
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-                return f"{agent_id} exited with code {code}; {log_path}:\n  " + "\n  ".join(tail)
+                cap = self.caps.get(agent_id)
+                why = (
+                    f" (killed for going over its {cap.limit_mb} MiB memory cap)"
+                    if cap is not None and cap.oom_killed()
+                    else ""
+                )
+                return f"{agent_id} exited with code {code}{why}; {log_path}:\n  " + "\n  ".join(tail)
         return None
 
     def stop(self, grace_s: float = 15.0) -> None:
@@ -94,13 +109,16 @@ class AgentProcesses:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for cap in self.caps.values():
+            cap.remove()
 
 
 def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, Any]:
     """Run a simulated trial; returns the summary (also in ``out/summary.json``)."""
     backends = options.backends or ("auto",)
     if config.algorithm == "split":  # fail before starting anything (the controller checks hellos too)
-        portable = [f"agent-{i}" for i in range(config.agents) if backends[i % len(backends)] == "portable"]
+        chosen = [config.member(i).backend or backends[i % len(backends)] for i in range(config.agents)]
+        portable = [f"agent-{i}" for i, backend in enumerate(chosen) if backend == "portable"]
         if portable:
             raise ConfigError(f"split learning needs the ort backend; {', '.join(portable)} would run portable")
     ds = load_dataset(config.dataset)
@@ -118,7 +136,9 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
 
     try:
         for i, path in enumerate(paths):
-            agents.spawn(f"agent-{i}", url, path, out, backends[i % len(backends)], options.threads)
+            member = config.member(i)
+            backend = member.backend or backends[i % len(backends)]
+            agents.spawn(f"agent-{i}", url, path, out, backend, member.threads or options.threads, member.memory_mb)
         extra = {"broker": broker.kind if broker else "external", "samples_per_agent": config.samples_per_agent}
         try:
             return run_trial(replace(config), url, out, ds, exit_agents=True, stop=stop,

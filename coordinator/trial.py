@@ -35,7 +35,6 @@ def input_spec(ds: Dataset) -> InputSpec:
 
 
 def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
-    arts = prepared.artifacts
     t = config.train
     strategy: Strategy = (
         FedAvgStrategy(config.transfer.compression) if config.algorithm == "fedavg" else SnakeStrategy()
@@ -47,8 +46,8 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
         trial_id=f"{config.name}-{uuid.uuid4().hex[:8]}",
         expected_agents=config.agents,
         plan_for=prepared.plan_for(config),
-        artifacts={key: (a.sha256, len(a.blob)) for key, a in arts.items()},
-        blobs={a.sha256: a.blob for a in arts.values()},
+        artifacts={},
+        blobs={},
         initial_model=encode_tensors(prepared.forward.tensors),
         settings=HopSettings(
             t.epochs,
@@ -66,6 +65,7 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
         join_timeout_s=config.timeouts.join_s,
         hop_timeout_s=config.timeouts.hop_s,
         strategy=strategy,
+        build_artifacts=prepared.artifacts_for,
     )
 
 
@@ -125,7 +125,7 @@ def run_trial(
     started = time.monotonic()
     record = RunRecord(out)
     with TrialDisplay(record, enabled=show_progress) as display:
-        display.status(f"exporting {config.model} and building segment artifacts")
+        display.status(f"exporting {config.model} and measuring its layer groups")
         prepared = prepare(config, input_spec(dataset), out / "work")
         setup = trial_setup(config, prepared)
         display.status(f"trial {setup.trial_id}: waiting for {config.agents} agent(s)")
@@ -152,6 +152,7 @@ def run_trial(
         "wall_s": round(time.monotonic() - started, 3),
         "trial_s": round(outcome.wall_s, 3),
         "segments": [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in prepared.segments],
+        "plan": prepared.plan.as_dict() if prepared.plan else None,
         "final_model": str(onnx_path),
     }
     ctl = service.controller

@@ -89,7 +89,13 @@ def main() -> None:
     "--memory-budget-mb",
     default=0,
     show_default=True,
-    help="Memory this agent may use for training (0 = physical memory).",
+    help="Memory this agent may use in all, reported to the planner (0 = physical memory or the cgroup limit).",
+)
+@click.option(
+    "--calibrate/--no-calibrate",
+    default=True,
+    show_default=True,
+    help="Measure this machine's speed at start (about a second) so the planner can balance hops.",
 )
 @click.option(
     "--connect-timeout",
@@ -139,12 +145,20 @@ def _code(exc: Exception) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(as_json: bool) -> None:
     """Show this machine's profile, installed backends and versions."""
-    facts = {**profile.machine(), "backends": installed(), "versions": profile.versions()}
+    from edge_agent.calibrate import measure_gflops
+
+    facts = {
+        **profile.machine(),
+        "memory_budget_mb": profile.memory_budget_mb(),
+        "gflops": measure_gflops(),
+        "backends": installed(),
+        "versions": profile.versions(),
+    }
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
     for key, value in facts.items():
-        click.echo(f"{key:10} {value}")
+        click.echo(f"{key:17} {value}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import platform
 import resource
 import sys
 from importlib import metadata
+from pathlib import Path
 
 PACKAGES = (
     "snakelearn",
@@ -38,19 +39,65 @@ def memory_mb() -> int:
         return 0
 
 
+def rss_mb() -> float:
+    """Resident set size of this process now, MiB (0 when unknown)."""
+    return _status_mb("VmRSS:") or 0.0
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024  # the file says KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cgroup_memory_limit_mb(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``),
+    MiB; None when there is none (or it is larger than any real machine)."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        rel = path.lstrip("/")
+        if controllers == "":
+            candidate = Path(root, rel, "memory.max")  # v2 unified hierarchy
+        elif "memory" in controllers.split(","):
+            candidate = Path(root, "memory", rel, "memory.limit_in_bytes")  # v1
+        else:
+            continue
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < (1 << 50):  # v1 "no limit" is a huge number, v2 says "max"
+            return int(text) >> 20
+    return None
+
+
+def memory_budget_mb() -> int:
+    """What this agent may use by default: physical memory, or its cgroup's limit if smaller."""
+    physical, limit = memory_mb(), cgroup_memory_limit_mb()
+    return min(physical, limit) if limit and physical else (limit or physical)
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, MiB.
 
     On Linux from /proc (VmHWM): ``ru_maxrss`` survives exec, so a process spawned by a
     large parent (simulate's coordinator, with torch) would report the parent's size.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # KiB
-    except (OSError, ValueError, IndexError):
-        pass
+    hwm = _status_mb("VmHWM:")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
 

@@ -24,6 +24,7 @@ from edge_agent import profile
 from edge_agent.agent import Agent, Counters, Effects, Gradient, HopResult, SayBye, StoreArtifact, Train
 from edge_agent.backends import make_trainer
 from edge_agent.bundle import ArtifactStore
+from edge_agent.calibrate import measure_gflops
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.localdata import LocalData
@@ -73,11 +74,12 @@ class AgentService:
 
     def _hello(self) -> Hello:
         m = profile.machine()
-        budget = self.config.memory_budget_mb or int(m["memory_mb"])
+        budget = self.config.memory_budget_mb or profile.memory_budget_mb()
+        gflops = measure_gflops(self.config.threads) if self.config.calibrate else None
         return Hello(
             self.config.agent_id, self.backend, profile.versions(), str(m["arch"]), str(m["system"]), str(m["python"]),
             int(m["cores"]), int(m["memory_mb"]), budget, len(self.data.y_train), len(self.data.y_val),
-            self.data.num_classes, self.data.input_shape, self.data.histogram(),
+            self.data.num_classes, self.data.input_shape, self.data.histogram(), gflops, round(profile.rss_mb(), 1),
         )  # fmt: skip
 
     def _stored(self) -> set[str]:

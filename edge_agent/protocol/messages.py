@@ -36,13 +36,14 @@ class Hello:
     python: str
     cores: int
     memory_mb: int  # physical memory
-    memory_budget_mb: int  # what the agent may use for training
+    memory_budget_mb: int  # what the agent may use in all (default: physical memory or its cgroup limit)
     num_train: int
     num_val: int
     num_classes: int
     input_shape: list[int]  # per sample, [C, H, W]
     label_histogram: list[int]
-    train_speed: float | None = None  # samples/s measured on its backend, if calibrated
+    gflops: float | None = None  # speed calibrated on its own runtime (edge_agent.calibrate)
+    baseline_mb: float | None = None  # resident memory when idle, runtime imported
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,20 @@
-"""The default Snake Learning plan: segments, route, rotation. Pure functions, no I/O."""
+"""Snake Learning and FedAvg plans: segments, route, rotation, budgets, balance. Pure functions, no I/O."""
 
 from __future__ import annotations
 
 import pytest
 
-from coordinator.scheduler import GroupInfo, HopSettings, hop_tasks, snake_plan, split_segments
+from coordinator import costmodel
+from coordinator.scheduler import (
+    AgentProfile,
+    GroupInfo,
+    HopSettings,
+    PlanError,
+    fedavg_plan,
+    hop_tasks,
+    snake_plan,
+    split_segments,
+)
 from edge_agent.protocol.topics import COORDINATOR
 
 
@@ -26,36 +36,114 @@ def test_impossible_splits_are_refused(parts: int) -> None:
 
 
 @pytest.mark.parametrize(("agents", "rounds"), [(4, 4), (4, 2), (3, 5), (2, 1), (6, 3)])
-def test_every_agent_trains_once_per_round_and_the_last_hop_trains_the_output_side(agents: int, rounds: int) -> None:
+def test_every_agent_trains_once_per_round_front_to_back(agents: int, rounds: int) -> None:
     ids = [f"a{i}" for i in range(agents)]
     plan = snake_plan(ids, groups(*[10] * 4), rounds)
     assert len(plan.hops) == agents * rounds
     for r in range(rounds):
-        assert [h.agent for h in plan.hops if h.round == r] == ids
-    assert plan.hops[-1].segment == len(plan.segments) - 1
+        hops = [h for h in plan.hops if h.round == r]
+        assert sorted(h.agent for h in hops) == ids
+        # a round is one or more sweeps over the layers, input side first; it ends on the output side
+        assert plan.segments[hops[-1].segment].groups[-1] == "g3"
+        sweeps = -(-agents // 4)
+        starts = [h for h in hops if plan.segments[h.segment].groups[0] == "g0"]
+        assert len(starts) == sweeps
 
 
 def test_segments_rotate_so_every_group_meets_every_agents_data() -> None:
     ids = ["a", "b", "c", "d"]
     plan = snake_plan(ids, groups(1, 2, 3, 4), rounds=4)
+    assert all(agents == set(ids) for agents in plan.coverage().values())
     for agent in ids:
-        assert sorted(h.segment for h in plan.hops if h.agent == agent) == [0, 1, 2, 3]
+        assert sorted(g for h in plan.hops if h.agent == agent for g in plan.segments[h.segment].groups) == [
+            "g0", "g1", "g2", "g3",
+        ]  # fmt: skip
 
 
-def test_more_agents_than_groups_share_segments() -> None:
-    plan = snake_plan([f"a{i}" for i in range(5)], groups(1, 1), rounds=1)
-    assert len(plan.segments) == 2 and len(plan.hops) == 5
+def test_fewer_agents_than_groups_balance_parameters_and_cover_every_group() -> None:
+    plan = snake_plan(["a", "b"], groups(10, 100, 5, 50, 60), rounds=2)
+    for r in range(2):
+        params = [plan.segments[h.segment].num_params for h in plan.hops if h.round == r]
+        assert sorted(params) == [110, 115]  # the best split of 225 into two contiguous runs
+    assert all(agents == {"a", "b"} for agents in plan.coverage().values())
+
+
+def test_more_agents_than_groups_take_turns_in_sweeps() -> None:
+    plan = snake_plan([f"a{i}" for i in range(5)], groups(1, 1), rounds=2)
+    for r in range(2):
+        hops = [h for h in plan.hops if h.round == r]
+        assert sorted(h.agent for h in hops) == [f"a{i}" for i in range(5)]
+        trained = [g for h in hops for g in plan.segments[h.segment].groups]
+        assert trained.count("g0") == trained.count("g1") == 3  # three sweeps (2 + 2 + 1 agents) over both groups
+
+
+def vgg_like() -> list[GroupInfo]:
+    """A front-heavy-in-activations, back-heavy-in-parameters model (shaped like VGG on 28x28)."""
+    spec = [(1_000, 500_000, 10**9), (300_000, 120_000, 10**9), (2_000_000, 40_000, 10**8), (3_000_000, 8_000, 10**7)]
+    return [GroupInfo(f"g{i}", (f"g{i}.w",), (), p, 0, act, fl) for i, (p, act, fl) in enumerate(spec)]
+
+
+def test_a_tight_memory_budget_gets_segments_that_fit_and_fedavg_leaves_it_out_with_a_reason() -> None:
+    gs = vgg_like()
+    free = [AgentProfile(f"a{i}", 0, 100, 50, "ort", 1000) for i in range(3)]
+    whole = costmodel.hop_memory_mb(gs, 0, 4, 64, 100)
+    back = costmodel.hop_memory_mb(gs, 3, 4, 64, 100)
+    assert back < whole
+    capped = AgentProfile("capped", (back + whole) / 2, 100, 50, "ort", 1000)
+    plan = snake_plan([*free, capped], gs, rounds=4, batch=64)
+    assert not plan.excluded
+    mine = [h for h in plan.hops if h.agent == "capped"]
+    assert len(mine) == 4 and all(h.est_mb <= capped.budget_mb for h in mine)
+    fed = fedavg_plan([*free, capped], gs, rounds=2, batch=64)
+    assert [a for a, _ in fed.excluded] == ["capped"]
+    assert "unable to train" in fed.excluded[0][1] and f"{capped.budget_mb:.0f} MiB" in fed.excluded[0][1]
+    assert {h.agent for h in fed.hops} == {"a0", "a1", "a2"}
+
+
+def test_an_agent_that_fits_no_group_is_left_out_and_an_impossible_fleet_is_refused() -> None:
+    gs = vgg_like()
+    tiny = AgentProfile("tiny", 50, 100, 50, "ort", 1000)  # below its own idle footprint
+    plan = snake_plan([AgentProfile("a", 0, 100, 50), tiny], gs, rounds=2)
+    assert plan.excluded and plan.excluded[0][0] == "tiny" and "budget is 50 MiB" in plan.excluded[0][1]
+    assert {h.agent for h in plan.hops} == {"a"}
+    with pytest.raises(PlanError, match="no agent can train"):
+        snake_plan([tiny], gs, rounds=1)
+    with pytest.raises(PlanError, match="no agent can train the whole model"):
+        fedavg_plan([tiny], gs, rounds=1)
+
+
+def test_a_slow_agent_gets_a_lighter_segment() -> None:
+    gs = groups(10, 10, 10, 10, 10, 10, 10, 10)
+    fleet = [AgentProfile("fast", gflops=40.0), AgentProfile("slow", gflops=10.0)]
+    plan = snake_plan(fleet, gs, rounds=2)
+    for r in range(2):
+        params = {h.agent: plan.segments[h.segment].num_params for h in plan.hops if h.round == r}
+        assert params["slow"] < params["fast"]
+
+
+def test_plans_print_and_serialise_their_estimates() -> None:
+    fleet = [AgentProfile(f"a{i}", 0, 100, 50, "ort", 1000) for i in range(2)]
+    plan = snake_plan(fleet, vgg_like(), rounds=1)
+    text = "\n".join(plan.describe())
+    assert "MiB" in text and " s]" in text
+    data = plan.as_dict()
+    assert {"segments", "hops", "excluded", "coverage"} <= set(data) and data["hops"][0]["est_mb"] > 100
 
 
 def test_p2p_chains_agents_and_cs_routes_every_hop_through_the_coordinator() -> None:
     arts = {(0, "ort"): ("sha0", 1), (1, "ort"): ("sha1", 1), (0, "portable"): ("p0", 1), (1, "portable"): ("p1", 1)}
     settings = HopSettings(1, 32, 0.1, 7, None)
-    p2p = hop_tasks(snake_plan(["a", "b"], groups(1, 1), 2, "p2p"), arts, settings)
-    assert [(t.prev, t.next) for t in p2p["a"]] == [(COORDINATOR, "b"), ("b", "b")]
-    assert [(t.prev, t.next) for t in p2p["b"]] == [("a", "a"), ("a", COORDINATOR)]
+    plan = snake_plan(["a", "b"], groups(1, 1), 2, "p2p")
+    p2p = hop_tasks(plan, arts, settings)
+    route = [h.agent for h in plan.hops]
+    assert route == ["a", "b", "b", "a"]  # round 1 swaps the layers: b trains g0, a trains g1
+    by_hop = {t.hop: t for ts in p2p.values() for t in ts}
+    assert [(by_hop[i].prev, by_hop[i].next) for i in range(4)] == [
+        (COORDINATOR, "b"), ("a", "b"), ("b", "a"), ("b", COORDINATOR),
+    ]  # fmt: skip
     cs = hop_tasks(snake_plan(["a", "b"], groups(1, 1), 2, "cs"), arts, settings)
     assert all(t.prev == t.next == COORDINATOR for ts in cs.values() for t in ts)
-    assert [t.seed for t in p2p["a"]] == [7, 9]  # a distinct shuffling seed per hop
+    assert [t.seed for t in p2p["a"]] == [7, 10]  # a distinct shuffling seed per hop (seed + hop)
     mixed = hop_tasks(snake_plan(["a", "b"], groups(1, 1), 1), arts, settings, {"a": "ort", "b": "portable"})
     assert [t.artifact_sha256 for t in mixed["a"] + mixed["b"]] == [
         "sha0",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from coordinator.controller import Controller, TrialSetup
-from coordinator.scheduler import GroupInfo, HopSettings, fedavg_plan, snake_plan, split_plan
+from coordinator.scheduler import GroupInfo, HopSettings, Plan, fedavg_plan, snake_plan, split_plan
 from coordinator.split import SplitStrategy
 from coordinator.strategy import FedAvgStrategy, SnakeStrategy, Strategy
 from edge_agent.agent import Agent, Counters, Gradient, HopResult, SayBye, StoreArtifact, Train
@@ -31,6 +31,16 @@ def hello(agent_id: str) -> Hello:
     return Hello(agent_id, "fake", {}, "x86_64", "Linux", "3.11", 2, 1024, 512, 100, 10, 10, [1, 28, 28], [10] * 10)
 
 
+def fake_bundles(plan: Plan) -> tuple[dict[tuple[int, str], tuple[str, int]], dict[str, bytes]]:
+    """One made-up bundle per segment of the plan, as the coordinator builds them once it has planned."""
+    arts, blobs = {}, {}
+    for seg in plan.segments:
+        blob = f"bundle-{','.join(seg.groups)}".encode() * 1000
+        sha = hashlib.sha256(blob).hexdigest()
+        arts[seg.index, "ort"], blobs[sha] = (sha, len(blob)), blob
+    return arts, blobs
+
+
 @dataclass
 class Harness:
     agents: int = 3
@@ -46,16 +56,11 @@ class Harness:
         self.initial = {
             name: np.full(3, i, np.float32) for i, g in enumerate(GROUPS) for name in (*g.params, *g.buffers)
         }
-        blobs = {}
-        for seg in range(4):
-            blob = f"bundle-{seg}".encode() * 1000
-            blobs[hashlib.sha256(blob).hexdigest()] = blob
-        shas = list(blobs)
         self.back = CountingBack(GROUPS[1:])
         plans = {
-            "fedavg": lambda ids: fedavg_plan(ids, GROUPS, self.rounds),
-            "split": lambda ids: split_plan(ids, GROUPS, self.rounds, "g0"),
-            "snake": lambda ids: snake_plan(ids, GROUPS, self.rounds, self.mode),
+            "fedavg": lambda hellos: fedavg_plan(sorted(hellos), GROUPS, self.rounds),
+            "split": lambda hellos: split_plan(sorted(hellos), GROUPS, self.rounds, "g0"),
+            "snake": lambda hellos: snake_plan(sorted(hellos), GROUPS, self.rounds, self.mode),
         }
         strategies: dict[str, Strategy] = {
             "fedavg": FedAvgStrategy(),
@@ -63,9 +68,9 @@ class Harness:
             "snake": SnakeStrategy(),
         }
         setup = TrialSetup(
-            "t1", self.agents, plans[self.algorithm],
-            {(i, "ort"): (shas[i], len(blobs[shas[i]])) for i in range(4)}, blobs, encode_tensors(self.initial),
+            "t1", self.agents, plans[self.algorithm], {}, {}, encode_tensors(self.initial),
             HopSettings(1, 8, 0.1, 0, None, self.checkpoints), 4096, "none", 60.0, 60.0, strategies[self.algorithm],
+            fake_bundles,
         )  # fmt: skip
         self.ctl = Controller(setup, 0.0)
         self.broker.subscribe("coordinator", topics.coordinator_inbox())

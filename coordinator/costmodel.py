@@ -1,0 +1,159 @@
+"""How much memory and time a hop needs: the planner's cost model. Pure.
+
+A hop that trains layer groups ``[lo, hi)`` of a model holds, on the agent:
+
+* **the runtime and the agent itself** (``baseline_mb``, which every agent measures and reports in its
+  hello: onnxruntime-training alone is about 255 MiB on x86_64, plain onnxruntime about 50);
+* **the whole model's weights**, a few times over: every hop runs the full forward, so every agent
+  holds every tensor, whatever it trains (copies in transit, the trainer's buffer, the runtime's);
+* **training state for the segment only**: gradients and optimizer state (AdamW: two moments)
+  for the trainable parameters;
+* **activations**: what the backward pass keeps, from the first trained group to the loss (the
+  gradient flows back through every later group, frozen or not, so a front segment keeps nearly
+  as much as the whole model while a classifier segment keeps almost nothing);
+* a fixed per-session overhead.
+
+On ONNX Runtime the forward buffers of frozen layers cost memory too (the runtime plans
+buffers for the whole graph), hence a term in every group's activations on top of the
+kept ones.
+
+Per-group activation and compute figures come from :mod:`coordinator.costs` (measured with
+torch once on the coordinator). The coefficients below were fitted to the peaks that
+``tools/bench_costmodel.py`` measured on ORT and portable trainers (cnn and vgg11, front, middle,
+back and whole-model segments, batch 16 to 128); the stated tolerance (``TOLERANCE``, per backend)
+covers that fit's worst residual, and
+``tests/coordinator/test_costmodel.py`` checks it on real training runs of cases the fit never saw.
+
+Time: a hop's compute is the forward of every group, the input gradients of the groups after
+``lo`` and the weight gradients of ``[lo, hi)`` (each about one forward), per sample, divided by the agent's calibrated
+speed (GFLOP/s of its own runtime on a reference convolution, see :mod:`edge_agent.calibrate`)
+times ``TRAIN_EFFICIENCY`` (training kernels run below inference speed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+MIB = float(1 << 20)
+FLOAT = 4  # bytes
+
+
+# Least-squares fit to tools/bench_costmodel.py's 12 cases per backend (see the module docstring).
+@dataclass(frozen=True)
+class Coefficients:
+    overhead_mb: float  # sessions, graphs, allocator
+    weight_copies: float  # full-model copies in the trainer (loaded arrays, flat buffer, runtime)
+    state_copies: float  # per trainable float: gradient, accumulator, AdamW moments
+    kept_factor: float  # x autograd-saved activations from the first trained group to the loss
+    forward_factor: float  # x all groups' activations: forward buffers the runtime plans for every layer
+
+
+COEFFICIENTS = {
+    "ort": Coefficients(34.0, 1.9, 3.6, 0.5, 0.59),
+    "portable": Coefficients(66.0, 1.2, 3.0, 1.84, 1.46),
+}
+TYPICAL_BASELINE_MB = {"ort": 75.0, "portable": 60.0}  # an idle agent, runtime imported (x86_64; for `plan`)
+EVAL_BATCH = 256  # the agent's validation batch (edge_agent.trainer.Trainer.evaluate)
+TRANSFER_COPIES = 2.0  # agent, outside the trainer: the received model and the outgoing one
+# Trainer estimates are within this many MiB, or this fraction, of the measured peak share (the fit's
+# worst residuals: ORT 11 MiB, portable 46 MiB; the portable trainer's memory is less regular).
+TOLERANCE = {"ort": (20.0, 0.15), "portable": (50.0, 0.25)}
+TRAIN_EFFICIENCY = 0.8  # training GFLOP/s over calibrated GFLOP/s (ORT vgg11 segment, 1 thread: ~41 vs ~50)
+TYPICAL_GFLOPS = 50.0  # one x86_64 core here (edge_agent.calibrate); for `plan` when the fleet says nothing
+
+
+class GroupCosts(Protocol):
+    """What the cost model reads of a layer group (``scheduler.GroupInfo`` has it)."""
+
+    @property
+    def num_params(self) -> int: ...
+
+    @property
+    def num_buffer_elems(self) -> int: ...
+
+    @property
+    def act_bytes(self) -> int: ...
+
+    @property
+    def flops(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_mb: float
+    state_mb: float
+    activations_mb: float
+    overhead_mb: float
+
+    @property
+    def total_mb(self) -> float:
+        return self.weights_mb + self.state_mb + self.activations_mb + self.overhead_mb
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in asdict(self).items()} | {"total_mb": round(self.total_mb, 1)}
+
+
+def model_bytes(groups: Sequence[GroupCosts]) -> int:
+    """Every float tensor of the model (parameters and buffers), bytes."""
+    return FLOAT * sum(g.num_params + g.num_buffer_elems for g in groups)
+
+
+def trainer_memory(
+    groups: Sequence[GroupCosts], lo: int, hi: int, batch: int, optimizer: str = "adamw", backend: str = "ort"
+) -> MemoryEstimate:
+    """Memory a trainer adds on top of the imported runtime to train groups ``[lo, hi)``."""
+    if not 0 <= lo < hi <= len(groups):
+        raise ValueError(f"segment [{lo}, {hi}) is not within {len(groups)} groups")
+    k = COEFFICIENTS["portable" if backend == "portable" else "ort"]
+    trainable = sum(g.num_params for g in groups[lo:hi])
+    state = k.state_copies if optimizer == "adamw" else k.state_copies / 2  # SGD: no moments
+    kept = k.kept_factor * sum(g.act_bytes for g in groups[lo:])
+    planned = k.forward_factor * sum(g.act_bytes for g in groups)
+    return MemoryEstimate(
+        weights_mb=k.weight_copies * model_bytes(groups) / MIB,
+        state_mb=state * FLOAT * trainable / MIB,
+        activations_mb=batch * (kept + planned) / MIB,
+        overhead_mb=k.overhead_mb,
+    )
+
+
+def within_tolerance(estimated_mb: float, measured_mb: float, backend: str = "ort") -> bool:
+    mib, fraction = TOLERANCE["portable" if backend == "portable" else "ort"]
+    return abs(estimated_mb - measured_mb) <= max(mib, fraction * measured_mb)
+
+
+def hop_memory_mb(
+    groups: Sequence[GroupCosts],
+    lo: int,
+    hi: int,
+    batch: int,
+    baseline_mb: float,
+    optimizer: str = "adamw",
+    backend: str = "ort",
+    data_mb: float = 0.0,
+) -> float:
+    """Peak RSS of an agent during a hop: its idle footprint, the model in transit, the trainer, its
+    data as float32 (``data_mb``) and the validation pass after training (``EVAL_BATCH`` samples at
+    a time, about the largest group's activations each)."""
+    transit = TRANSFER_COPIES * model_bytes(groups) / MIB
+    evaluation = EVAL_BATCH * max(g.act_bytes for g in groups) / MIB
+    trainer = trainer_memory(groups, lo, hi, batch, optimizer, backend).total_mb
+    return baseline_mb + transit + trainer + data_mb + evaluation
+
+
+def hop_flops(groups: Sequence[GroupCosts], lo: int, hi: int, samples: int) -> float:
+    """Training compute of a hop on ``[lo, hi)``: the forward of every group, the gradient with respect
+    to the input of every group after ``lo`` (it flows back through frozen groups too), and the
+    weight gradients of the trained groups (each about one forward)."""
+    forward = sum(g.flops for g in groups)
+    input_grads = sum(g.flops for g in groups[lo + 1 :])
+    weight_grads = sum(g.flops for g in groups[lo:hi])
+    return float(samples) * (forward + input_grads + weight_grads)
+
+
+def hop_seconds(groups: Sequence[GroupCosts], lo: int, hi: int, samples: int, gflops: float | None) -> float:
+    """Estimated hop compute time; ``gflops`` is the agent's calibrated speed (unknown: 1 GFLOP/s)."""
+    speed = (gflops if gflops and gflops > 0 else 1.0) * 1e9 * TRAIN_EFFICIENCY
+    return hop_flops(groups, lo, hi, samples) / speed

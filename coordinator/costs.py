@@ -1,0 +1,85 @@
+"""Per-layer-group costs of a torch model, measured once on the coordinator: the activations a
+training step keeps for its backward pass and the forward compute, both per sample.
+
+Activations are what autograd actually saves (``saved_tensors_hooks``), deduplicated by
+storage, attributed to the layer group running when they were saved (work done in the model's
+own ``forward`` between groups, such as VGG's classifier ReLUs, goes to the group before it).
+Compute is the multiply-accumulates of ``Conv2d`` and ``Linear`` layers, times two.
+The pure cost model (:mod:`coordinator.costmodel`) turns these into per-hop memory and time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    act_bytes: int  # per sample: tensors saved for backward while this group runs
+    flops: int  # per sample, forward
+
+
+def profile_groups(model: nn.Module, input_shape: Sequence[int], groups: Sequence[str]) -> dict[str, GroupCost]:
+    """Measure every group of ``model`` (names are module paths) with one 2-sample training forward."""
+    batch = 2
+    modules = dict(model.named_modules())
+    missing = [g for g in groups if g not in modules]
+    if missing:
+        raise ValueError(f"no module(s) {missing} in the model")
+    current: list[str] = [groups[0]]
+    saved: dict[str, dict[int, int]] = {g: {} for g in groups}  # group -> storage ptr -> bytes
+    flops = dict.fromkeys(groups, 0)
+    handles = []
+
+    def enter(name: str):  # type: ignore[no-untyped-def]
+        def hook(_module: nn.Module, _inputs: object) -> None:
+            current[0] = name
+
+        return hook
+
+    def count(name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                kh, kw = module.kernel_size
+                flops[name] += 2 * output.numel() * (module.in_channels // module.groups) * kh * kw
+            elif isinstance(module, nn.Linear):
+                flops[name] += 2 * output.numel() * module.in_features
+
+        return hook
+
+    for name in groups:
+        handles.append(modules[name].register_forward_pre_hook(enter(name)))
+        for sub in modules[name].modules():
+            handles.append(sub.register_forward_hook(count(name)))
+
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:  # a tensor saved twice (an output and the next input) counts once
+            seen.add(storage.data_ptr())
+            saved[current[0]][storage.data_ptr()] = storage.nbytes()
+        return t
+
+    was_training = model.training
+    model.train()
+    try:
+        x = torch.zeros((batch, *input_shape))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.random.fork_rng():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return {
+        g: GroupCost(
+            act_bytes=sum(b for ptr, b in saved[g].items() if ptr not in params) // batch,
+            flops=flops[g] // batch,
+        )
+        for g in groups
+    }
