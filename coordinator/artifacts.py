@@ -20,8 +20,9 @@ from coordinator.errors import CoordinatorError
 from coordinator.export import ForwardModel
 from edge_agent.bundle import fill_atomically, pack_dir, sha256_hex
 from edge_agent.errors import EdgeAgentError
-from edge_agent.manifest import FORMAT_VERSION, MANIFEST_NAME, OPTIMIZERS
+from edge_agent.manifest import FORMAT_VERSION, MANIFEST_NAME, OPTIMIZERS, read_manifest
 from edge_agent.ort_artifacts import generate_segment
+from edge_agent.split_artifacts import generate_front
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +116,22 @@ def build_segment_artifacts(
     else:
         _generate(forward, ordered, optimizer, directory, kd)
     return packed(directory, ordered, "ort")
+
+
+def build_front_artifacts(front_onnx: Path, cache_dir: Path, optimizer: str = "adamw") -> SegmentArtifacts:
+    """The bundle that trains a split-learning front (every parameter of ``front_onnx``) from dL/dA; cached."""
+    if optimizer not in OPTIMIZERS:
+        raise SegmentArtifactError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    digest = hashlib.sha256(Path(front_onnx).read_bytes())
+    digest.update(b"\0split-front+probe\0" + optimizer.encode() + b"\0" + str(FORMAT_VERSION).encode())
+    directory = Path(cache_dir) / digest.hexdigest()
+
+    def fill(staging: Path) -> None:
+        generate_front(front_onnx, staging, optimizer=optimizer)
+
+    if not (directory / MANIFEST_NAME).is_file():
+        try:
+            fill_atomically(directory, fill)
+        except EdgeAgentError as exc:
+            raise SegmentArtifactError(f"cannot build the split front's artifacts: {exc}") from exc
+    return packed(directory, read_manifest(directory).trainable, "split front")

@@ -35,7 +35,14 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Flags that override the trial file."""
     options = [
         click.option("--rounds", type=int, help="Rounds (every agent trains once per round)."),
-        click.option("--algorithm", type=click.Choice(["snake", "fedavg"]), help="snake, or the FedAvg baseline."),
+        click.option(
+            "--algorithm",
+            type=click.Choice(["snake", "fedavg", "split"]),
+            help="snake, or a baseline: fedavg, or split learning (agents train the front, the coordinator the back).",
+        ),
+        click.option(
+            "--split-cut", help="Split learning: the last layer group the agents train (default: the first group)."
+        ),
         click.option("--model", type=click.Choice(["mlp", "cnn", "vgg11"]), help="Model from the registry."),
         click.option("--dataset", help="fashion-mnist[:DIR] | cifar10:DIR | npz:FILE."),
         click.option("--partition", help="iid | dirichlet:ALPHA."),
@@ -77,6 +84,7 @@ def build_config(path: Path | None, opts: dict[str, Any]) -> TrialConfig:
         "compression": "transfer.compression",
         "kd_alpha": "train.kd_alpha",
         "kd_temperature": "train.kd_temperature",
+        "split_cut": "train.split_cut",
     }
     overrides = {
         keys.get(k, k): opts.pop(k)
@@ -219,7 +227,10 @@ def run(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--model", type=click.Choice(["mlp", "cnn", "vgg11"]), help="Model from the registry.")
 @click.option("--rounds", type=int, help="Rounds.")
-@click.option("--algorithm", type=click.Choice(["snake", "fedavg"]), help="snake, or the FedAvg baseline.")
+@click.option(
+    "--algorithm", type=click.Choice(["snake", "fedavg", "split"]), help="snake, or a baseline: fedavg, split."
+)
+@click.option("--split-cut", help="Split learning: the last layer group the agents train.")
 @click.option("--mode", type=click.Choice(["p2p", "cs"]), help="Peer to peer or client-server.")
 @click.option("--batch-size", type=int, help="Batch size (drives the activation memory estimate).")
 def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:

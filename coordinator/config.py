@@ -5,6 +5,7 @@ A trial file (every key optional; defaults shown)::
     [trial]
     name = "snake"             # also the trial id on the wire
     algorithm = "snake"        # snake | fedavg (baseline: every agent trains everything, averaged)
+                               #   | split (baseline: agents train the front, the coordinator the back)
     mode = "p2p"               # p2p | cs
     model = "cnn"              # mlp | cnn | vgg11
     dataset = "fashion-mnist"  # fashion-mnist[:DIR] | cifar10:DIR | npz:FILE
@@ -26,6 +27,8 @@ A trial file (every key optional; defaults shown)::
                                #   KL(softmax(teacher/T) || softmax(student/T)), teacher = the model
                                #   as received at the start of the hop; > 0 builds KD artifacts
     kd_temperature = 2.0       # T (> 0)
+    split_cut = ""             # split learning: the last layer group the agents train ("" = the first
+                               #   group); the coordinator trains every later group
 
     [transfer]
     chunk_bytes = 1048576      # never above the broker's packet limit
@@ -34,6 +37,7 @@ A trial file (every key optional; defaults shown)::
     [timeouts]
     join_s = 180               # wait for agents
     hop_s = 900                # one hop, including transfers
+    gradient_s = 60            # split learning: an agent waits this long for a batch's gradient
 
     [[fleet]]                  # optional, one table per simulated agent, in agent order (agent-0 first);
     memory_mb = 0              #   agents without a table get the defaults. memory_mb: a hard cap on the
@@ -56,7 +60,7 @@ from coordinator.errors import ConfigError
 from edge_agent.protocol.topics import check_id
 
 MODES = ("p2p", "cs")
-ALGORITHMS = ("snake", "fedavg")
+ALGORITHMS = ("snake", "fedavg", "split")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class TrainConfig:
     max_steps: int = 0
     kd_alpha: float = 0.0
     kd_temperature: float = 2.0
+    split_cut: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class TransferConfig:
 class Timeouts:
     join_s: float = 180.0
     hop_s: float = 900.0
+    gradient_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,11 @@ class TrialConfig:
             (
                 math.isfinite(self.train.kd_temperature) and self.train.kd_temperature > 0,
                 "train.kd_temperature must be > 0",
+            ),
+            (self.timeouts.gradient_s > 0, "timeouts.gradient_s must be > 0"),
+            (
+                not (self.algorithm == "split" and self.train.kd_alpha > 0),
+                "train.kd_alpha applies to snake and fedavg; split learning trains no full model on agents",
             ),
             (4096 <= self.transfer.chunk_bytes <= 64 << 20, "transfer.chunk_bytes must be in [4096, 64 MiB]"),
             (self.transfer.compression in ("none", "fp16"), "transfer.compression must be none or fp16"),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import CoordinatorError
-from coordinator.scheduler import HopSettings, Plan, PlanError, hop_tasks
+from coordinator.scheduler import HopSettings, Plan, PlanError, artifact_kind, hop_tasks
 from coordinator.strategy import ModelSend, SnakeStrategy, Strategy
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, decode, encode
@@ -37,6 +37,7 @@ from edge_agent.protocol.messages import (
     body_of,
     to_body,
 )
+from edge_agent.protocol.split import ACTIVATIONS, GRADIENTS
 from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassembler, error_reply
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class Controller:
         self.last_progress = now
         self.final_model: bytes | None = None
         self.checkpoint_bytes = 0  # evaluation copies received (P2P), not part of the algorithm's traffic
+        self.activation_bytes = 0  # split learning: activation payloads received
+        self.gradient_bytes = 0  # split learning: gradient payloads sent
         self.failed: str | None = None
         self.seen: OrderedDict[str, None] = OrderedDict()
 
@@ -216,6 +219,11 @@ class Controller:
             step.events.append(Event("excluded", agent, reason))
         agents = sorted({h.agent for h in self.plan.hops})
         backends = {agent: self.hellos[agent].backend for agent in agents}
+        unfit = [f"{a} ({b})" for a, b in backends.items() if (0, artifact_kind(b)) not in self.artifacts]
+        if unfit:
+            self._fail(step, f"{self.plan.algorithm} has no bundle for the backend of agent(s) {', '.join(unfit)}"
+                       + ("; split learning needs the ort backend" if self.plan.algorithm == "split" else ""))  # fmt: skip
+            return
         self.tasks = hop_tasks(self.plan, self.artifacts, self.setup.settings, backends)
         self.last_progress = now
         step.events.append(Event("planned", body=self.plan))
@@ -225,8 +233,12 @@ class Controller:
 
     def _send_models(self, step: Step, sends: list[ModelSend], now: float) -> None:
         for s in sends:
-            _, out = self.outbox.send(s.dst, self.setup.trial_id, "model", s.meta, s.data, self.setup.chunk_bytes, now)
+            _, out = self.outbox.send(
+                s.dst, self.setup.trial_id, s.purpose, s.meta, s.data, self.setup.chunk_bytes, now
+            )
             step.out.extend(out)
+            if s.purpose == GRADIENTS:
+                self.gradient_bytes += len(s.data)
 
     def _assign(self, agent: str, now: float) -> Outgoing:
         body = Assign(self.tasks[agent], self.setup.chunk_bytes, self.setup.compression)
@@ -274,6 +286,11 @@ class Controller:
         if done.purpose == "checkpoint" and isinstance(done.meta.get("round"), int):
             self.checkpoint_bytes += len(done.data)
             step.events.append(Event("checkpoint", done.src, (done.meta["round"], done.data)))
+            return
+        on_batch = getattr(self.setup.strategy, "on_activations", None)
+        if done.purpose == ACTIVATIONS and on_batch is not None and self.plan is not None:
+            self.activation_bytes += len(done.data)
+            self._send_models(step, on_batch(self.plan, done).sends, now)
             return
         if done.purpose != "model" or self.plan is None:
             log.warning("unexpected %s transfer %s from %s; dropped", done.purpose, done.transfer_id, done.src)

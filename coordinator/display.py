@@ -75,6 +75,7 @@ class TrialDisplay:
         self.last_line = line
         self.progress.advance(self.task)
         log.info(
-            "hop %d round %d %s seg %d: loss %.4f, local val acc %.4f, %.1f s, %d bytes out",
-            body.hop, body.round, event.agent, body.segment, body.train_loss, body.val_accuracy, hop_s, body.model_bytes,
+            "hop %d round %d %s seg %d: loss %.4f, local val acc %s, %.1f s, %d bytes out",
+            body.hop, body.round, event.agent, body.segment, body.train_loss,
+            "n/a" if body.val_accuracy is None else f"{body.val_accuracy:.4f}", hop_s, body.model_bytes,
         )  # fmt: skip

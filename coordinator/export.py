@@ -101,7 +101,9 @@ def load_tensors(model: nn.Module, tensors: Mapping[str, np.ndarray]) -> None:
             target.copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
 
 
-def _torch_export(model: nn.Module, input_shape: Sequence[int], path: Path, training: bool) -> None:
+def _torch_export(
+    model: nn.Module, input_shape: Sequence[int], path: Path, training: bool, output_name: str = OUTPUT_NAME
+) -> None:
     dummy = torch.zeros((_EXPORT_BATCH, *input_shape), dtype=torch.float32)
     mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
     with warnings.catch_warnings(), torch.random.fork_rng():
@@ -115,8 +117,8 @@ def _torch_export(model: nn.Module, input_shape: Sequence[int], path: Path, trai
             training=mode,
             do_constant_folding=not training,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=[output_name],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
         )
 
 
@@ -163,13 +165,15 @@ def _groups(model: nn.Module, order: Sequence[str]) -> tuple[LayerGroup, ...]:
     )
 
 
-def _export_training_graph(model: nn.Module, input_shape: Sequence[int], path: Path) -> None:
+def _export_training_graph(
+    model: nn.Module, input_shape: Sequence[int], path: Path, output_name: str = OUTPUT_NAME
+) -> None:
     """Export in training mode, leaving the torch model exactly as it was."""
     snapshot = copy.deepcopy(model.state_dict())
     was_training = model.training
     try:
         model.train()
-        _torch_export(model, input_shape, path, training=True)
+        _torch_export(model, input_shape, path, training=True, output_name=output_name)
     finally:
         model.load_state_dict(snapshot)
         model.train(was_training)
@@ -226,3 +230,33 @@ def export_inference(
     check_ir_version(proto, "inference model")
     logger.info("exported inference model to %s (%d bytes)", target, target.stat().st_size)
     return target
+
+
+FRONT_FILE = "front.onnx"
+ACTIVATIONS_NAME = "activations"
+
+
+def export_front(model: nn.Module, front: nn.Module, input_shape: tuple[int, ...], out_dir: Path) -> Path:
+    """Export a split-learning front (``input`` -> ``activations``) in training mode, like the forward model.
+
+    ``front`` shares ``model``'s modules (:func:`models.split.split_model`); tensors it registers but
+    never uses are dropped, so the graph holds exactly the front's layer groups under their wire names.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / FRONT_FILE
+    tensors = model_tensors(model)
+    _export_training_graph(front, input_shape, path, output_name=ACTIVATIONS_NAME)
+    proto = onnx.load(path)
+    used = {name for node in proto.graph.node for name in node.input}
+    kept = [init for init in proto.graph.initializer if init.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    _overwrite_initializers(proto, tensors)
+    check_ir_version(proto, "front model")
+    onnx.save(proto, path)
+    unknown = sorted(i.name for i in kept if i.data_type == onnx.TensorProto.FLOAT and i.name not in tensors)
+    if unknown:
+        raise ExportError(f"front initializers that are not model tensors: {unknown}")
+    logger.info("exported split front: %d tensors, %d bytes", len(kept), path.stat().st_size)
+    return path

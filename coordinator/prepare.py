@@ -10,14 +10,16 @@ from pathlib import Path
 
 from torch import nn
 
-from coordinator.artifacts import SegmentArtifacts, build_segment_artifacts
+from coordinator.artifacts import SegmentArtifacts, build_front_artifacts, build_segment_artifacts
 from coordinator.config import TrialConfig
 from coordinator.costs import profile_groups
-from coordinator.export import ForwardModel, export_forward
+from coordinator.errors import ConfigError
+from coordinator.export import ForwardModel, export_forward, export_front
 from coordinator.portable_artifacts import build_portable_artifacts
-from coordinator.scheduler import AgentProfile, GroupInfo, Plan, Segment, fedavg_plan, snake_plan
+from coordinator.scheduler import AgentProfile, GroupInfo, Plan, Segment, fedavg_plan, snake_plan, split_plan
 from edge_agent.protocol.messages import Hello
 from models import InputSpec, build_model
+from models.split import split_model
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,24 @@ class Prepared:
     def segments(self) -> tuple[Segment, ...]:
         return self.plan.segments if self.plan is not None else ()
 
+    @property
+    def cut(self) -> str:
+        """Split learning: the last layer group of the agents' front."""
+        return split_cut(self.config, self.groups)
+
     def build_artifacts(self, plan: Plan) -> None:
-        """Both bundle kinds of every segment the plan uses (cached by content under ``work``)."""
+        """Both bundle kinds of every segment the plan uses (cached by content under ``work``); split
+        learning: the front's one ORT bundle."""
         self.plan, self.artifacts = plan, {}
         cache, opt, kd = self.work / "artifacts", self.config.train.optimizer, self.config.train.kd_alpha > 0
+        if plan.algorithm == "split":
+            shape = self.forward.input_shape
+            front_onnx = export_front(self.model, split_model(self.model, self.cut)[0], shape, self.work / "export")
+            self.artifacts[0, "ort"] = build_front_artifacts(front_onnx, cache, optimizer=opt)
+            front, back = plan.segments
+            log.info("split after %s: front %s (%d params) on the agents, back %s (%d params) on the coordinator",
+                     self.cut, ", ".join(front.groups), front.num_params, ", ".join(back.groups), back.num_params)  # fmt: skip
+            return
         for seg in plan.segments:  # both kinds: which one an agent gets depends on the backend its hello names
             self.artifacts[seg.index, "ort"] = build_segment_artifacts(self.forward, seg.params, cache, opt, kd)
             self.artifacts[seg.index, "portable"] = build_portable_artifacts(self.forward, seg.params, cache, opt, kd)
@@ -72,8 +88,22 @@ def profile_of(hello: Hello, config: TrialConfig) -> AgentProfile:
     )  # fmt: skip
 
 
+def split_cut(config: TrialConfig, groups: Sequence[GroupInfo]) -> str:
+    """The trial's cut (``train.split_cut``, default: the first layer group), checked against the model."""
+    cut = config.train.split_cut or groups[0].name
+    names = [g.name for g in groups]
+    if cut not in names[:-1]:
+        raise ConfigError(
+            f"train.split_cut = {cut!r} is not a layer group of {config.model} that leaves the coordinator a back; "
+            f"choose one of: {', '.join(names[:-1])}"
+        )
+    return cut
+
+
 def make_plan(config: TrialConfig, groups: Sequence[GroupInfo], fleet: Sequence[AgentProfile]) -> Plan:
     t = config.train
+    if config.algorithm == "split":  # the agents' memory budgets are not planned: the front is the small side
+        return split_plan(fleet, groups, config.rounds, split_cut(config, groups))
     if config.algorithm == "fedavg":
         return fedavg_plan(fleet, groups, config.rounds, t.batch_size, t.optimizer)
     return snake_plan(fleet, groups, config.rounds, config.mode, t.batch_size, t.optimizer)
@@ -108,4 +138,7 @@ def prepare(config: TrialConfig, spec: InputSpec, work: Path) -> Prepared:
     torch.manual_seed(config.seed)
     model = build_model(config.model, spec)
     forward = export_forward(model, (spec.channels, spec.height, spec.width), spec.num_classes, work / "export")
-    return Prepared(model, forward, group_infos(forward, model), config, work)
+    prepared = Prepared(model, forward, group_infos(forward, model), config, work)
+    if config.algorithm == "split":
+        split_cut(config, prepared.groups)  # a bad cut fails now, not once the agents have joined
+    return prepared

@@ -75,7 +75,7 @@ def markdown(rows: Sequence[dict[str, Any]], rel: Sequence[dict[str, Any]], targ
             f"{_fmt(r['peak_rss_mb_mean'])} | {_fmt(r['max_trainable_params'])} | {_fmt(r['wall_s'])} |"
         )
     if rel:
-        lines += ["", "## Snake against FedAvg (same agents, data, broker, rounds)", ""]
+        lines += ["", "## Against FedAvg (same agents, data, broker, rounds)", ""]
         for r in rel:
             lines.append(f"- {r['partition']}: " + ", ".join(f"{k} = {v}" for k, v in r.items() if k != "partition"))
     lines += ["", "![accuracy per round](accuracy_rounds.png)", "![accuracy per byte](accuracy_bytes.png)",
@@ -123,7 +123,7 @@ def plots(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
 
 def write_report(summaries: Sequence[dict[str, Any]], out: Path, target: float, title: str) -> dict[str, Any]:
     rows = [row(s, target) for s in summaries]
-    rel = ratios(rows)
+    rel = ratios(rows) + ratios(rows, other="split")
     result = {"target_accuracy": target, "rows": rows, "ratios": rel, "runs": list(summaries)}
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     plots(summaries, out)

@@ -119,7 +119,8 @@ class RunRecord:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         ax1.plot(hops, [h["train_loss"] for h in self.hops], marker="o")
         ax1.set(xlabel="hop", ylabel="training loss", title="Training loss per hop")
-        ax2.plot(hops, [h["val_accuracy"] for h in self.hops], marker="o", color="tab:green")
+        accuracy = [math.nan if h["val_accuracy"] is None else h["val_accuracy"] for h in self.hops]
+        ax2.plot(hops, accuracy, marker="o", color="tab:green")
         ax2.set(xlabel="hop", ylabel="local validation accuracy", title="Accuracy after each hop", ylim=(0, 1))
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
@@ -130,5 +131,5 @@ class RunRecord:
         return path
 
 
-def _num(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, 6)
+def _num(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, 6)

@@ -72,7 +72,7 @@ class Plan:
     mode: str  # "p2p" | "cs"
     segments: tuple[Segment, ...]
     hops: tuple[PlannedHop, ...]
-    algorithm: str = "snake"  # "snake" | "fedavg"
+    algorithm: str = "snake"  # "snake" | "fedavg" | "split" (agents train segment 0, the coordinator 1)
     excluded: tuple[tuple[str, str], ...] = ()  # (agent, reason): agents the plan leaves out
 
     @property
@@ -90,6 +90,9 @@ class Plan:
     def describe(self) -> list[str]:
         """Human-readable lines: the segments, the route per round (with estimates), who is left out."""
         lines = [f"segment {s.index}: {', '.join(s.groups)} ({s.num_params:,} params)" for s in self.segments]
+        if self.algorithm == "split":
+            lines[0] += ": the front, trained on the agents in turn"
+            lines[1] += ": the back, trained on the coordinator for every agent's batches"
         joiner = " | " if self.algorithm == "fedavg" else " -> "  # fedavg: agents train in parallel
         for r in range(self.rounds):
             route = [f"{h.agent}[s{h.segment}{_estimates(h)}]" for h in self.hops if h.round == r]
@@ -363,6 +366,26 @@ def fedavg_plan(
     return Plan("cs", (_segment(0, groups),), tuple(hops), algorithm="fedavg", excluded=tuple(excluded))
 
 
+def cut_segments(groups: Sequence[GroupInfo], cut: str) -> tuple[Segment, Segment]:
+    """Split learning: (front, back) where the front ends with layer group ``cut``."""
+    names = [g.name for g in groups]
+    if cut not in names[:-1]:
+        raise ValueError(f"cannot cut after layer group {cut!r}; choose one of: {', '.join(names[:-1])}")
+    at = names.index(cut) + 1
+    return _segment(0, groups[:at]), _segment(1, groups[at:])
+
+
+def split_plan(agents: Sequence[str | AgentProfile], groups: Sequence[GroupInfo], rounds: int, cut: str) -> Plan:
+    """Split learning baseline (vanilla, sequential): every round the agents train the front in route order,
+    batch by batch with the coordinator, which trains the back; the front passes via the coordinator."""
+    if not agents or rounds < 1:
+        raise ValueError("a plan needs at least one agent and one round")
+    names = [a if isinstance(a, str) else a.agent for a in agents]
+    front, back = cut_segments(groups, cut)
+    hops = [PlannedHop(r, r * len(names) + i, a, 0) for r in range(rounds) for i, a in enumerate(names)]
+    return Plan("cs", (front, back), tuple(hops), algorithm="split")
+
+
 @dataclass(frozen=True)
 class HopSettings:
     epochs: int
@@ -373,6 +396,7 @@ class HopSettings:
     checkpoints: bool = False  # the last hop of every round sends the coordinator a copy
     kd_alpha: float = 0.0  # knowledge distillation weight (0 = off)
     kd_temperature: float = 2.0
+    gradient_timeout_s: float = 60.0  # split learning: per batch
 
 
 def artifact_kind(backend: str) -> str:
@@ -402,7 +426,7 @@ def hop_tasks(
             h.round, h.hop, h.segment, list(seg.groups), list(seg.tensors), sha, size, prev, nxt,
             settings.epochs, settings.batch_size, settings.lr, settings.seed + h.hop, settings.max_steps,
             settings.checkpoints and round_end and plan.algorithm == "snake" and plan.mode == "p2p",
-            settings.kd_alpha, settings.kd_temperature,
+            settings.kd_alpha, settings.kd_temperature, plan.algorithm == "split", settings.gradient_timeout_s,
         )  # fmt: skip
         out.setdefault(h.agent, []).append(task)
     return out

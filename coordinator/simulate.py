@@ -19,7 +19,7 @@ import numpy as np
 
 from coordinator.broker import start_broker
 from coordinator.config import TrialConfig
-from coordinator.errors import TrialError
+from coordinator.errors import ConfigError, TrialError
 from coordinator.memcap import MemoryCap
 from coordinator.trial import run_trial
 from edge_agent.data import Dataset, load_dataset, parse_partition, partition, save_npz, split_holdout
@@ -115,6 +115,12 @@ class AgentProcesses:
 
 def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, Any]:
     """Run a simulated trial; returns the summary (also in ``out/summary.json``)."""
+    backends = options.backends or ("auto",)
+    if config.algorithm == "split":  # fail before starting anything (the controller checks hellos too)
+        chosen = [config.member(i).backend or backends[i % len(backends)] for i in range(config.agents)]
+        portable = [f"agent-{i}" for i, backend in enumerate(chosen) if backend == "portable"]
+        if portable:
+            raise ConfigError(f"split learning needs the ort backend; {', '.join(portable)} would run portable")
     ds = load_dataset(config.dataset)
     paths = write_partitions(config, ds, out / "data")
     broker = None if options.broker else start_broker(options.broker_kind, workdir=out / "broker")
@@ -129,7 +135,6 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
         return reason is not None
 
     try:
-        backends = options.backends or ("auto",)
         for i, path in enumerate(paths):
             member = config.member(i)
             backend = member.backend or backends[i % len(backends)]

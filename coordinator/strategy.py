@@ -1,6 +1,7 @@
 """Algorithms as strategies of the pure controller: where models go, and what the coordinator does
 with a model that reaches it. Snake Learning (P2P or client-server) and FedAvg share the agents, the
-broker, the transfers and the accounting; only these decisions differ.
+broker, the transfers and the accounting; only these decisions differ. Split learning
+(:mod:`coordinator.split`) also answers per-batch activations (``on_activations``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class ModelSend:
     dst: str
     meta: dict[str, Any]  # "hop" names the receiver's task
     data: bytes
+    purpose: str = "model"  # the transfer's purpose ("gradients" for split learning's per-batch answers)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from coordinator.prepare import Prepared, prepare
 from coordinator.results import RunRecord
 from coordinator.scheduler import HopSettings
 from coordinator.service import TrialService
+from coordinator.split import SplitStrategy
+from coordinator.split_back import TorchBack
 from coordinator.strategy import FedAvgStrategy, SnakeStrategy, Strategy
 from edge_agent.data import Dataset, to_float
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
@@ -37,6 +39,9 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
     strategy: Strategy = (
         FedAvgStrategy(config.transfer.compression) if config.algorithm == "fedavg" else SnakeStrategy()
     )
+    if config.algorithm == "split":
+        back = TorchBack(prepared.model, prepared.cut, t.optimizer, t.lr)
+        strategy = SplitStrategy(back, config.transfer.compression)
     return TrialSetup(
         trial_id=f"{config.name}-{uuid.uuid4().hex[:8]}",
         expected_agents=config.agents,
@@ -53,6 +58,7 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
             config.eval_every_round,
             t.kd_alpha,
             t.kd_temperature,
+            config.timeouts.gradient_s,
         ),  # fmt: skip
         chunk_bytes=config.transfer.chunk_bytes,
         compression=config.transfer.compression,
@@ -83,7 +89,10 @@ class RoundEvaluator:
         round_, data = event.body
         self.seen.add(round_)
         # what the algorithm moved so far: everything the coordinator sent + the model each hop handed on
+        # (+ split learning's activations, which agents send batch by batch)
+        ctl = self.service.controller
         sent = self.service.link.bytes_sent + sum(int(h["model_bytes"]) for h in self.record.hops)
+        sent += ctl.activation_bytes if ctl is not None else 0
         self.pending.append(self.pool.submit(self._evaluate, round_, data, sent))
 
     def wait(self) -> None:
@@ -146,7 +155,11 @@ def run_trial(
         "plan": prepared.plan.as_dict() if prepared.plan else None,
         "final_model": str(onnx_path),
     }
-    summary = record.summary(base, outcome.bytes_sent, service.controller.checkpoint_bytes if service.controller else 0)
+    ctl = service.controller
+    summary = record.summary(base, outcome.bytes_sent, ctl.checkpoint_bytes if ctl else 0)
+    if config.algorithm == "split" and ctl is not None:
+        summary |= {"split_cut": prepared.cut, "bytes_activations": ctl.activation_bytes,
+                    "bytes_gradients": ctl.gradient_bytes}  # fmt: skip
     record.write_summary(summary)
     record.plot()
     log.info("final test accuracy %.4f (loss %.4f) on %d samples", test.accuracy, test.loss, test.samples)
@@ -157,7 +170,7 @@ def _base(config: TrialConfig, trial_id: str, extra: dict[str, Any] | None) -> d
     return {
         "trial_id": trial_id,
         "algorithm": config.algorithm,
-        "mode": "cs" if config.algorithm == "fedavg" else config.mode,  # FedAvg is a star by nature
+        "mode": "cs" if config.algorithm in ("fedavg", "split") else config.mode,  # both are stars by nature
         "model": config.model,
         "dataset": config.dataset,
         "partition": config.partition,

@@ -6,12 +6,16 @@ it to MQTT, the artifact store and a trainer. One hop goes:
   assign -> (artifact_request -> artifact chunks) -> model chunks from ``prev``
   -> Train action -> ``hop_trained`` -> model chunks to ``next`` + hop_done report
 
+A split-learning hop (``task.split``) trains batch by batch: the trainer's activations go out
+through ``send_activations`` and each awaited gradient comes back as a ``Gradient`` action.
+
 The agent keeps every model it sends until the receiver acknowledges its digest.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ from edge_agent.protocol.messages import (
     body_of,
     to_body,
 )
+from edge_agent.protocol.split import ACTIVATIONS, GRADIENTS, batch_meta, decode_gradient, parse_batch
 from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassembler, error_reply, sha256_hex
 from edge_agent.trainer import EvalStats, TrainStats
 
@@ -69,7 +74,17 @@ class SayBye:
     exit: bool
 
 
-Action = Train | StoreArtifact | SayBye
+@dataclass(frozen=True)
+class Gradient:
+    """Action: hand the training worker dL/dA of the batch it waits for (split learning)."""
+
+    hop: int
+    seq: int
+    gradient: np.ndarray
+    loss: float  # the coordinator's loss on that batch
+
+
+Action = Train | StoreArtifact | SayBye | Gradient
 
 
 @dataclass
@@ -117,6 +132,7 @@ class Agent:
         self.tasks: dict[int, HopTask] = {}  # by global hop
         self.models: dict[int, dict[str, np.ndarray]] = {}  # received models waiting for their hop
         self.busy: int | None = None  # hop being trained
+        self.awaiting: tuple[int, int] | None = None  # split learning: (hop, seq) whose gradient we wait for
         self.finished: set[int] = set()
         self.requested: dict[str, float] = {}  # artifact sha -> when asked
         self.seen: OrderedDict[str, None] = OrderedDict()  # control message ids (QoS 1 duplicates)
@@ -185,10 +201,10 @@ class Agent:
         _, out = self.outbox.send(task.next, self.trial_id, "model", meta, data, self.chunk_bytes, now)
         if task.checkpoint and task.next != COORD:  # a copy for the coordinator's per-round evaluation
             out += self.outbox.send(COORD, self.trial_id, "checkpoint", meta, data, self.chunk_bytes, now)[1]
-        self.busy = None
+        self.busy, self.awaiting = None, None
         self.finished.add(task.hop)
         done = HopDone(
-            task.round, task.hop, task.segment, result.train.loss, result.val.loss, result.val.accuracy,
+            task.round, task.hop, task.segment, result.train.loss, _finite(result.val.loss), _finite(result.val.accuracy),
             result.train.steps, result.train.samples, result.train.seconds, result.trainable_params,
             sha256_hex(data), len(data), counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb,
             self.hello.backend,
@@ -198,8 +214,19 @@ class Agent:
 
     def hop_failed(self, hop: int, reason: str, now: float) -> Effects:
         """Training raised: tell the coordinator; keep the received model (nothing is lost)."""
-        self.busy = None
+        self.busy, self.awaiting = None, None
         return Effects([self._error(COORD, "hop_failed", f"hop {hop} failed on {self.me}: {reason}", now)])
+
+    def send_activations(self, hop: int, seq: int, data: bytes, now: float) -> Effects:
+        """Split learning: the worker computed batch ``seq`` of ``hop``; send it and await its gradient."""
+        task = self.tasks.get(hop)
+        if task is None or self.busy != hop:
+            log.warning("activations of hop %d batch %d: that hop is not training here; dropped", hop, seq)
+            return Effects()
+        self.awaiting = (hop, seq)
+        meta = batch_meta(hop, seq, round=task.round)
+        _, out = self.outbox.send(COORD, self.trial_id, ACTIVATIONS, meta, data, self.chunk_bytes, now)
+        return Effects(out)
 
     def bye(self, counters: Counters, now: float) -> Outgoing:
         body = Bye(counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb, len(self.finished))
@@ -291,6 +318,8 @@ class Agent:
             return fx.extend(self._on_artifact(done))
         if done.purpose == "model":
             return fx.extend(self._on_model(done, now))
+        if done.purpose == GRADIENTS:
+            return fx.extend(self._on_gradient(done))
         log.warning("transfer %s from %s has unknown purpose %r; dropped", done.transfer_id, done.src, done.purpose)
         return fx
 
@@ -298,6 +327,19 @@ class Agent:
         if done.meta.get("sha256") != done.sha256:
             raise ProtocolError("malformed", f"artifact transfer {done.transfer_id} names a different digest")
         return Effects(actions=[StoreArtifact(done.sha256, done.data)])
+
+    def _on_gradient(self, done: Completed) -> Effects:
+        hop, seq = parse_batch(done.meta)
+        if self.awaiting != (hop, seq):  # a duplicate, a late answer or one for another hop
+            log.warning("gradient for hop %d batch %d from %s not awaited (awaiting %s); dropped",
+                        hop, seq, done.src, self.awaiting)  # fmt: skip
+            return Effects()
+        loss = done.meta.get("loss")
+        if not isinstance(loss, int | float) or isinstance(loss, bool):
+            raise ProtocolError("malformed", f"gradient for hop {hop} batch {seq} carries no loss")
+        gradient = decode_gradient(done.data)
+        self.awaiting = None
+        return Effects(actions=[Gradient(hop, seq, gradient, float(loss))])
 
     def _on_model(self, done: Completed, now: float) -> Effects:
         hop = done.meta.get("hop")
@@ -338,3 +380,8 @@ class Agent:
             "error", self.me, dst, trial_id=self.trial_id, created_at=now, error={"code": code, "message": message}
         )
         return Outgoing(topics.inbox(dst), encode(env))
+
+
+def _finite(value: float) -> float | None:
+    """JSON carries no NaN: an undefined figure travels as null."""
+    return value if math.isfinite(value) else None

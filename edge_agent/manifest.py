@@ -47,6 +47,15 @@ class SegmentManifest:
     # Knowledge-distillation bundles only (absent otherwise): the extra graph inputs (teacher logits
     # float [N, num_classes], alpha and temperature float scalars), in that order. See edge_agent.kd_loss.
     kd_inputs: tuple[str, ...] = ()
+    # Split-learning front bundles only (absent otherwise): the per-sample shape of the activations the
+    # front outputs (``logits_name``); ``label_name`` then names the input taking dL/d(activations) and
+    # the loss is the surrogate sum(activations * gradient). See edge_agent.split_artifacts.
+    activation_shape: tuple[int, ...] = ()
+
+    @property
+    def split_front(self) -> bool:
+        """Whether this bundle trains a split-learning front from gradients the coordinator sends."""
+        return bool(self.activation_shape)
 
     @property
     def kd(self) -> bool:
@@ -111,6 +120,8 @@ class SegmentManifest:
             }
         if self.kd_inputs:
             data |= {"kd": True, "kd_inputs": list(self.kd_inputs)}
+        if self.activation_shape:
+            data["activation_shape"] = list(self.activation_shape)
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -138,6 +149,7 @@ class SegmentManifest:
                 grad_outputs={str(k): str(v) for k, v in data.get("grad_outputs", {}).items()},
                 buffer_outputs={str(k): str(v) for k, v in data.get("buffer_outputs", {}).items()},
                 kd_inputs=tuple(map(str, data.get("kd_inputs", []))) if data.get("kd", False) else (),
+                activation_shape=tuple(int(d) for d in data.get("activation_shape", [])),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"malformed manifest: {exc!r}") from exc

@@ -142,8 +142,10 @@ def _run_generator(
     optimizer: str,
     logits_name: str,
     kd_classes: int | None = None,
+    loss: object | None = None,
 ) -> None:
-    """``kd_classes``: build the knowledge-distillation loss (:mod:`edge_agent.kd_loss`) for that many classes."""
+    """``kd_classes``: build the knowledge-distillation loss (:mod:`edge_agent.kd_loss`) for that many classes;
+    ``loss``: an onnxblock loss block that replaces cross-entropy (e.g. the split-learning surrogate)."""
     artifacts = training_module("artifacts")
     graph_utils = training_module("onnxblock._graph_utils")
     try:
@@ -154,7 +156,7 @@ def _run_generator(
                 model,
                 requires_grad=trainable,
                 frozen_params=frozen,
-                loss=artifacts.LossType.CrossEntropyLoss if kd_classes is None else kd_loss_block(kd_classes),
+                loss=loss or (artifacts.LossType.CrossEntropyLoss if kd_classes is None else kd_loss_block(kd_classes)),
                 optimizer=_optimizer_block(optimizer),
                 artifact_directory=out,
                 nominal_checkpoint=True,

@@ -2,7 +2,9 @@
 
 One thread runs the message loop (callbacks of the MQTT client only enqueue);
 training runs in a worker thread, so the agent keeps acknowledging transfers and
-answering while it trains.
+answering while it trains. A split-learning hop's worker hands each batch's activations to the
+loop through a queue and waits (bounded by the task's gradient timeout) for the gradient the
+loop passes back; the loop never waits for the worker.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import json
 import logging
 import queue
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from edge_agent import profile
-from edge_agent.agent import Agent, Counters, Effects, HopResult, SayBye, StoreArtifact, Train
+from edge_agent.agent import Agent, Counters, Effects, Gradient, HopResult, SayBye, StoreArtifact, Train
 from edge_agent.backends import make_trainer
 from edge_agent.bundle import ArtifactStore
 from edge_agent.calibrate import measure_gflops
@@ -28,8 +32,10 @@ from edge_agent.manifest import read_manifest
 from edge_agent.mqtt import MqttLink, parse_broker_url
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, encode
-from edge_agent.protocol.messages import Hello, HopProgress, HopStarted, Status, to_body
-from edge_agent.trainer import EvalStats, TrainSpec
+from edge_agent.protocol.messages import Hello, HopProgress, HopStarted, HopTask, Status, to_body
+from edge_agent.protocol.split import encode_activations
+from edge_agent.split_trainer import OrtFrontTrainer
+from edge_agent.trainer import EvalStats, TrainerError, TrainSpec, TrainStats
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,8 @@ class AgentService:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         self.running: _Running | None = None
         self.exit_reason: str | None = None
+        self.batches_out: queue.Queue[tuple[int, int, bytes]] = queue.Queue()  # split: (hop, seq, activations)
+        self.gradients: queue.Queue[Gradient | None] = queue.Queue()  # split: to the worker; None = stop
         self.link = MqttLink(
             parse_broker_url(config.broker),
             client_id=f"snake-agent-{config.agent_id}",
@@ -98,6 +106,7 @@ class AgentService:
                     self._apply(self.agent.handle(msg.topic, msg.payload, time.time()))
                 self._collect_training()
                 self._flush_progress()
+                self._flush_batches()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.config.tick_s
                     self._apply(self.agent.tick(time.time(), self.counters()))
@@ -106,6 +115,7 @@ class AgentService:
         return self.exit_reason or "stopped"
 
     def close(self) -> None:
+        self.gradients.put(None)  # a split worker waiting for a gradient stops now
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.link.connected:
             self.link.publish(
@@ -120,6 +130,8 @@ class AgentService:
         for action in fx.actions:
             if isinstance(action, Train):
                 self._start_training(action)
+            elif isinstance(action, Gradient):
+                self.gradients.put(action)
             elif isinstance(action, StoreArtifact):
                 self._apply(self._store(action))
             elif isinstance(action, SayBye):
@@ -150,14 +162,10 @@ class AgentService:
         log.info(
             "hop %d (round %d): training segment %d (%s)", task.hop, task.round, task.segment, ", ".join(task.groups)
         )
-        self.running = _Running(task.hop, self.pool.submit(self._train, action, spec))
+        train = self._train_split if task.split else self._train
+        self.running = _Running(task.hop, self.pool.submit(train, action, spec))
 
-    def _train(self, action: Train, spec: TrainSpec) -> HopResult:
-        task = action.task
-        trainer = make_trainer(self.config.backend, self.config.threads)
-        directory = self.store.path(task.artifact_sha256)
-        trainer.open(directory)
-        trainer.set_weights(action.tensors)
+    def _on_step(self, task: HopTask) -> Callable[[int, int, float], None]:
         last = [0.0]
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -166,13 +174,61 @@ class AgentService:
                 last[0] = now
                 self.progress.put(HopProgress(task.round, task.hop, step, total, loss))
 
-        stats = trainer.train(self.data.x_train, self.data.y_train, spec, on_step)
+        return on_step
+
+    def _train(self, action: Train, spec: TrainSpec) -> HopResult:
+        task = action.task
+        trainer = make_trainer(self.config.backend, self.config.threads)
+        directory = self.store.path(task.artifact_sha256)
+        trainer.open(directory)
+        trainer.set_weights(action.tensors)
+        stats = trainer.train(self.data.x_train, self.data.y_train, spec, self._on_step(task))
         val = trainer.evaluate(self.data.x_val, self.data.y_val) if len(self.data.y_val) else None
+        return self._result(action, directory, trainer.get_weights(), stats, val)
+
+    def _train_split(self, action: Train, spec: TrainSpec) -> HopResult:
+        """Split learning: train the front batch by batch against the coordinator's gradients."""
+        task = action.task
+        if self.backend != "ort":
+            raise TrainerError(f"split learning needs the ort backend; this agent runs {self.backend}")
+        trainer = OrtFrontTrainer(self.config.threads)
+        directory = self.store.path(task.artifact_sha256)
+        trainer.open(directory)
+        trainer.set_weights(action.tensors)
+        while not self.gradients.empty():  # nothing from an earlier hop may answer this one
+            self.gradients.get_nowait()
+
+        def exchange(seq: int, activations: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+            self.batches_out.put((task.hop, seq, encode_activations(activations, labels, self.agent.compression)))
+            return self._await_gradient(task, seq)
+
+        stats = trainer.train_split(self.data.x_train, self.data.y_train, spec, exchange, self._on_step(task))
+        return self._result(action, directory, trainer.get_weights(), stats, None)
+
+    def _await_gradient(self, task: HopTask, seq: int) -> tuple[np.ndarray, float]:
+        deadline = time.monotonic() + task.gradient_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                answer = self.gradients.get(timeout=left)
+            except queue.Empty:
+                break
+            if answer is None:
+                raise TrainerError("the agent is stopping")
+            if (answer.hop, answer.seq) == (task.hop, seq):
+                return answer.gradient, answer.loss
+        raise TrainerError(
+            f"no gradient for batch {seq} of hop {task.hop} from the coordinator within {task.gradient_timeout_s:g} s"
+        )
+
+    def _result(
+        self, action: Train, directory: Path, weights: dict[str, np.ndarray], stats: TrainStats, val: EvalStats | None
+    ) -> HopResult:
+        task = action.task
         manifest = read_manifest(directory)
         trainable = sum(int(np.prod(manifest.shapes[n])) for n in manifest.trainable)
         updated = frozenset(task.tensors) | frozenset(manifest.buffers)  # running statistics follow the data
         val = val or EvalStats(float("nan"), float("nan"), 0)
-        return HopResult(task, trainer.get_weights(), updated, stats, val, trainable)
+        return HopResult(task, weights, updated, stats, val, trainable)
 
     def _collect_training(self) -> None:
         if self.running is None or not self.running.future.done():
@@ -185,6 +241,14 @@ class AgentService:
             self._apply(self.agent.hop_failed(running.task_hop, f"{type(exc).__name__}: {exc}", time.time()))
             return
         self._apply(self.agent.hop_trained(result, self.counters(), time.time()))
+
+    def _flush_batches(self) -> None:
+        while True:
+            try:
+                hop, seq, data = self.batches_out.get_nowait()
+            except queue.Empty:
+                return
+            self._apply(self.agent.send_activations(hop, seq, data, time.time()))
 
     def _flush_progress(self) -> None:
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,18 @@ class CNN(nn.Module):
         self.fc = nn.Linear(cin * size * size, config.hidden)
         self.head = nn.Linear(config.hidden, config.num_classes)
 
+    def stages(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """(layer group, its step) in order: the forward pass, cuttable between groups (split learning)."""
+        convs = [
+            (f"conv{i}", getattr(self, f"conv{i}")) for i in range(len(self.config.channels))
+        ]  # [B, C_i, H_i, W_i]
+        return [
+            *convs,
+            ("fc", lambda x: torch.relu(self.fc(x.flatten(1)))),  # [B, hidden]
+            ("head", self.head),  # [B, num_classes]
+        ]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i in range(len(self.config.channels)):
-            x = getattr(self, f"conv{i}")(x)  # [B, C_i, H_i, W_i]
-        h = torch.relu(self.fc(x.flatten(1)))  # [B, hidden]
-        return self.head(h)  # [B, num_classes]
+        for _, stage in self.stages():
+            x = stage(x)
+        return x

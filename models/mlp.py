@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,16 @@ class MLP(nn.Module):
             self.add_module(f"fc{i}", nn.Linear(fan_in, fan_out))
         self.head = nn.Linear(sizes[-1], config.num_classes)
 
+    def stages(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """(layer group, its step) in order: the forward pass, cuttable between groups (split learning)."""
+
+        def hidden(layer: nn.Module, flatten: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda h: torch.relu(layer(h.flatten(1) if flatten else h))  # [B, hidden_i]
+
+        layers = [(f"fc{i}", hidden(getattr(self, f"fc{i}"), i == 0)) for i in range(len(self.config.hidden))]
+        return [*layers, ("head", self.head)]  # [B, num_classes]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.flatten(1)  # [B, C*H*W]
-        for i in range(len(self.config.hidden)):
-            h = torch.relu(getattr(self, f"fc{i}")(h))  # [B, hidden_i]
-        return self.head(h)  # [B, num_classes]
+        for _, stage in self.stages():
+            x = stage(x)
+        return x

@@ -7,6 +7,7 @@ feature map is 1x1 (so 28x28 Fashion-MNIST and 32x32 CIFAR-10 both work).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,11 @@ class VGG(nn.Module):
         self.features = nn.ModuleList(layers)
         flat = cin * size * size
         self.classifier = nn.ModuleList(
-            [nn.Linear(flat, config.hidden), nn.Linear(config.hidden, config.hidden), nn.Linear(config.hidden, config.num_classes)]
+            [
+                nn.Linear(flat, config.hidden),
+                nn.Linear(config.hidden, config.hidden),
+                nn.Linear(config.hidden, config.num_classes),
+            ]
         )
         self.drop = nn.Dropout(config.dropout)
 
@@ -66,10 +71,17 @@ class VGG(nn.Module):
             f"classifier.{i}" for i in range(len(self.classifier))
         ]
 
+    def stages(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """(layer group, its step) in order: the forward pass, cuttable between groups (split learning)."""
+
+        def hidden(layer: nn.Module, flatten: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda h: self.drop(torch.relu(layer(h.flatten(1) if flatten else h)))  # [B, hidden]
+
+        features = [(f"features.{i}", layer) for i, layer in enumerate(self.features)]  # [B, C, H, W]
+        classifier = [(f"classifier.{i}", hidden(self.classifier[i], i == 0)) for i in range(2)]
+        return [*features, *classifier, ("classifier.2", self.classifier[2])]  # [B, num_classes]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.features:
-            x = layer(x)  # [B, C, H, W]
-        h = x.flatten(1)  # [B, C*H*W]
-        h = self.drop(torch.relu(self.classifier[0](h)))  # [B, hidden]
-        h = self.drop(torch.relu(self.classifier[1](h)))  # [B, hidden]
-        return self.classifier[2](h)  # [B, num_classes]
+        for _, stage in self.stages():
+            x = stage(x)
+        return x

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,3 +79,19 @@ class FakeTrainer:
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         return EvalStats(loss=0.4, accuracy=0.9, samples=len(x))
+
+
+class CountingBack:
+    """A split-learning back: dL/dA = -A, loss = mean label; every back tensor grows by 1 per step."""
+
+    def __init__(self, groups: Sequence[Any]) -> None:  # GroupInfo-like: .params, .buffers
+        self.weights = {t: np.zeros(3, np.float32) for g in groups for t in (*g.params, *g.buffers)}
+        self.steps = 0
+
+    def step(self, activations: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+        self.steps += 1
+        self.weights = {k: v + 1 for k, v in self.weights.items()}
+        return -activations, float(labels.mean())
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return dict(self.weights)

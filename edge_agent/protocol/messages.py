@@ -67,6 +67,8 @@ class HopTask:
     checkpoint: bool = False  # also send the coordinator a copy after this hop (per-round evaluation)
     kd_alpha: float = 0.0  # knowledge distillation weight (0 = off; > 0 needs a KD bundle)
     kd_temperature: float = 2.0
+    split: bool = False  # split learning: train the front batch by batch with the coordinator's gradients
+    gradient_timeout_s: float = 60.0  # split: give up on the hop when a batch's gradient takes longer
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class Chunk:
 
     TYPE: ClassVar[str] = "chunk"
     transfer_id: str
-    purpose: str  # "model" | "artifact"
+    purpose: str  # "model" | "artifact" | "checkpoint" | "activations" | "gradients"
     seq: int
     count: int
     size: int  # whole transfer, bytes
@@ -141,8 +143,8 @@ class HopDone:
     hop: int
     segment: int
     train_loss: float
-    val_loss: float
-    val_accuracy: float
+    val_loss: float | None  # None: the hop has no validation (split learning's front alone has no output)
+    val_accuracy: float | None
     steps: int
     samples: int
     train_s: float

@@ -73,3 +73,23 @@ def test_agent_refuses_ids_that_break_topics(tmp_path: Path, agent_id: str) -> N
         cwd=tmp_path,
     )
     assert proc.returncode == ExitCode.USAGE and "invalid agent id" in proc.stderr
+
+
+def test_split_learning_refuses_portable_agents_by_name_before_starting(tmp_path: Path) -> None:
+    proc = run("coordinator.cli", "simulate", "--algorithm", "split", "--agents", "2", "--agent-backends", "ort,portable",
+               "--out", str(tmp_path / "o"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == ExitCode.CONFIG
+    assert "split learning needs the ort backend; agent-1 would run portable" in proc.stderr
+    assert not (tmp_path / "o" / "logs").exists()  # no agent was started
+
+
+def test_plan_prints_a_split_plan_and_refuses_a_cut_that_leaves_no_back(tmp_path: Path) -> None:
+    proc = run("coordinator.cli", "plan", "--algorithm", "split", "--agents", "2", "--rounds", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-3:] == [
+        "segment 0: conv0 (352 params): the front, trained on the agents in turn",
+        "segment 1: conv1, fc, head (421,386 params): the back, trained on the coordinator for every agent's batches",
+        "round 0: agent-0[s0] -> agent-1[s0]",
+    ]
+    bad = run("coordinator.cli", "plan", "--algorithm", "split", "--split-cut", "head", cwd=tmp_path)
+    assert bad.returncode == ExitCode.CONFIG and "choose one of: conv0, conv1, fc" in bad.stderr

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 import sys
+from collections.abc import Iterator
 
 import pytest
 

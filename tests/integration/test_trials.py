@@ -236,3 +236,59 @@ def test_a_capped_agent_trains_in_snake_and_fedavg_leaves_it_out(mosquitto: Runn
     assert list(fedavg["excluded"]) == ["agent-2"]
     assert "unable to train" in fedavg["excluded"]["agent-2"] and "420 MiB" in fedavg["excluded"]["agent-2"]
     assert sorted(a["agent_id"] for a in fedavg["agents"] if a["hops"]) == ["agent-0", "agent-1"]
+
+
+def test_split_learning_baseline_on_the_same_agents(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    """Agents train the front (conv0) batch by batch against the coordinator's back over the real broker."""
+    config = small(model="cnn", agents=2, rounds=2, samples_per_agent=1000, algorithm="split")
+    summary = run(config, tmp_path, mosquitto.url)
+    assert summary["algorithm"] == "split" and summary["mode"] == "cs" and summary["split_cut"] == "conv0"
+    assert summary["hops"] == 4 and [a["hops"] for a in summary["agents"]] == [2, 2]
+    assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
+    assert [r["round"] for r in summary["round_test"]] == [0, 1]  # front + back assembled after every round
+    lines = hop_lines(tmp_path)
+    assert all(h["val_accuracy"] is None and 0 < h["train_loss"] < 2.5 for h in lines)
+    steps = sum(h["steps"] for h in lines)
+    assert steps == 4 * (900 // 32)  # 1000 samples, 10 % validation, batches of 32, every batch answered once
+    # one batch of activations: 32 x 32 x 14 x 14 float32 (+ labels); as much comes back as gradients
+    batch = 32 * 32 * 14 * 14 * 4
+    assert summary["bytes_activations"] >= steps * batch and summary["bytes_gradients"] >= steps * batch
+    assert summary["bytes_total"] > summary["bytes_activations"] + summary["bytes_gradients"]
+    for agent in summary["agents"]:  # each agent sent its own activations and received its gradients
+        assert agent["bytes_sent"] >= 2 * (900 // 32) * batch and agent["bytes_received"] >= 2 * (900 // 32) * batch
+        assert agent["max_trainable_params"] == summary["segments"][0]["params"] == 352  # conv0 only
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert "ms waiting for gradients" in logs
+
+
+class DeafBack:
+    """A back that cannot use any batch (as if the coordinator's side were broken): no gradient ever comes."""
+
+    def __init__(self, *args: object) -> None:
+        self.calls = 0
+
+    def step(self, activations: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+        self.calls += 1
+        raise ValueError("this back takes no batches")
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {}
+
+
+@pytest.mark.expect_errors
+def test_a_gradient_that_never_comes_fails_the_hop_with_a_reason(
+    mosquitto: RunningBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coordinator.trial
+    from coordinator.errors import TrialError
+
+    monkeypatch.setattr(coordinator.trial, "TorchBack", DeafBack)
+    config = small(
+        model="cnn", agents=2, rounds=1, samples_per_agent=200, algorithm="split", **{"timeouts.gradient_s": 2.0}
+    )
+    with pytest.raises(TrialError, match="no gradient for batch 0 of hop 0 from the coordinator within 2 s"):
+        run(config, tmp_path, mosquitto.url)
+    log = (tmp_path / "logs" / "agent-0.log").read_text()
+    assert "does not fit the back" in log  # the coordinator answered the batch with an error, never a gradient
+    # the agent reported the failure and stayed up until the coordinator told it to exit
+    assert "agent exits: trial failed: hop 0 failed on agent-0: TrainerError: no gradient for batch 0" in log

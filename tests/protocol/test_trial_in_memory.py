@@ -10,18 +10,21 @@ import numpy as np
 import pytest
 
 from coordinator.controller import Controller, TrialSetup
-from coordinator.scheduler import GroupInfo, HopSettings, Plan, fedavg_plan, snake_plan
-from coordinator.strategy import FedAvgStrategy, SnakeStrategy
-from edge_agent.agent import Agent, Counters, HopResult, SayBye, StoreArtifact, Train
+from coordinator.scheduler import GroupInfo, HopSettings, Plan, fedavg_plan, snake_plan, split_plan
+from coordinator.split import SplitStrategy
+from coordinator.strategy import FedAvgStrategy, SnakeStrategy, Strategy
+from edge_agent.agent import Agent, Counters, Gradient, HopResult, SayBye, StoreArtifact, Train
 from edge_agent.protocol import topics
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.messages import Hello
+from edge_agent.protocol.split import encode_activations
 from edge_agent.trainer import EvalStats, TrainStats
-from tests.fakes import MemoryBroker
+from tests.fakes import CountingBack, MemoryBroker
 
 GROUPS = [GroupInfo(f"g{i}", (f"g{i}.w",), (f"g{i}.stat",), 10 * (i + 1)) for i in range(4)]
 COUNTERS = Counters(0, 0, 1.0)
+SPLIT_BATCHES = 3  # batches per split-learning hop in the harness
 
 
 def hello(agent_id: str) -> Hello:
@@ -45,6 +48,7 @@ class Harness:
     mode: str = "p2p"
     algorithm: str = "snake"
     checkpoints: bool = False
+    backends: tuple[str, ...] = ("fake",)
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     history: list[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], list[str]]] = field(default_factory=list)
 
@@ -52,19 +56,33 @@ class Harness:
         self.initial = {
             name: np.full(3, i, np.float32) for i, g in enumerate(GROUPS) for name in (*g.params, *g.buffers)
         }
-        fedavg = self.algorithm == "fedavg"
+        self.back = CountingBack(GROUPS[1:])
+        plans = {
+            "fedavg": lambda hellos: fedavg_plan(sorted(hellos), GROUPS, self.rounds),
+            "split": lambda hellos: split_plan(sorted(hellos), GROUPS, self.rounds, "g0"),
+            "snake": lambda hellos: snake_plan(sorted(hellos), GROUPS, self.rounds, self.mode),
+        }
+        strategies: dict[str, Strategy] = {
+            "fedavg": FedAvgStrategy(),
+            "split": SplitStrategy(self.back),
+            "snake": SnakeStrategy(),
+        }
         setup = TrialSetup(
-            "t1", self.agents,
-            (lambda hellos: fedavg_plan(sorted(hellos), GROUPS, self.rounds)) if fedavg
-            else (lambda hellos: snake_plan(sorted(hellos), GROUPS, self.rounds, self.mode)),
-            {}, {}, encode_tensors(self.initial),
-            HopSettings(1, 8, 0.1, 0, None, self.checkpoints), 4096, "none", 60.0, 60.0,
-            FedAvgStrategy() if fedavg else SnakeStrategy(), fake_bundles,
+            "t1", self.agents, plans[self.algorithm], {}, {}, encode_tensors(self.initial),
+            HopSettings(1, 8, 0.1, 0, None, self.checkpoints), 4096, "none", 60.0, 60.0, strategies[self.algorithm],
+            fake_bundles,
         )  # fmt: skip
         self.ctl = Controller(setup, 0.0)
         self.broker.subscribe("coordinator", topics.coordinator_inbox())
         self.broker.subscribe("coordinator", topics.ALL_AGENT_STATUS)
-        self.machines = {f"a{i}": Agent(hello(f"a{i}"), set(), 4096) for i in range(self.agents)}
+        self.machines = {
+            f"a{i}": Agent(
+                dataclasses.replace(hello(f"a{i}"), backend=self.backends[i % len(self.backends)]), set(), 4096
+            )
+            for i in range(self.agents)
+        }
+        self.split_work: dict[str, tuple[Train, int]] = {}  # agent -> (its split hop, next batch)
+        self.gradients: list[tuple[int, int, float]] = []  # (hop, seq, loss) as the agents received them
         for name in self.machines:
             self.broker.subscribe(name, topics.agent_inbox(name))
         self.events: list[str] = []
@@ -109,6 +127,11 @@ class Harness:
             machine = self.machines[name]
             if isinstance(action, StoreArtifact):
                 self._apply(name, machine.artifact_stored(action.sha256, True, now), now)
+            elif isinstance(action, Train) and action.task.split:
+                self.split_work[name] = (action, 0)
+                self._send_batch(name, now)
+            elif isinstance(action, Gradient):
+                self._on_gradient(name, action, now)
             elif isinstance(action, Train):
                 task = action.task
                 after = {k: v.copy() for k, v in action.tensors.items()}
@@ -122,6 +145,30 @@ class Harness:
                 self._publish([machine.bye(COUNTERS, now)])
                 if action.exit:
                     self.exited.add(name)
+
+    # -- a split-learning worker: sends SPLIT_BATCHES batches, adds 1 to the front per gradient ------
+    def _send_batch(self, name: str, now: float) -> None:
+        action, seq = self.split_work[name]
+        activations = np.full((2, 3), seq + 10 * action.task.hop, np.float32)
+        data = encode_activations(activations, np.array([1, 3]))
+        self._apply(name, self.machines[name].send_activations(action.task.hop, seq, data, now), now)
+
+    def _on_gradient(self, name: str, grad: Gradient, now: float) -> None:
+        action, seq = self.split_work[name]
+        assert (grad.hop, grad.seq) == (action.task.hop, seq)  # exactly the batch the worker waits for
+        np.testing.assert_array_equal(grad.gradient, -np.full((2, 3), seq + 10 * grad.hop, np.float32))
+        self.gradients.append((grad.hop, grad.seq, grad.loss))
+        if seq + 1 < SPLIT_BATCHES:
+            self.split_work[name] = (action, seq + 1)
+            self._send_batch(name, now)
+            return
+        del self.split_work[name]
+        task = action.task
+        after = {k: v + SPLIT_BATCHES for k, v in action.tensors.items()}
+        res = HopResult(task, after, frozenset(task.tensors), TrainStats(grad.loss, SPLIT_BATCHES, 6, 0.0),
+                        EvalStats(float("nan"), float("nan"), 0), 3)  # fmt: skip
+        self.history.append((task.hop, action.tensors, after, task.tensors))
+        self._apply(name, self.machines[name].hop_trained(res, COUNTERS, now), now)
 
 
 @pytest.mark.parametrize("mode", ["p2p", "cs"])
@@ -245,3 +292,38 @@ def test_every_round_yields_one_checkpoint_for_evaluation(algorithm: str, mode: 
     assert sorted(r for r, _ in h.round_models) == [0, 1, 2]
     # only P2P needs extra copies (the last hop of rounds 0 and 1); the final model is the last round's
     assert (h.ctl.checkpoint_bytes > 0) == (mode == "p2p")
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_split_learning_trains_the_front_on_agents_and_the_back_per_batch(duplicate: bool) -> None:
+    h = Harness(agents=2, rounds=2, algorithm="split", checkpoints=True)
+    if duplicate:
+        h.broker.tamper = lambda topic, payload: [payload, payload]  # every publish delivered twice (QoS 1)
+    h.run()
+    assert h.ctl.failed is None and len(h.ctl.done_hops) == 4
+    total = 4 * SPLIT_BATCHES
+    assert h.back.steps == total  # one back step per batch, duplicates or not
+    assert [(hop, seq) for hop, seq, _ in h.gradients] == [(hop, s) for hop in range(4) for s in range(SPLIT_BATCHES)]
+    assert all(loss == 2.0 for _, _, loss in h.gradients)  # the coordinator's loss reached the agent
+    final = decode_tensors(h.ctl.final_model or b"")
+    assert set(final) == set(h.initial)  # front + back assembled
+    for name in ("g0.w", "g0.stat"):  # the front: +1 per batch on every hop, carried agent to agent
+        np.testing.assert_array_equal(final[name], h.initial[name] + total)
+    for name in ("g1.w", "g3.stat"):  # the back: the coordinator's, +1 per batch
+        np.testing.assert_array_equal(final[name], np.full(3, total, np.float32))
+    assert sorted(r for r, _ in h.round_models) == [0, 1]  # one assembled model per round for evaluation
+    # only the front travels to agents; activations and gradients were counted
+    for _topic, payload in h.broker.published:
+        env = decode(payload) if payload[:4] == b"SNK1" else None
+        if env and env.body["purpose"] == "model":
+            assert set(decode_tensors(env.data or b"")) == {"g0.w", "g0.stat"}
+    assert h.ctl.activation_bytes == total * len(encode_activations(np.zeros((2, 3), np.float32), np.array([1, 3])))
+    assert h.ctl.gradient_bytes > 0
+
+
+@pytest.mark.expect_errors
+def test_split_learning_refuses_a_portable_agent_by_name() -> None:
+    h = Harness(agents=2, rounds=1, algorithm="split", backends=("fake", "portable"))
+    h.run()
+    assert h.ctl.failed is not None
+    assert "a1 (portable)" in h.ctl.failed and "needs the ort backend" in h.ctl.failed
