@@ -26,7 +26,7 @@ import numpy as np
 from edge_agent.distill import check_kd, kd_extras, teacher_logits
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.ort_training import ort_errors, training_module
-from edge_agent.segment_checks import check_data, check_tensors, plan_steps
+from edge_agent.segment_checks import batch_order, check_data, check_tensors, plan_steps
 from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
 
 logger = logging.getLogger(__name__)
@@ -120,29 +120,27 @@ class OrtTrainer:
         """Train; with ``spec.kd_alpha > 0`` distil from ``teacher`` (default: the current weights' logits)."""
         session = self._require_session()
         x, y = self._check_data(x, y)
-        batch, per_epoch, total = plan_steps(spec, len(x))
+        batch, _, total = plan_steps(spec, len(x))
         kd = check_kd(self.manifest, spec)
         if kd and teacher is None:
             teacher = self.teacher_logits(x, y)
         import onnxruntime
 
         onnxruntime.set_seed(spec.seed)  # dropout masks
-        rng = np.random.default_rng(spec.seed)
         started, steps, losses = time.perf_counter(), 0, [float("nan")]
         try:
             session.optimizer.set_learning_rate(spec.lr)
             session.module.train()
-            while steps < total:
-                order, losses = rng.permutation(len(x)), []
-                for start in range(0, min(per_epoch, total - steps) * batch, batch):
-                    idx = order[start : start + batch]
-                    extras = kd_extras(
-                        self.manifest, len(idx), *((teacher[idx], spec.kd_alpha, spec.kd_temperature) if kd else ())
-                    )
-                    losses.append(self._step(session, x[idx], y[idx], extras))
-                    steps += 1
-                    if on_step is not None:
-                        on_step(steps, total, losses[-1])
+            for idx, new_epoch in batch_order(spec, len(x)):
+                if new_epoch:
+                    losses = []  # the reported loss is the last epoch's mean
+                extras = kd_extras(
+                    self.manifest, len(idx), *((teacher[idx], spec.kd_alpha, spec.kd_temperature) if kd else ())
+                )
+                losses.append(self._step(session, x[idx], y[idx], extras))
+                steps += 1
+                if on_step is not None:
+                    on_step(steps, total, losses[-1])
         except ort_errors() as exc:
             raise TrainerError(f"training step failed: {exc}") from exc
         seconds = time.perf_counter() - started

@@ -29,7 +29,7 @@ from edge_agent.distill import check_kd, kd_extras, teacher_logits
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.optim import Optimizer, make_optimizer
 from edge_agent.ort_training import import_onnxruntime
-from edge_agent.segment_checks import check_data, check_tensors, plan_steps
+from edge_agent.segment_checks import batch_order, check_data, check_tensors, plan_steps
 from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
 
 logger = logging.getLogger(__name__)
@@ -122,25 +122,23 @@ class PortableTrainer:
         tensors = self._require_weights()
         manifest = self.manifest
         x, y = check_data(manifest, x, y)
-        batch, per_epoch, total = plan_steps(spec, len(x))
+        batch, _, total = plan_steps(spec, len(x))
         kd = check_kd(manifest, spec)
         if kd and teacher is None:
             teacher = self.teacher_logits(x, y)
         import_onnxruntime().set_seed(spec.seed)  # dropout masks
-        rng = np.random.default_rng(spec.seed)
         started, steps, losses = time.perf_counter(), 0, [float("nan")]
         try:
             graph = self._train_graph()
-            while steps < total:
-                order, losses = rng.permutation(len(x)), []
-                for start in range(0, min(per_epoch, total - steps) * batch, batch):
-                    idx = order[start : start + batch]
-                    kd_args = (teacher[idx], spec.kd_alpha, spec.kd_temperature) if kd else ()
-                    extras = kd_extras(manifest, len(idx), *kd_args)
-                    losses.append(self._step(graph, tensors, x[idx], y[idx], spec.lr, extras))
-                    steps += 1
-                    if on_step is not None:
-                        on_step(steps, total, losses[-1])
+            for idx, new_epoch in batch_order(spec, len(x)):
+                if new_epoch:
+                    losses = []  # the reported loss is the last epoch's mean
+                kd_args = (teacher[idx], spec.kd_alpha, spec.kd_temperature) if kd else ()
+                extras = kd_extras(manifest, len(idx), *kd_args)
+                losses.append(self._step(graph, tensors, x[idx], y[idx], spec.lr, extras))
+                steps += 1
+                if on_step is not None:
+                    on_step(steps, total, losses[-1])
         except ort_errors() as exc:
             raise TrainerError(f"training step failed: {exc}") from exc
         seconds = time.perf_counter() - started

@@ -6,7 +6,7 @@ backends accept and refuse the same things.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -57,3 +57,16 @@ def plan_steps(spec: TrainSpec, samples: int) -> tuple[int, int, int]:
     per_epoch = samples // batch  # a batch of 1 upsets BatchNorm, so no ragged batches
     total = per_epoch * spec.epochs if spec.max_steps is None else min(per_epoch * spec.epochs, spec.max_steps)
     return batch, per_epoch, total
+
+
+def batch_order(spec: TrainSpec, samples: int) -> Iterator[tuple[np.ndarray, bool]]:
+    """The hop's batches as (sample indices, first batch of an epoch), reshuffled every epoch from
+    ``spec.seed``; every trainer walks its data in this same order."""
+    batch, per_epoch, total = plan_steps(spec, samples)
+    rng = np.random.default_rng(spec.seed)
+    steps = 0
+    while steps < total:
+        order, count = rng.permutation(samples), min(per_epoch, total - steps)
+        for k in range(count):
+            yield order[k * batch : (k + 1) * batch], k == 0
+        steps += count

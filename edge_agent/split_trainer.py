@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_agent.ort_trainer import OrtTrainer, _Session
 from edge_agent.ort_training import ort_errors
-from edge_agent.segment_checks import plan_steps
+from edge_agent.segment_checks import batch_order, plan_steps
 from edge_agent.split_artifacts import PROBE_FILE
 from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
 
@@ -65,24 +65,22 @@ class OrtFrontTrainer(OrtTrainer):
         """Train the front for ``spec``'s epochs/steps; the loss reported is the coordinator's (cross-entropy)."""
         session = self._require_session()
         x, y = self._check_inputs(x, y)
-        batch, per_epoch, total = plan_steps(spec, len(x))
+        batch, _, total = plan_steps(spec, len(x))
         import onnxruntime
 
         onnxruntime.set_seed(spec.seed)
-        rng = np.random.default_rng(spec.seed)
         timing = {"probe": 0.0, "wait": 0.0, "step": 0.0}
         started, steps, losses = time.perf_counter(), 0, [float("nan")]
         try:
             session.optimizer.set_learning_rate(spec.lr)
             session.module.train()
-            while steps < total:
-                order, losses = rng.permutation(len(x)), []
-                for start in range(0, min(per_epoch, total - steps) * batch, batch):
-                    idx = order[start : start + batch]
-                    losses.append(self._batch(session, steps, x[idx], y[idx], exchange, timing))
-                    steps += 1
-                    if on_step is not None:
-                        on_step(steps, total, losses[-1])
+            for idx, new_epoch in batch_order(spec, len(x)):
+                if new_epoch:
+                    losses = []  # the reported loss is the last epoch's mean
+                losses.append(self._batch(session, steps, x[idx], y[idx], exchange, timing))
+                steps += 1
+                if on_step is not None:
+                    on_step(steps, total, losses[-1])
         except ort_errors() as exc:
             raise TrainerError(f"front training step failed: {exc}") from exc
         seconds = time.perf_counter() - started
