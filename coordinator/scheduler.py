@@ -209,13 +209,23 @@ class _Costs:
         return p.budget_mb <= 0 or self.of(p, lo, hi)[0] <= p.budget_mb
 
 
+SAME_SPEED = 1.5  # calibrations within this factor of the fleet's median count as the median
+
+
 def _profiles(agents: Sequence[str | AgentProfile]) -> list[AgentProfile]:
+    """Profiles with planning speeds: an uncalibrated agent counts as a typical one, and speeds within
+    ``SAME_SPEED`` of the median as the median. Agents calibrating at once on a shared machine read
+    10-15 GFLOP/s where one alone reads 50; taken literally, that noise outweighed rotation."""
     profiles = [a if isinstance(a, AgentProfile) else AgentProfile(a) for a in agents]
-    if any(p.gflops for p in profiles) and not all(p.gflops for p in profiles):
-        known = [p.gflops for p in profiles if p.gflops]
-        typical = sorted(known)[len(known) // 2]  # an uncalibrated agent is taken as a typical one
-        profiles = [p if p.gflops else dataclasses.replace(p, gflops=typical) for p in profiles]
-    return profiles
+    known = sorted(p.gflops for p in profiles if p.gflops)
+    if not known:
+        return profiles
+    typical = known[len(known) // 2]
+
+    def speed(g: float | None) -> float:
+        return typical if not g or 1 / SAME_SPEED <= g / typical <= SAME_SPEED else g
+
+    return [dataclasses.replace(p, gflops=speed(p.gflops)) for p in profiles]
 
 
 TIME_SLACK = 1.25  # assignments within 25 % of the fastest round time count as equally fast (calibration noise)

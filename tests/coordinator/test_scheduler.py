@@ -172,3 +172,13 @@ def test_kd_settings_reach_every_hop_task_and_old_tasks_still_parse() -> None:
     assert body_of(HopTask, body) == tasks["a"][0]
     old = {k: v for k, v in body.items() if not k.startswith("kd_")}  # a task from before KD existed
     assert (body_of(HopTask, old).kd_alpha, body_of(HopTask, old).kd_temperature) == (0.0, 2.0)
+
+
+def test_calibration_noise_does_not_cost_rotation_but_a_truly_slow_agent_is_seen() -> None:
+    noisy = [AgentProfile(f"a{i}", gflops=g) for i, g in enumerate([10.4, 13.7, 15.0, 13.4])]
+    plan = snake_plan(noisy, vgg_like(), rounds=4)
+    assert all(len(agents) == 4 for agents in plan.coverage().values())  # every group meets every agent
+    slow = [AgentProfile("fast", gflops=50.0), AgentProfile("slow", gflops=12.0)]
+    plan = snake_plan(slow, groups(10, 10, 10, 10, 10, 10, 10, 10), rounds=1)
+    params = {h.agent: plan.segments[h.segment].num_params for h in plan.hops}
+    assert params["slow"] < params["fast"]
