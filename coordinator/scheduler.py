@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from edge_agent.protocol.delta import INITIAL
 from edge_agent.protocol.messages import HopTask
 from edge_agent.protocol.topics import COORDINATOR
 
@@ -51,6 +52,25 @@ class Plan:
     segments: tuple[Segment, ...]
     hops: tuple[PlannedHop, ...]
     algorithm: str = "snake"  # "snake" | "fedavg"
+    layout: tuple[tuple[str, tuple[str, ...]], ...] = ()  # versioned layer groups and their parameters (snake)
+
+    def groups(self) -> dict[str, list[str]]:
+        """Layer group -> parameter names: what a model transfer versions (empty: whole models travel)."""
+        return {g: list(params) for g, params in self.layout}
+
+    def versions_after(self, hop: int) -> dict[str, int]:
+        """Each group's version (the last hop that trained it) once ``hop`` is done; -1: the initial model."""
+        versions = {g: INITIAL for g, _ in self.layout}
+        for h in self.hops[: hop + 1]:
+            versions.update({g: h.hop for g in self.segments[h.segment].groups if g in versions})
+        return versions
+
+    def held_by(self, hop: int) -> dict[str, int]:
+        """The versions the agent of ``hop`` holds on disk when its model arrives: its previous hop's output
+        (empty on its first hop: it holds nothing)."""
+        agent = self.hops[hop].agent
+        before = [h.hop for h in self.hops[:hop] if h.agent == agent]
+        return self.versions_after(before[-1]) if before else {}
 
     @property
     def rounds(self) -> int:
@@ -118,7 +138,7 @@ def snake_plan(agents: Sequence[str], groups: Sequence[GroupInfo], rounds: int, 
     for r in range(rounds):
         for i, agent in enumerate(agents):
             hops.append(PlannedHop(r, len(hops), agent, (i + r + phase) % count))
-    return Plan(mode, tuple(segments), tuple(hops))
+    return Plan(mode, tuple(segments), tuple(hops), layout=tuple((g.name, g.params) for g in groups))
 
 
 def fedavg_plan(agents: Sequence[str], groups: Sequence[GroupInfo], rounds: int) -> Plan:
@@ -164,12 +184,18 @@ def hop_tasks(
             nxt = plan.hops[h.hop + 1].agent if h.hop + 1 < len(plan.hops) else COORDINATOR
         seg = plan.segments[h.segment]
         sha, size = artifacts[h.segment, artifact_kind((backends or {}).get(h.agent, "ort"))]
+        if not plan.layout:
+            holds: dict[str, int] = {}  # whole models travel (FedAvg)
+        elif plan.mode == "cs":
+            holds = plan.versions_after(h.hop - 1)  # the coordinator holds the model it sent this hop
+        else:
+            holds = plan.held_by(h.hop + 1) if h.hop + 1 < len(plan.hops) else {}
         round_end = h.hop + 1 == len(plan.hops) or plan.hops[h.hop + 1].round != h.round
         task = HopTask(
             h.round, h.hop, h.segment, list(seg.groups), list(seg.tensors), sha, size, prev, nxt,
             settings.epochs, settings.batch_size, settings.lr, settings.seed + h.hop, settings.max_steps,
             settings.checkpoints and round_end and plan.algorithm == "snake" and plan.mode == "p2p",
-            settings.kd_alpha, settings.kd_temperature,
+            settings.kd_alpha, settings.kd_temperature, holds,
         )  # fmt: skip
         out.setdefault(h.agent, []).append(task)
     return out

@@ -36,7 +36,9 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
     arts = prepared.artifacts
     t = config.train
     strategy: Strategy = (
-        FedAvgStrategy(config.transfer.compression) if config.algorithm == "fedavg" else SnakeStrategy()
+        FedAvgStrategy(config.transfer.compression)
+        if config.algorithm == "fedavg"
+        else SnakeStrategy(config.transfer.compression)
     )
     return TrialSetup(
         trial_id=f"{config.name}-{uuid.uuid4().hex[:8]}",

@@ -6,7 +6,11 @@ it to MQTT, the artifact store and a trainer. One hop goes:
   assign -> (artifact_request -> artifact chunks) -> model chunks from ``prev``
   -> Train action -> ``hop_trained`` -> model chunks to ``next`` + hop_done report
 
-The agent keeps every model it sends until the receiver acknowledges its digest.
+Only what changed travels (``edge_agent.protocol.delta``): the service completes a received delta
+from the agent's cached copy; when it cannot (``base_missing``), the agent asks the sender for the
+whole model (``model_request``), and answers such requests from its own cache (``ResendFull``).
+The agent keeps every model it sends until the receiver acknowledges its digest, and its last
+model on disk after that.
 """
 
 from __future__ import annotations
@@ -16,10 +20,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from edge_agent.protocol import topics
-from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.messages import (
@@ -30,6 +31,7 @@ from edge_agent.protocol.messages import (
     Hello,
     HopDone,
     HopTask,
+    ModelRequest,
     Shutdown,
     TransferAck,
     TransferNack,
@@ -45,12 +47,42 @@ ARTIFACT_RETRY_S = 30.0
 HELLO_EVERY_S = 3.0  # while unassigned: a coordinator that connects later still hears us
 
 
+@dataclass
+class Received:
+    """A model transfer waiting for its hop. ``take`` hands the bytes over once, so they can be freed."""
+
+    src: str
+    hop: int
+    size: int
+    data: bytes | None
+
+    def take(self) -> bytes:
+        data, self.data = self.data, None
+        if data is None:
+            raise ProtocolError("internal", f"model for hop {self.hop} was already loaded")
+        return data
+
+
 @dataclass(frozen=True)
 class Train:
-    """Action: train ``task``'s segment starting from ``tensors``."""
+    """Action: complete ``received`` into the whole model, train ``task``'s segment, encode the result."""
 
     task: HopTask
-    tensors: dict[str, np.ndarray]
+    received: Received
+    trial_id: str
+    layout: dict[str, list[str]]  # layer group -> parameter names (empty: no deltas)
+    compression: str
+
+
+@dataclass(frozen=True)
+class ResendFull:
+    """Action: send ``dst`` the whole model this agent handed on after ``hop`` (from its cache)."""
+
+    dst: str
+    hop: int
+    trial_id: str
+    layout: dict[str, list[str]]
+    compression: str
 
 
 @dataclass(frozen=True)
@@ -69,7 +101,7 @@ class SayBye:
     exit: bool
 
 
-Action = Train | StoreArtifact | SayBye
+Action = Train | StoreArtifact | SayBye | ResendFull
 
 
 @dataclass
@@ -88,8 +120,8 @@ class HopResult:
     """What the service reports back after running a Train action."""
 
     task: HopTask
-    tensors: dict[str, np.ndarray]  # every tensor of the model after training
-    updated: frozenset[str]  # what the hop may change: the segment's tensors and every running statistic
+    data: bytes  # the encoded model (the groups ``task.next`` lacks) to hand on
+    checkpoint: bytes | None  # the whole model for the coordinator, when the task asks for a copy
     train: TrainStats
     val: EvalStats
     trainable_params: int
@@ -114,8 +146,10 @@ class Agent:
         self.inbound = Reassembler(self.me)
         self.trial_id: str | None = None
         self.compression = "none"
+        self.layout: dict[str, list[str]] = {}  # layer group -> parameter names, from the assignment
         self.tasks: dict[int, HopTask] = {}  # by global hop
-        self.models: dict[int, dict[str, np.ndarray]] = {}  # received models waiting for their hop
+        self.models: dict[int, Received] = {}  # received models waiting for their hop
+        self.awaiting: dict[int, tuple[str, float]] = {}  # hop -> (sender asked for the whole model, when)
         self.busy: int | None = None  # hop being trained
         self.finished: set[int] = set()
         self.requested: dict[str, float] = {}  # artifact sha -> when asked
@@ -160,6 +194,10 @@ class Agent:
                     COORD, "peer_unreachable", f"{p.dst} has not acknowledged {p.purpose} transfer {p.transfer_id}", now
                 )
             )
+        for hop, (src, asked) in self.awaiting.items():
+            if now - asked > ARTIFACT_RETRY_S and hop not in self.models:
+                self.awaiting[hop] = (src, now)
+                fx.out.append(self._send(src, "model_request", to_body(ModelRequest(hop, "no answer yet")), now))
         for sha, asked in self.requested.items():
             if now - asked > ARTIFACT_RETRY_S and sha not in self.artifacts:
                 self.requested[sha] = now
@@ -177,14 +215,13 @@ class Agent:
 
     def hop_trained(self, result: HopResult, counters: Counters, now: float) -> Effects:
         """Training of ``result.task`` finished: hand the model on and report."""
-        task = result.task
-        received = self.models.pop(task.hop)
-        model = {name: (result.tensors[name] if name in result.updated else t) for name, t in received.items()}
-        data = encode_tensors(model, self.compression)
+        task, data = result.task, result.data
         meta = {"hop": task.hop + 1, "from_hop": task.hop, "round": task.round}
         _, out = self.outbox.send(task.next, self.trial_id, "model", meta, data, self.chunk_bytes, now)
-        if task.checkpoint and task.next != COORD:  # a copy for the coordinator's per-round evaluation
-            out += self.outbox.send(COORD, self.trial_id, "checkpoint", meta, data, self.chunk_bytes, now)[1]
+        if result.checkpoint is not None:  # a copy for the coordinator's per-round evaluation
+            out += self.outbox.send(COORD, self.trial_id, "checkpoint", meta, result.checkpoint, self.chunk_bytes, now)[
+                1
+            ]
         self.busy = None
         self.finished.add(task.hop)
         done = HopDone(
@@ -197,9 +234,26 @@ class Agent:
         return fx.extend(self._maybe_train(now))
 
     def hop_failed(self, hop: int, reason: str, now: float) -> Effects:
-        """Training raised: tell the coordinator; keep the received model (nothing is lost)."""
+        """Training raised: tell the coordinator (the sender still has the model on disk)."""
         self.busy = None
         return Effects([self._error(COORD, "hop_failed", f"hop {hop} failed on {self.me}: {reason}", now)])
+
+    def base_missing(self, hop: int, src: str, reason: str, now: float) -> Effects:
+        """The received delta could not be completed from the cached copy: ask ``src`` for everything."""
+        self.busy = None
+        self.models.pop(hop, None)
+        self.awaiting[hop] = (src, now)
+        log.warning("hop %d: %s; asking %s for the whole model", hop, reason, src)
+        return Effects([self._send(src, "model_request", to_body(ModelRequest(hop, reason)), now)])
+
+    def resend(self, dst: str, hop: int, data: bytes | None, reason: str, now: float) -> Effects:
+        """The service built the whole model a receiver asked for (``data``), or could not (``reason``)."""
+        if data is None:
+            msg = f"{self.me} cannot resend the model for hop {hop} to {dst}: {reason}"
+            return Effects([self._error(COORD, "resend_failed", msg, now), self._error(dst, "resend_failed", msg, now)])
+        meta = {"hop": hop, "from_hop": hop - 1, "round": self.tasks[hop - 1].round if hop - 1 in self.tasks else -1}
+        log.info("hop %d: resending the whole model to %s (%d bytes)", hop, dst, len(data))
+        return Effects(self.outbox.send(dst, self.trial_id, "model", meta, data, self.chunk_bytes, now)[1])
 
     def bye(self, counters: Counters, now: float) -> Outgoing:
         body = Bye(counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb, len(self.finished))
@@ -222,6 +276,7 @@ class Agent:
             "assign": self._on_assign,
             "transfer_ack": self._on_ack,
             "transfer_nack": self._on_nack,
+            "model_request": self._on_model_request,
             "abort": self._on_abort,
             "shutdown": self._on_shutdown,
         }.get(env.type)
@@ -249,8 +304,8 @@ class Agent:
         if self.busy is not None and env.trial_id != self.trial_id:
             raise ProtocolError("busy", f"training hop {self.busy} of trial {self.trial_id!r}")
         if env.trial_id != self.trial_id:
-            self.tasks, self.models, self.finished = {}, {}, set()
-        self.trial_id, self.compression = env.trial_id, assign.compression
+            self.tasks, self.models, self.finished, self.awaiting = {}, {}, set(), {}
+        self.trial_id, self.compression, self.layout = env.trial_id, assign.compression, assign.groups
         self.chunk_bytes = assign.chunk_bytes
         self.tasks.update({t.hop: t for t in assign.tasks})
         log.info("trial %s: assigned %d hop(s): %s", self.trial_id, len(assign.tasks), [t.hop for t in assign.tasks])
@@ -272,9 +327,17 @@ class Agent:
     def _on_nack(self, env: Envelope, now: float) -> Effects:
         return Effects(self.outbox.on_nack(body_of(TransferNack, env.body), now))
 
+    def _on_model_request(self, env: Envelope, now: float) -> Effects:
+        request = body_of(ModelRequest, env.body)
+        if request.hop - 1 not in self.finished or self.trial_id is None:
+            raise ProtocolError("unknown_hop", f"{self.me} did not hand on the model for hop {request.hop}")
+        log.info("%s asks for the whole model for hop %d: %s", env.src, request.hop, request.reason)
+        action = ResendFull(env.src, request.hop, self.trial_id, self.layout, self.compression)
+        return Effects(actions=[action])
+
     def _on_abort(self, env: Envelope, now: float) -> Effects:
         log.error("trial %s aborted by %s: %s", self.trial_id, env.src, body_of(Abort, env.body).reason)
-        self.tasks, self.models = {}, {}
+        self.tasks, self.models, self.awaiting = {}, {}, {}
         return Effects()
 
     def _on_shutdown(self, env: Envelope, now: float) -> Effects:
@@ -304,18 +367,13 @@ class Agent:
         if not isinstance(hop, int) or hop in self.finished or hop == self.busy or hop in self.models:
             log.warning("model transfer %s from %s for hop %r: not expected; dropped", done.transfer_id, done.src, hop)
             return Effects()
-        tensors = decode_tensors(done.data)
         task = self.tasks.get(hop)
-        missing = set(task.tensors) - set(tensors) if task else set()
-        if missing:
-            raise ProtocolError(
-                "malformed", f"model for hop {hop} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}"
-            )
         if task is None and len(self.models) >= 2:
             log.warning("model transfer %s for unassigned hop %d dropped (buffer full)", done.transfer_id, hop)
             return Effects()
-        self.models[hop] = tensors  # an early model (before its assign) waits here too
-        log.info("hop %d: model received from %s (%d tensors, %d bytes)", hop, done.src, len(tensors), len(done.data))
+        self.awaiting.pop(hop, None)
+        self.models[hop] = Received(done.src, hop, len(done.data), done.data)  # an early model waits here too
+        log.info("hop %d: model received from %s (%d bytes)", hop, done.src, len(done.data))
         return self._maybe_train(now)
 
     def _maybe_train(self, now: float) -> Effects:
@@ -323,9 +381,10 @@ class Agent:
             return Effects()
         for hop in sorted(self.models):
             task = self.tasks.get(hop)
-            if task is not None and task.artifact_sha256 in self.artifacts:
+            if task is not None and task.artifact_sha256 in self.artifacts and self.trial_id is not None:
                 self.busy = hop
-                return Effects(actions=[Train(task, self.models[hop])])
+                received = self.models.pop(hop)  # the service frees the bytes once the trainer holds them
+                return Effects(actions=[Train(task, received, self.trial_id, self.layout, self.compression)])
         return Effects()
 
     # -- helpers ------------------------------------------------------------------------------

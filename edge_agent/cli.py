@@ -78,7 +78,11 @@ def main() -> None:
     help="Where artifact bundles are cached by hash.",
 )
 @click.option(
-    "--backend", type=click.Choice(["auto", "ort", "portable"]), default="auto", show_default=True, help="Trainer backend."
+    "--backend",
+    type=click.Choice(["auto", "ort", "portable"]),
+    default="auto",
+    show_default=True,
+    help="Trainer backend.",
 )
 @click.option("--threads", default=0, show_default=True, help="Training threads (0 = runtime default).")
 @click.option(

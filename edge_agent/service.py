@@ -17,15 +17,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent import profile
-from edge_agent.agent import Agent, Counters, Effects, HopResult, SayBye, StoreArtifact, Train
+from edge_agent.agent import Agent, Counters, Effects, HopResult, ResendFull, SayBye, StoreArtifact, Train
 from edge_agent.backends import make_trainer
 from edge_agent.bundle import ArtifactStore
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeAgentError
+from edge_agent.handover import full_model, hand_on, load_model
 from edge_agent.localdata import LocalData
 from edge_agent.manifest import read_manifest
+from edge_agent.model_cache import ModelCache
 from edge_agent.mqtt import MqttLink, parse_broker_url
 from edge_agent.protocol import topics
+from edge_agent.protocol.delta import BaseMismatch
 from edge_agent.protocol.envelope import Envelope, encode
 from edge_agent.protocol.messages import Hello, HopProgress, HopStarted, Status, to_body
 from edge_agent.trainer import EvalStats, TrainSpec
@@ -41,6 +44,7 @@ def status_payload(agent_id: str, state: str) -> bytes:
 @dataclass
 class _Running:
     task_hop: int
+    src: str  # who sent the model
     future: Future[HopResult]
 
 
@@ -49,6 +53,7 @@ class AgentService:
         self.config = config
         self.data = data
         self.store = ArtifactStore(config.cache_dir / "artifacts")
+        self.models = ModelCache(config.cache_dir / "models")
         self.backend = make_trainer(config.backend, config.threads).backend
         self.progress: queue.Queue[HopProgress] = queue.Queue()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
@@ -120,6 +125,8 @@ class AgentService:
                 self._start_training(action)
             elif isinstance(action, StoreArtifact):
                 self._apply(self._store(action))
+            elif isinstance(action, ResendFull):
+                self._apply(self._resend(action))
             elif isinstance(action, SayBye):
                 bye = self.agent.bye(self.counters(), time.time())
                 self.link.publish(bye.topic, bye.payload)
@@ -135,6 +142,14 @@ class AgentService:
             log.error("could not store artifact bundle %s: %s; asking again", action.sha256[:12], exc)
             return self.agent.artifact_stored(action.sha256, False, time.time())
 
+    def _resend(self, action: ResendFull) -> Effects:
+        try:
+            data = full_model(self.models, action.trial_id, action.hop - 1, action.layout, action.compression)
+        except BaseMismatch as exc:
+            log.error("cannot resend the model for hop %d to %s: %s", action.hop, action.dst, exc.message)
+            return self.agent.resend(action.dst, action.hop, None, exc.message, time.time())
+        return self.agent.resend(action.dst, action.hop, data, "", time.time())
+
     # -- training -----------------------------------------------------------------------------
     def _start_training(self, action: Train) -> None:
         task = action.task
@@ -148,14 +163,17 @@ class AgentService:
         log.info(
             "hop %d (round %d): training segment %d (%s)", task.hop, task.round, task.segment, ", ".join(task.groups)
         )
-        self.running = _Running(task.hop, self.pool.submit(self._train, action, spec))
+        self.running = _Running(task.hop, action.received.src, self.pool.submit(self._train, action, spec))
 
     def _train(self, action: Train, spec: TrainSpec) -> HopResult:
         task = action.task
         trainer = make_trainer(self.config.backend, self.config.threads)
         directory = self.store.path(task.artifact_sha256)
         trainer.open(directory)
-        trainer.set_weights(action.tensors)
+        loaded = load_model(action.received.take(), task, action.layout, self.models, action.trial_id)
+        trainer.set_weights(loaded.tensors)
+        versions, digests = loaded.versions, loaded.digests
+        del loaded  # the trainer holds the weights now: drop the received bytes and the cached copy's map
         last = [0.0]
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -168,9 +186,11 @@ class AgentService:
         val = trainer.evaluate(self.data.x_val, self.data.y_val) if len(self.data.y_val) else None
         manifest = read_manifest(directory)
         trainable = sum(int(np.prod(manifest.shapes[n])) for n in manifest.trainable)
-        updated = frozenset(task.tensors) | frozenset(manifest.buffers)  # running statistics follow the data
         val = val or EvalStats(float("nan"), float("nan"), 0)
-        return HopResult(task, trainer.get_weights(), updated, stats, val, trainable)
+        weights = trainer.get_weights()
+        del trainer  # free the training session before encoding
+        out = hand_on(task, weights, versions, digests, action.layout, action.compression, self.models, action.trial_id)
+        return HopResult(task, out.data, out.checkpoint, stats, val, trainable)
 
     def _collect_training(self) -> None:
         if self.running is None or not self.running.future.done():
@@ -178,6 +198,9 @@ class AgentService:
         running, self.running = self.running, None
         try:
             result = running.future.result()
+        except BaseMismatch as exc:  # the cached copy cannot complete the delta: fetch the whole model
+            self._apply(self.agent.base_missing(running.task_hop, running.src, exc.message, time.time()))
+            return
         except Exception as exc:  # a failed hop must be reported, not kill the agent
             log.exception("hop %d failed", running.task_hop)
             self._apply(self.agent.hop_failed(running.task_hop, f"{type(exc).__name__}: {exc}", time.time()))

@@ -57,7 +57,11 @@ class VGG(nn.Module):
         self.features = nn.ModuleList(layers)
         flat = cin * size * size
         self.classifier = nn.ModuleList(
-            [nn.Linear(flat, config.hidden), nn.Linear(config.hidden, config.hidden), nn.Linear(config.hidden, config.num_classes)]
+            [
+                nn.Linear(flat, config.hidden),
+                nn.Linear(config.hidden, config.hidden),
+                nn.Linear(config.hidden, config.num_classes),
+            ]
         )
         self.drop = nn.Dropout(config.dropout)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.model_cache import CachedModel
+from edge_agent.protocol.delta import Base
 from edge_agent.trainer import EvalStats, StepCallback, TrainSpec, TrainStats
 
 
@@ -78,3 +80,22 @@ class FakeTrainer:
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         return EvalStats(loss=0.4, accuracy=0.9, samples=len(x))
+
+
+@dataclass
+class MemoryModelCache:
+    """An agent's last model kept in memory, with ModelCache's interface; ``wipe`` loses it."""
+
+    kept: CachedModel | None = None
+    saves: int = 0
+
+    def save(self, trial_id: str, hop: int, versions: Mapping[str, int], tensors: Mapping[str, np.ndarray]) -> None:
+        copies = {name: np.array(t, dtype=np.float32) for name, t in tensors.items()}
+        self.kept = CachedModel(trial_id, hop, Base(dict(versions), copies))
+        self.saves += 1
+
+    def load(self, trial_id: str) -> CachedModel | None:
+        return self.kept if self.kept is not None and self.kept.trial_id == trial_id else None
+
+    def wipe(self) -> None:
+        self.kept = None

@@ -66,6 +66,9 @@ class HopTask:
     checkpoint: bool = False  # also send the coordinator a copy after this hop (per-round evaluation)
     kd_alpha: float = 0.0  # knowledge distillation weight (0 = off; > 0 needs a KD bundle)
     kd_temperature: float = 2.0
+    # group versions the receiver of this hop's model holds (its cached copy); send only newer groups.
+    # Empty: the receiver holds nothing, send the whole model.
+    next_holds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,16 @@ class Assign:
     tasks: list[HopTask]
     chunk_bytes: int
     compression: str = "none"  # "none" | "fp16"
+    groups: dict[str, list[str]] = field(default_factory=dict)  # layer group -> parameter names; empty: no deltas
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """Send me the whole model for ``hop``: my cached copy cannot complete the delta you sent."""
+
+    TYPE: ClassVar[str] = "model_request"
+    hop: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -180,7 +193,18 @@ class Shutdown:
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
-    for cls in (Status, Hello, Assign, ArtifactRequest, Chunk, TransferAck, TransferNack, HopStarted, HopProgress)
+    for cls in (
+        Status,
+        Hello,
+        Assign,
+        ModelRequest,
+        ArtifactRequest,
+        Chunk,
+        TransferAck,
+        TransferNack,
+        HopStarted,
+        HopProgress,
+    )
     + (HopDone, Bye, Abort, Shutdown)
 }
 T = TypeVar("T")

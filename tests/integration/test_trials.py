@@ -195,10 +195,14 @@ def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: P
                     frames.setdefault(env.body["transfer_id"], {})[env.body["seq"]] = env.data or b""
                     meta[env.body["transfer_id"]] = env.body
         watcher.stop()
-    models: dict[int, dict[str, np.ndarray]] = {}
+    sent: dict[int, dict[str, np.ndarray]] = {}
     for tid, parts in frames.items():
-        models[meta[tid]["meta"]["hop"]] = decode_tensors(b"".join(parts[i] for i in sorted(parts)))
-    assert sorted(models) == [0, 1, 2, 3, 4]  # initial model + after each of 4 hops
+        sent[meta[tid]["meta"]["hop"]] = decode_tensors(b"".join(parts[i] for i in sorted(parts)))
+    assert sorted(sent) == [0, 1, 2, 3, 4]  # initial model + after each of 4 hops
+    models = {0: sent[0]}
+    for hop in range(1, 5):  # a delta leaves out the groups its receiver holds: they did not change
+        models[hop] = {**models[hop - 1], **sent[hop]}
+    assert len(sent[3]) < len(sent[0])  # agent-0's second hop got only what changed since its first
     segments = {s["index"]: s for s in summary["segments"]}
     for line in hop_lines(tmp_path):
         before, after = models[line["hop"]], models[line["hop"] + 1]
@@ -210,3 +214,49 @@ def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: P
                 assert changed, (line["hop"], name)  # every BN layer ran in training mode on this hop's data
             else:
                 assert changed == (name in owned), (line["hop"], name)
+
+
+def model_cache(out: Path, agent: str) -> Path:
+    return out / "cache" / agent / "models" / "last_model.safetensors"
+
+
+def test_an_agent_that_lost_its_cached_model_fetches_the_whole_model(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    """agent-0's copy of its hop-0 output is deleted before hop 2's delta arrives: it asks agent-1 for the
+    whole model, and the trial ends as usual."""
+    watcher = MqttLink(
+        parse_broker_url(mosquitto.url), "cache-wiper", [topics.coordinator_inbox(), f"{topics.ROOT}/agents/+/inbox"]
+    )
+    watcher.start()
+    stop, wiped = threading.Event(), threading.Event()
+    to_agent0: list[tuple[int, int]] = []  # (hop, size) of model transfers to agent-0
+
+    def wipe() -> None:
+        while not stop.is_set():
+            msg = watcher.get(timeout=0.05)
+            if msg is None:
+                continue
+            if msg.payload[:4] == b"SNK1":
+                env = decode(msg.payload)
+                if env.dst == "agent-0" and env.body["purpose"] == "model" and env.body["seq"] == 0:
+                    to_agent0.append((env.body["meta"]["hop"], env.body["size"]))
+            elif not wiped.is_set() and b'"hop_done"' in msg.payload:
+                env = decode(msg.payload)
+                if env.type == "hop_done" and env.src == "agent-0" and env.body["hop"] == 0:
+                    assert model_cache(tmp_path, "agent-0").is_file()
+                    model_cache(tmp_path, "agent-0").unlink()
+                    wiped.set()
+
+    thread = threading.Thread(target=wipe, daemon=True)
+    thread.start()
+    try:
+        summary = run(small(model="cnn", agents=2, rounds=2, samples_per_agent=300), tmp_path, mosquitto.url)
+    finally:
+        stop.set()
+        thread.join(5)
+        watcher.stop()
+    assert wiped.is_set()
+    assert summary["hops"] == 4 and summary["final_test_accuracy"] > 0.3
+    hop2 = [size for hop, size in to_agent0 if hop == 2]
+    assert len(hop2) == 2 and hop2[0] < hop2[1]  # the delta, then the whole model
+    logs = (tmp_path / "logs" / "agent-0.log").read_text()
+    assert "asking agent-1 for the whole model" in logs

@@ -12,15 +12,18 @@ import pytest
 from coordinator.controller import Controller, TrialSetup
 from coordinator.scheduler import GroupInfo, HopSettings, fedavg_plan, snake_plan
 from coordinator.strategy import FedAvgStrategy, SnakeStrategy
-from edge_agent.agent import Agent, Counters, HopResult, SayBye, StoreArtifact, Train
+from edge_agent.agent import Agent, Counters, HopResult, ResendFull, SayBye, StoreArtifact, Train
+from edge_agent.handover import full_model, hand_on, load_model
 from edge_agent.protocol import topics
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
+from edge_agent.protocol.delta import BaseMismatch, decode_model
 from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.messages import Hello
 from edge_agent.trainer import EvalStats, TrainStats
-from tests.fakes import MemoryBroker
+from tests.fakes import MemoryBroker, MemoryModelCache
 
 GROUPS = [GroupInfo(f"g{i}", (f"g{i}.w",), (f"g{i}.stat",), 10 * (i + 1)) for i in range(4)]
+SIZE = 1024  # floats per tensor: parameters dominate the bytes, as in a real model
 COUNTERS = Counters(0, 0, 1.0)
 
 
@@ -35,12 +38,15 @@ class Harness:
     mode: str = "p2p"
     algorithm: str = "snake"
     checkpoints: bool = False
+    compression: str = "none"
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     history: list[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], list[str]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.initial = {
-            name: np.full(3, i, np.float32) for i, g in enumerate(GROUPS) for name in (*g.params, *g.buffers)
+            name: np.full(SIZE if name.endswith(".w") else 2, i, np.float32)
+            for i, g in enumerate(GROUPS)
+            for name in (*g.params, *g.buffers)
         }
         blobs = {}
         for seg in range(4):
@@ -52,13 +58,15 @@ class Harness:
             "t1", self.agents,
             (lambda ids: fedavg_plan(ids, GROUPS, self.rounds)) if fedavg else (lambda ids: snake_plan(ids, GROUPS, self.rounds, self.mode)),
             {(i, "ort"): (shas[i], len(blobs[shas[i]])) for i in range(4)}, blobs, encode_tensors(self.initial),
-            HopSettings(1, 8, 0.1, 0, None, self.checkpoints), 4096, "none", 60.0, 60.0,
-            FedAvgStrategy() if fedavg else SnakeStrategy(),
+            HopSettings(1, 8, 0.1, 0, None, self.checkpoints), 1 << 16, self.compression, 60.0, 60.0,
+            FedAvgStrategy(self.compression) if fedavg else SnakeStrategy(self.compression),
         )  # fmt: skip
         self.ctl = Controller(setup, 0.0)
         self.broker.subscribe("coordinator", topics.coordinator_inbox())
         self.broker.subscribe("coordinator", topics.ALL_AGENT_STATUS)
-        self.machines = {f"a{i}": Agent(hello(f"a{i}"), set(), 4096) for i in range(self.agents)}
+        self.machines = {f"a{i}": Agent(hello(f"a{i}"), set(), 1 << 16) for i in range(self.agents)}
+        self.caches = {name: MemoryModelCache() for name in self.machines}
+        self.wipe_before: dict[int, str] = {}  # hop -> agent whose cached model is lost just before it
         for name in self.machines:
             self.broker.subscribe(name, topics.agent_inbox(name))
         self.events: list[str] = []
@@ -104,18 +112,41 @@ class Harness:
             if isinstance(action, StoreArtifact):
                 self._apply(name, machine.artifact_stored(action.sha256, True, now), now)
             elif isinstance(action, Train):
-                task = action.task
-                after = {k: v.copy() for k, v in action.tensors.items()}
-                for t in after:  # the segment trains, running statistics follow the data, the rest must not leak
-                    after[t] = after[t] + (1.0 if t in task.tensors or t.endswith(".stat") else 100.0)
-                updated = frozenset(task.tensors) | {t for t in after if t.endswith(".stat")}
-                res = HopResult(task, after, updated, TrainStats(0.5, 1, 8, 0.0), EvalStats(0.4, 0.9, 2), 3)
-                self.history.append((task.hop, action.tensors, after, task.tensors))
-                self._apply(name, machine.hop_trained(res, COUNTERS, now), now)
+                self._train(name, action, now)
+            elif isinstance(action, ResendFull):
+                data = full_model(self.caches[name], action.trial_id, action.hop - 1, action.layout, action.compression)
+                self._apply(name, machine.resend(action.dst, action.hop, data, "", now), now)
             elif isinstance(action, SayBye):
                 self._publish([machine.bye(COUNTERS, now)])
                 if action.exit:
                     self.exited.add(name)
+
+    def _train(self, name: str, action: Train, now: float) -> None:
+        """What AgentService does, with a fake training step: the segment and running statistics move by 1."""
+        task, machine, cache = action.task, self.machines[name], self.caches[name]
+        if self.wipe_before.get(task.hop) == name:
+            cache.wipe()
+        try:
+            loaded = load_model(action.received.take(), task, action.layout, cache, action.trial_id)
+        except BaseMismatch as exc:
+            self._apply(name, machine.base_missing(task.hop, action.received.src, exc.message, now), now)
+            return
+        after = {k: v + 1.0 if k in task.tensors or k.endswith(".stat") else v for k, v in loaded.tensors.items()}
+        out = hand_on(
+            task, after, loaded.versions, loaded.digests, action.layout, action.compression, cache, action.trial_id
+        )
+        res = HopResult(task, out.data, out.checkpoint, TrainStats(0.5, 1, 8, 0.0), EvalStats(0.4, 0.9, 2), 3)
+        self.history.append((task.hop, dict(loaded.tensors), after, task.tensors))
+        self._apply(name, machine.hop_trained(res, COUNTERS, now), now)
+
+    def model_transfers(self) -> list[tuple[str, dict, int]]:
+        """(receiver, meta, payload size) of every model transfer, in order."""
+        out = []
+        for _topic, payload in self.broker.published:
+            env = decode(payload) if payload[:4] == b"SNK1" else None
+            if env and env.body["purpose"] == "model" and env.body["seq"] == 0:
+                out.append((env.dst, env.body["meta"], env.body["size"]))
+        return out
 
 
 @pytest.mark.parametrize("mode", ["p2p", "cs"])
@@ -145,7 +176,9 @@ def test_each_model_handed_on_differs_from_the_received_one_only_in_the_segment(
     for _topic, payload in h.broker.published:  # every distinct model that travelled, in hop order
         env = decode(payload) if payload[:4] == b"SNK1" else None
         if env and env.body["purpose"] == "model" and env.body["seq"] == 0 and env.body["meta"]["hop"] > 0:
-            models.append(decode_tensors(env.data or b""))
+            sent, header = decode_model(env.data or b"")  # a delta: the groups it leaves out did not change
+            assert header is not None
+            models.append({**models[-1], **sent})
     assert len(models) == 5
     plan = h.ctl.plan
     assert plan is not None
@@ -239,3 +272,86 @@ def test_every_round_yields_one_checkpoint_for_evaluation(algorithm: str, mode: 
     assert sorted(r for r, _ in h.round_models) == [0, 1, 2]
     # only P2P needs extra copies (the last hop of rounds 0 and 1); the final model is the last round's
     assert (h.ctl.checkpoint_bytes > 0) == (mode == "p2p")
+
+
+def full_size(h: Harness) -> int:
+    return len(encode_tensors(h.initial))
+
+
+@pytest.mark.parametrize("mode", ["p2p", "cs"])
+def test_later_hops_carry_only_the_groups_the_receiver_lacks(mode: str) -> None:
+    h = Harness(agents=4, rounds=3, mode=mode)
+    h.run()
+    assert h.ctl.failed is None
+    full = full_size(h)
+    transfers = h.model_transfers()
+    to_agents = [size for dst, meta, size in transfers if dst != "coordinator"]
+    # P2P: the initial model and each agent's first visit are whole; once every agent holds a copy,
+    # each hop sends only the 3 segments trained since the receiver's last hop (+ running statistics)
+    assert all(size > 0.95 * full for size in to_agents[:4])
+    assert all(size < 0.9 * full for size in to_agents[4:])
+    if mode == "cs":  # every upload carries one segment
+        uploads = [size for dst, meta, size in transfers if dst == "coordinator"][:-1]
+        assert uploads and all(size < 0.6 * full for size in uploads)
+    ref = Harness(agents=4, rounds=3, mode=mode)
+    ref.run()
+    final, expected = decode_tensors(h.ctl.final_model or b""), decode_tensors(ref.ctl.final_model or b"")
+    assert all(np.array_equal(final[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("mode", ["p2p", "cs"])
+def test_a_lost_cached_copy_is_replaced_by_the_whole_model(mode: str) -> None:
+    ref = Harness(agents=3, rounds=2, mode=mode)
+    ref.run()
+    h = Harness(agents=3, rounds=2, mode=mode)
+    h.wipe_before = {3: "a0"}  # a0's copy of its hop-0 output is gone when hop 3's delta arrives
+    h.run()
+    assert h.ctl.failed is None
+    requests = [decode(p) for _, p in h.broker.published if p[:1] == b"{" and decode(p).type == "model_request"]
+    assert [(r.src, r.body["hop"]) for r in requests] == [("a0", 3)]
+    to_a0 = [(meta["hop"], size) for dst, meta, size in h.model_transfers() if dst == "a0"]
+    assert [hop for hop, _ in to_a0] == [0, 3, 3]  # hop 3: the delta, then the whole model
+    assert to_a0[1][1] < to_a0[2][1]
+    final, expected = decode_tensors(h.ctl.final_model or b""), decode_tensors(ref.ctl.final_model or b"")
+    assert all(np.array_equal(final[k], expected[k]) for k in expected)
+
+
+def test_a_cached_copy_that_differs_is_never_used() -> None:
+    h = Harness(agents=2, rounds=2)
+    original = h.caches["a0"].save
+
+    def save_tampered(trial_id: str, hop: int, versions: dict, tensors: dict) -> None:
+        original(trial_id, hop, versions, {k: v + (0.5 if k.endswith(".w") else 0.0) for k, v in tensors.items()})
+
+    h.caches["a0"].save = save_tampered  # type: ignore[method-assign]
+    h.run()
+    assert h.ctl.failed is None
+    requests = [decode(p) for _, p in h.broker.published if p[:1] == b"{" and decode(p).type == "model_request"]
+    assert len(requests) == 1 and "digest" in requests[0].body["reason"]  # a0's hop 2 fetched the whole model
+    final = decode_tensors(h.ctl.final_model or b"")
+    ref = Harness(agents=2, rounds=2)
+    ref.run()
+    expected = decode_tensors(ref.ctl.final_model or b"")
+    assert all(np.array_equal(final[k], expected[k]) for k in expected)
+
+
+def test_fp16_compression_works_with_deltas() -> None:
+    h = Harness(agents=3, rounds=2, compression="fp16")
+    h.run()
+    assert h.ctl.failed is None
+    final = decode_tensors(h.ctl.final_model or b"")
+    plan = h.ctl.plan
+    assert plan is not None
+    for seg in plan.segments:  # small integers survive fp16 exactly
+        times = sum(1 for hop in plan.hops if hop.segment == seg.index)
+        for name in seg.params:
+            np.testing.assert_array_equal(final[name], h.initial[name] + times)
+    later = [size for dst, meta, size in h.model_transfers() if dst != "coordinator"][3:]
+    assert later and all(size < 0.5 * full_size(h) for size in later)  # fp16 and only the groups that changed
+
+
+def test_fedavg_keeps_whole_transfers() -> None:
+    h = Harness(agents=2, rounds=2, algorithm="fedavg")
+    h.run()
+    sizes = [size for _, _, size in h.model_transfers()]
+    assert len(sizes) == 8 and all(size > 0.95 * full_size(h) for size in sizes)
