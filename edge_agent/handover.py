@@ -42,11 +42,16 @@ class Cache(Protocol):
     def load(self, trial_id: str) -> CachedModel | None: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class Loaded:
-    tensors: dict[str, np.ndarray]  # the whole model
+    tensors: dict[str, np.ndarray]  # the whole model (views into the payload and the cached copy)
     versions: dict[str, int]
     digests: dict[str, str]
+
+    def take_tensors(self) -> dict[str, np.ndarray]:
+        """The tensors, forgotten here: pass them on as a temporary so the payload can be freed early."""
+        tensors, self.tensors = self.tensors, {}
+        return tensors
 
 
 def load_model(data: bytes, task: HopTask, layout: Layout, cache: Cache, trial_id: str) -> Loaded:
@@ -97,8 +102,9 @@ def hand_on(
     send = newer(versions, task.next_holds) if layout else []
     data = encode_model(model, layout, versions, digests, send, compression)
     checkpoint = None
-    if task.checkpoint and task.next != topics.COORDINATOR:
-        checkpoint = encode_model(model, layout, versions, digests, list(layout), compression)
+    if task.checkpoint and task.next != topics.COORDINATOR:  # the whole model; the same bytes when data is whole
+        whole = set(send) == set(layout)
+        checkpoint = data if whole else encode_model(model, layout, versions, digests, list(layout), compression)
     log.info("hop %d: handing on %d of %d layer group(s), %d bytes", task.hop, len(send), len(layout), len(data))
     return Outbound(data, checkpoint)
 

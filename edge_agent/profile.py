@@ -55,6 +55,22 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
 
 
+def return_free_memory() -> bool:
+    """Hand memory the process freed back to the OS (glibc ``malloc_trim``); False where unavailable.
+
+    After a training session is freed, glibc keeps its pages (in the training thread's arena) and the
+    process stays as large as at the training peak; encoding the model on top of that would add a copy
+    to the peak."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def machine() -> dict[str, str | int]:
     return {
         "arch": platform.machine(),

@@ -171,9 +171,9 @@ class AgentService:
         directory = self.store.path(task.artifact_sha256)
         trainer.open(directory)
         loaded = load_model(action.received.take(), task, action.layout, self.models, action.trial_id)
-        trainer.set_weights(loaded.tensors)
+        trainer.set_weights(loaded.take_tensors())  # a temporary: the received bytes go once copied
+        profile.return_free_memory()
         versions, digests = loaded.versions, loaded.digests
-        del loaded  # the trainer holds the weights now: drop the received bytes and the cached copy's map
         last = [0.0]
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -187,8 +187,9 @@ class AgentService:
         manifest = read_manifest(directory)
         trainable = sum(int(np.prod(manifest.shapes[n])) for n in manifest.trainable)
         val = val or EvalStats(float("nan"), float("nan"), 0)
-        weights = trainer.get_weights()
-        del trainer  # free the training session before encoding
+        weights = trainer.release_weights()  # the training session goes before we encode
+        del trainer
+        profile.return_free_memory()
         out = hand_on(task, weights, versions, digests, action.layout, action.compression, self.models, action.trial_id)
         return HopResult(task, out.data, out.checkpoint, stats, val, trainable)
 
@@ -205,7 +206,9 @@ class AgentService:
             log.exception("hop %d failed", running.task_hop)
             self._apply(self.agent.hop_failed(running.task_hop, f"{type(exc).__name__}: {exc}", time.time()))
             return
-        self._apply(self.agent.hop_trained(result, self.counters(), time.time()))
+        fx = self.agent.hop_trained(result, self.counters(), time.time())
+        del result, running  # the encoded model lives on only in its chunk frames
+        self._apply(fx)
 
     def _flush_progress(self) -> None:
         while True:

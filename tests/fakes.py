@@ -71,6 +71,10 @@ class FakeTrainer:
     def get_weights(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.weights.items()}
 
+    def release_weights(self) -> dict[str, np.ndarray]:
+        weights, self.weights = self.weights, {}
+        return weights
+
     def train(self, x: np.ndarray, y: np.ndarray, spec: TrainSpec, on_step: StepCallback | None = None) -> TrainStats:
         for name in self.trainable:
             self.weights[name] = self.weights[name] + self.delta
