@@ -147,7 +147,8 @@ def run_trial(
         "segments": [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in prepared.segments],
         "final_model": str(onnx_path),
     }
-    summary = record.summary(base, outcome.bytes_sent, service.controller.checkpoint_bytes if service.controller else 0)
+    checkpoints = service.controller.checkpoint_bytes if service.controller else 0
+    summary = record.summary(base, outcome.bytes_sent, checkpoints, outcome.bytes_received)
     record.write_summary(summary)
     record.plot()
     log.info("final test accuracy %.4f (loss %.4f) on %d samples", test.accuracy, test.loss, test.samples)
