@@ -183,10 +183,12 @@ class AgentService:
                 self.progress.put(HopProgress(task.round, task.hop, step, total, loss))
 
         stats = trainer.train(self.data.x_train, self.data.y_train, spec, on_step)
-        val = trainer.evaluate(self.data.x_val, self.data.y_val) if len(self.data.y_val) else None
+        # evaluation batches as small as training's: a 256-sample forward pass was the hop's memory peak
+        val = trainer.evaluate(self.data.x_val, self.data.y_val, task.batch_size) if len(self.data.y_val) else None
         manifest = read_manifest(directory)
         trainable = sum(int(np.prod(manifest.shapes[n])) for n in manifest.trainable)
         val = val or EvalStats(float("nan"), float("nan"), 0)
+        profile.return_free_memory()  # activations of training and evaluation: before the weights are copied out
         weights = trainer.release_weights()  # the training session goes before we encode
         del trainer
         profile.return_free_memory()
