@@ -104,9 +104,8 @@ class Outbox:
         tid, digest = new_id(), sha256_hex(data)
         count = max(1, -(-len(data) // chunk_bytes))
         frames = []
-        view = memoryview(data)
         for seq in range(count):
-            part = view[seq * chunk_bytes : (seq + 1) * chunk_bytes]  # no copy: the frame is the only one
+            part = data[seq * chunk_bytes : (seq + 1) * chunk_bytes]
             body = Chunk(tid, purpose, seq, count, len(data), digest, sha256_hex(part), meta)
             frames.append(
                 encode(Envelope("chunk", self.me, dst, to_body(body), trial_id=trial_id, created_at=now, data=part))
