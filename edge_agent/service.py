@@ -52,6 +52,8 @@ class AgentService:
     def __init__(self, config: AgentConfig, data: LocalData) -> None:
         self.config = config
         self.data = data
+        if config.map_large_allocations:
+            profile.map_large_allocations()
         self.store = ArtifactStore(config.cache_dir / "artifacts")
         self.models = ModelCache(config.cache_dir / "models")
         self.backend = make_trainer(config.backend, config.threads).backend
