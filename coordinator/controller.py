@@ -30,6 +30,7 @@ from edge_agent.protocol.messages import (
     HopProgress,
     HopStarted,
     HopTask,
+    ModelRequest,
     Shutdown,
     Status,
     TransferAck,
@@ -170,7 +171,7 @@ class Controller:
             raise ProtocolError("wrong_trial", f"this coordinator runs trial {self.setup.trial_id!r}")
         if env.error is not None:
             step = Step(events=[Event("warning", env.src, f"{env.error.get('code')}: {env.error.get('message')}")])
-            if env.error.get("code") == "hop_failed":
+            if env.error.get("code") in ("hop_failed", "resend_failed"):  # resend_failed: the model is lost
                 self._fail(step, env.error.get("message", "a hop failed"))
             return step
         handlers: dict[str, Callable[[Envelope, float], Step]] = {
@@ -181,6 +182,7 @@ class Controller:
             "hop_done": self._on_hop_done,
             "bye": self._on_bye,
             "transfer_ack": self._on_ack,
+            "model_request": self._on_model_request,
             "transfer_nack": lambda e, n: Step(self.outbox.on_nack(body_of(TransferNack, e.body), n)),
         }
         handler = handlers.get(env.type)
@@ -241,7 +243,8 @@ class Controller:
                 self.gradient_bytes += len(s.data)
 
     def _assign(self, agent: str, now: float) -> Outgoing:
-        body = Assign(self.tasks[agent], self.setup.chunk_bytes, self.setup.compression)
+        assert self.plan is not None
+        body = Assign(self.tasks[agent], self.setup.chunk_bytes, self.setup.compression, self.plan.groups())
         return self._send(agent, "assign", to_body(body), now)
 
     def _on_artifact_request(self, env: Envelope, now: float) -> Step:
@@ -270,6 +273,15 @@ class Controller:
         self.byes[env.src] = body_of(Bye, env.body)
         return Step(events=[Event("bye", env.src, self.byes[env.src])])
 
+    def _on_model_request(self, env: Envelope, now: float) -> Step:
+        request = body_of(ModelRequest, env.body)
+        if self.plan is None:
+            raise ProtocolError("unknown_hop", "no trial is running")
+        log.info("%s asks for the whole model for hop %d: %s", env.src, request.hop, request.reason)
+        step = Step()
+        self._send_models(step, self.setup.strategy.on_request(self.plan, env.src, request.hop), now)
+        return step
+
     def _on_ack(self, env: Envelope, now: float) -> Step:
         self.outbox.on_ack(body_of(TransferAck, env.body))
         return Step()
@@ -297,6 +309,9 @@ class Controller:
             return
         decision = self.setup.strategy.on_model(self.plan, done)
         self._send_models(step, decision.sends, now)
+        if decision.request is not None:
+            agent, hop, reason = decision.request
+            step.out.append(self._send(agent, "model_request", to_body(ModelRequest(hop, reason)), now))
         if decision.checkpoint is not None:
             step.events.append(Event("checkpoint", done.src, decision.checkpoint))
         if decision.final is not None and self.final_model is None:

@@ -55,12 +55,15 @@ COEFFICIENTS = {
     "portable": Coefficients(66.0, 1.2, 3.0, 1.84, 1.46),
 }
 TYPICAL_BASELINE_MB = {"ort": 75.0, "portable": 60.0}  # an idle agent, runtime imported (x86_64; for `plan`)
-EVAL_BATCH = 256  # the agent's validation batch (edge_agent.trainer.Trainer.evaluate)
 TRANSFER_COPIES = 2.0  # agent, outside the trainer: the received model and the outgoing one
 # Trainer estimates are within this many MiB, or this fraction, of the measured peak share (the fit's
 # worst residuals: ORT 11 MiB, portable 46 MiB; the portable trainer's memory is less regular).
 TOLERANCE = {"ort": (20.0, 0.15), "portable": (50.0, 0.25)}
 TRAIN_EFFICIENCY = 0.8  # training GFLOP/s over calibrated GFLOP/s (ORT vgg11 segment, 1 thread: ~41 vs ~50)
+# A hop's fixed cost whatever its segment: session creation, completing and encoding the model, the
+# hand-over (measured here: 0.1-0.2 s for cnn, about 1 s for vgg11). Without it, hops of a few
+# hundredths of a second look 3x apart on calibration noise alone and rotation is given up for nothing.
+HOP_OVERHEAD_S = 0.5
 TYPICAL_GFLOPS = 50.0  # one x86_64 core here (edge_agent.calibrate); for `plan` when the fleet says nothing
 
 
@@ -136,10 +139,10 @@ def hop_memory_mb(
     eval_samples: int = 256,
 ) -> float:
     """Peak RSS of an agent during a hop: its idle footprint, the model in transit, the trainer, its
-    data as float32 (``data_mb``) and the validation pass after training (up to ``EVAL_BATCH`` of its
-    ``eval_samples`` at a time, about the largest group's activations each)."""
+    data as float32 (``data_mb``) and the validation pass after training (in batches of the training
+    size, at most ``eval_samples``, about the largest group's activations per sample)."""
     transit = TRANSFER_COPIES * model_bytes(groups) / MIB
-    evaluation = min(EVAL_BATCH, eval_samples) * max(g.act_bytes for g in groups) / MIB
+    evaluation = min(batch, eval_samples) * max(g.act_bytes for g in groups) / MIB
     trainer = trainer_memory(groups, lo, hi, batch, optimizer, backend).total_mb
     return baseline_mb + transit + trainer + data_mb + evaluation
 
@@ -155,6 +158,7 @@ def hop_flops(groups: Sequence[GroupCosts], lo: int, hi: int, samples: int) -> f
 
 
 def hop_seconds(groups: Sequence[GroupCosts], lo: int, hi: int, samples: int, gflops: float | None) -> float:
-    """Estimated hop compute time; ``gflops`` is the agent's calibrated speed (unknown: 1 GFLOP/s)."""
+    """Estimated hop time: ``HOP_OVERHEAD_S`` + compute; ``gflops`` is the agent's calibrated speed
+    (unknown: 1 GFLOP/s)."""
     speed = (gflops if gflops and gflops > 0 else 1.0) * 1e9 * TRAIN_EFFICIENCY
-    return hop_flops(groups, lo, hi, samples) / speed
+    return HOP_OVERHEAD_S + hop_flops(groups, lo, hi, samples) / speed

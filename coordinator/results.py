@@ -86,15 +86,21 @@ class RunRecord:
         fig.bytes_sent, fig.bytes_received = bye.bytes_sent, bye.bytes_received
 
     def summary(
-        self, base: Mapping[str, Any], coordinator_bytes_sent: int, checkpoint_bytes: int = 0
+        self,
+        base: Mapping[str, Any],
+        coordinator_bytes_sent: int,
+        checkpoint_bytes: int = 0,
+        coordinator_bytes_received: int = 0,
     ) -> dict[str, Any]:
         """``bytes_total``: every payload byte published for the algorithm (evaluation copies excluded and
-        reported as ``bytes_checkpoints``)."""
+        reported as ``bytes_checkpoints``). Per direction: each agent's ``bytes_sent``/``bytes_received``
+        and the coordinator's ``bytes_coordinator_sent``/``bytes_coordinator_received``."""
         agents = [asdict(a) for a in sorted(self.agents.values(), key=lambda a: a.agent_id)]
         out = dict(base)
         out["bytes_total"] = coordinator_bytes_sent + sum(a["bytes_sent"] for a in agents) - checkpoint_bytes
         out["bytes_checkpoints"] = checkpoint_bytes
         out["bytes_coordinator_sent"] = coordinator_bytes_sent
+        out["bytes_coordinator_received"] = coordinator_bytes_received
         out["round_test"] = sorted(self.rounds, key=lambda r: r["round"])
         out["agents"] = agents
         out["hops"] = len(self.hops)

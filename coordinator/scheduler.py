@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from coordinator import costmodel
+from edge_agent.protocol.delta import INITIAL
 from edge_agent.protocol.messages import HopTask
 from edge_agent.protocol.topics import COORDINATOR
 
@@ -74,6 +75,25 @@ class Plan:
     hops: tuple[PlannedHop, ...]
     algorithm: str = "snake"  # "snake" | "fedavg" | "split" (agents train segment 0, the coordinator 1)
     excluded: tuple[tuple[str, str], ...] = ()  # (agent, reason): agents the plan leaves out
+    layout: tuple[tuple[str, tuple[str, ...]], ...] = ()  # versioned layer groups and their parameters (snake)
+
+    def groups(self) -> dict[str, list[str]]:
+        """Layer group -> parameter names: what a model transfer versions (empty: whole models travel)."""
+        return {g: list(params) for g, params in self.layout}
+
+    def versions_after(self, hop: int) -> dict[str, int]:
+        """Each group's version (the last hop that trained it) once ``hop`` is done; -1: the initial model."""
+        versions = {g: INITIAL for g, _ in self.layout}
+        for h in self.hops[: hop + 1]:
+            versions.update({g: h.hop for g in self.segments[h.segment].groups if g in versions})
+        return versions
+
+    def held_by(self, hop: int) -> dict[str, int]:
+        """The versions the agent of ``hop`` holds on disk when its model arrives: its previous hop's output
+        (empty on its first hop: it holds nothing)."""
+        agent = self.hops[hop].agent
+        before = [h.hop for h in self.hops[:hop] if h.agent == agent]
+        return self.versions_after(before[-1]) if before else {}
 
     @property
     def rounds(self) -> int:
@@ -290,7 +310,7 @@ def snake_plan(
         PlannedHop(r, i, p.agent, index[lo, hi], *(costs.of(p, lo, hi) if p.baseline_mb or p.gflops else (0.0, 0.0)))
         for i, (r, p, lo, hi) in enumerate(hops)
     )
-    return Plan(mode, segments, planned, excluded=tuple(excluded))
+    return Plan(mode, segments, planned, excluded=tuple(excluded), layout=tuple((g.name, g.params) for g in groups))
 
 
 def _best_sweep(
@@ -431,12 +451,19 @@ def hop_tasks(
             nxt = plan.hops[h.hop + 1].agent if h.hop + 1 < len(plan.hops) else COORDINATOR
         seg = plan.segments[h.segment]
         sha, size = artifacts[h.segment, artifact_kind((backends or {}).get(h.agent, "ort"))]
+        if not plan.layout:
+            holds: dict[str, int] = {}  # whole models travel (FedAvg)
+        elif plan.mode == "cs":
+            holds = plan.versions_after(h.hop - 1)  # the coordinator holds the model it sent this hop
+        else:
+            holds = plan.held_by(h.hop + 1) if h.hop + 1 < len(plan.hops) else {}
         round_end = h.hop + 1 == len(plan.hops) or plan.hops[h.hop + 1].round != h.round
         task = HopTask(
             h.round, h.hop, h.segment, list(seg.groups), list(seg.tensors), sha, size, prev, nxt,
             settings.epochs, settings.batch_size, settings.lr, settings.seed + h.hop, settings.max_steps,
             settings.checkpoints and round_end and plan.algorithm == "snake" and plan.mode == "p2p",
             settings.kd_alpha, settings.kd_temperature, plan.algorithm == "split", settings.gradient_timeout_s,
+            holds,
         )  # fmt: skip
         out.setdefault(h.agent, []).append(task)
     return out

@@ -15,6 +15,8 @@ import numpy as np
 
 from coordinator.scheduler import Plan
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
+from edge_agent.protocol.delta import Base, BaseMismatch, assemble, decode_model, digests_of, encode_model, newer
+from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.transfer import Completed
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class Decision:
     sends: list[ModelSend] = field(default_factory=list)
     final: bytes | None = None  # the finished model, when the trial is over
     checkpoint: tuple[int, bytes] | None = None  # (round, model) when a round's model is complete
+    request: tuple[str, int, str] | None = None  # (agent, hop, reason): ask the agent for its whole model
 
 
 class Strategy(Protocol):
@@ -40,24 +43,71 @@ class Strategy(Protocol):
 
     def on_model(self, plan: Plan, done: Completed) -> Decision: ...
 
+    def on_request(self, plan: Plan, agent: str, hop: int) -> list[ModelSend]: ...
+
 
 class SnakeStrategy:
     """The model goes hop to hop. P2P: agents send to each other and the coordinator receives only
-    the final model. Client-server: every hop's model comes back and is forwarded to the next hop."""
+    the final model. Client-server: every hop's model comes back and is forwarded to the next hop.
+
+    Only what changed travels: the coordinator keeps the latest whole model it knows and its group
+    versions, completes deltas it receives from it, and sends each agent only the groups newer than
+    the copy the plan says it holds (``Plan.held_by``)."""
+
+    def __init__(self, compression: str = "none") -> None:
+        self.compression = compression
+        self.model: dict[str, np.ndarray] = {}
+        self.versions: dict[str, int] = {}
+        self.digests: dict[str, str] = {}
+        self.hop = 0  # the hop the kept model is for
 
     def start(self, plan: Plan, initial: bytes, samples: Mapping[str, int]) -> list[ModelSend]:
-        return [ModelSend(plan.hops[0].agent, {"hop": 0, "from_hop": -1, "round": 0}, initial)]
+        layout = plan.groups()
+        self.model = decode_tensors(initial)
+        self.versions, self.digests = plan.versions_after(-1), digests_of(self.model, layout)
+        data = encode_model(self.model, layout, self.versions, self.digests, list(layout))  # fp32, as exported
+        return [ModelSend(plan.hops[0].agent, {"hop": 0, "from_hop": -1, "round": 0}, data)]
 
     def on_model(self, plan: Plan, done: Completed) -> Decision:
         hop = done.meta.get("hop")
         if not isinstance(hop, int) or not 0 < hop <= len(plan.hops):
             log.warning("model transfer %s from %s names hop %r; dropped", done.transfer_id, done.src, hop)
             return Decision()
+        try:
+            self._merge(plan, done.data)
+        except BaseMismatch as exc:
+            log.warning("model for hop %d from %s: %s; asking for the whole model", hop, done.src, exc.message)
+            return Decision(request=(done.src, hop, exc.message))
+        self.hop = hop
+        whole = self._encode(plan, list(plan.groups()), "none")
         if hop == len(plan.hops):
-            return Decision(final=done.data, checkpoint=(plan.hops[-1].round, done.data))
+            return Decision(final=whole, checkpoint=(plan.hops[-1].round, whole))
         ended = plan.hops[hop - 1].round if plan.hops[hop].round != plan.hops[hop - 1].round else None
-        checkpoint = (ended, done.data) if ended is not None else None  # client-server: free per-round copies
-        return Decision([ModelSend(plan.hops[hop].agent, dict(done.meta), done.data)], checkpoint=checkpoint)
+        checkpoint = (ended, whole) if ended is not None else None  # client-server: free per-round copies
+        send = newer(self.versions, plan.held_by(hop)) if plan.layout else []
+        data = self._encode(plan, send, self.compression)
+        return Decision([ModelSend(plan.hops[hop].agent, dict(done.meta), data)], checkpoint=checkpoint)
+
+    def on_request(self, plan: Plan, agent: str, hop: int) -> list[ModelSend]:
+        """An agent's cached copy could not complete what we sent it: send it the whole model again."""
+        if hop != self.hop or not 0 <= hop < len(plan.hops) or plan.hops[hop].agent != agent:
+            raise ProtocolError("unknown_hop", f"the coordinator did not send {agent} the model for hop {hop}")
+        meta = {"hop": hop, "from_hop": hop - 1, "round": plan.hops[hop].round}
+        return [ModelSend(agent, meta, self._encode(plan, list(plan.groups()), self.compression))]
+
+    def _merge(self, plan: Plan, data: bytes) -> None:
+        payload, header = decode_model(data)
+        layout = plan.groups()
+        if header is None or not layout:
+            self.model = {n: np.array(t, np.float32) for n, t in payload.items()}
+            self.versions, self.digests = {}, digests_of(self.model, layout)
+            return
+        merged = assemble(payload, header, layout, Base(self.versions, self.model))
+        self.model = {n: np.array(t, np.float32) for n, t in merged.items()}  # own copies, not views of ``data``
+        self.versions, self.digests = dict(header.versions), dict(header.digests)
+
+    def _encode(self, plan: Plan, send: list[str], compression: str) -> bytes:
+        return encode_model(self.model, plan.groups(), self.versions, self.digests, send, compression)
 
 
 class FedAvgStrategy:
@@ -79,6 +129,9 @@ class FedAvgStrategy:
             for h in plan.hops
             if h.round == round_
         ]
+
+    def on_request(self, plan: Plan, agent: str, hop: int) -> list[ModelSend]:
+        raise ProtocolError("unknown_hop", "FedAvg sends whole models; there is nothing to complete")
 
     def on_model(self, plan: Plan, done: Completed) -> Decision:
         src_hop = done.meta.get("from_hop")

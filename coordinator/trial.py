@@ -37,7 +37,9 @@ def input_spec(ds: Dataset) -> InputSpec:
 def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
     t = config.train
     strategy: Strategy = (
-        FedAvgStrategy(config.transfer.compression) if config.algorithm == "fedavg" else SnakeStrategy()
+        FedAvgStrategy(config.transfer.compression)
+        if config.algorithm == "fedavg"
+        else SnakeStrategy(config.transfer.compression)
     )
     if config.algorithm == "split":
         back = TorchBack(prepared.model, prepared.cut, t.optimizer, t.lr)
@@ -156,7 +158,7 @@ def run_trial(
         "final_model": str(onnx_path),
     }
     ctl = service.controller
-    summary = record.summary(base, outcome.bytes_sent, ctl.checkpoint_bytes if ctl else 0)
+    summary = record.summary(base, outcome.bytes_sent, ctl.checkpoint_bytes if ctl else 0, outcome.bytes_received)
     if config.algorithm == "split" and ctl is not None:
         summary |= {"split_cut": prepared.cut, "bytes_activations": ctl.activation_bytes,
                     "bytes_gradients": ctl.gradient_bytes}  # fmt: skip

@@ -9,7 +9,11 @@ it to MQTT, the artifact store and a trainer. One hop goes:
 A split-learning hop (``task.split``) trains batch by batch: the trainer's activations go out
 through ``send_activations`` and each awaited gradient comes back as a ``Gradient`` action.
 
-The agent keeps every model it sends until the receiver acknowledges its digest.
+Only what changed travels (``edge_agent.protocol.delta``): the service completes a received delta
+from the agent's cached copy; when it cannot (``base_missing``), the agent asks the sender for the
+whole model (``model_request``), and answers such requests from its own cache (``ResendFull``).
+The agent keeps every model it sends until the receiver acknowledges its digest, and its last
+model on disk after that.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_agent.protocol import topics
-from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.messages import (
@@ -34,6 +37,7 @@ from edge_agent.protocol.messages import (
     Hello,
     HopDone,
     HopTask,
+    ModelRequest,
     Shutdown,
     TransferAck,
     TransferNack,
@@ -50,12 +54,42 @@ ARTIFACT_RETRY_S = 30.0
 HELLO_EVERY_S = 3.0  # while unassigned: a coordinator that connects later still hears us
 
 
+@dataclass
+class Received:
+    """A model transfer waiting for its hop. ``take`` hands the bytes over once, so they can be freed."""
+
+    src: str
+    hop: int
+    size: int
+    data: bytes | None
+
+    def take(self) -> bytes:
+        data, self.data = self.data, None
+        if data is None:
+            raise ProtocolError("internal", f"model for hop {self.hop} was already loaded")
+        return data
+
+
 @dataclass(frozen=True)
 class Train:
-    """Action: train ``task``'s segment starting from ``tensors``."""
+    """Action: complete ``received`` into the whole model, train ``task``'s segment, encode the result."""
 
     task: HopTask
-    tensors: dict[str, np.ndarray]
+    received: Received
+    trial_id: str
+    layout: dict[str, list[str]]  # layer group -> parameter names (empty: no deltas)
+    compression: str
+
+
+@dataclass(frozen=True)
+class ResendFull:
+    """Action: send ``dst`` the whole model this agent handed on after ``hop`` (from its cache)."""
+
+    dst: str
+    hop: int
+    trial_id: str
+    layout: dict[str, list[str]]
+    compression: str
 
 
 @dataclass(frozen=True)
@@ -84,7 +118,7 @@ class Gradient:
     loss: float  # the coordinator's loss on that batch
 
 
-Action = Train | StoreArtifact | SayBye | Gradient
+Action = Train | StoreArtifact | SayBye | ResendFull | Gradient
 
 
 @dataclass
@@ -103,8 +137,8 @@ class HopResult:
     """What the service reports back after running a Train action."""
 
     task: HopTask
-    tensors: dict[str, np.ndarray]  # every tensor of the model after training
-    updated: frozenset[str]  # what the hop may change: the segment's tensors and every running statistic
+    data: bytes  # the encoded model (the groups ``task.next`` lacks) to hand on
+    checkpoint: bytes | None  # the whole model for the coordinator, when the task asks for a copy
     train: TrainStats
     val: EvalStats
     trainable_params: int
@@ -129,10 +163,12 @@ class Agent:
         self.inbound = Reassembler(self.me)
         self.trial_id: str | None = None
         self.compression = "none"
+        self.layout: dict[str, list[str]] = {}  # layer group -> parameter names, from the assignment
         self.tasks: dict[int, HopTask] = {}  # by global hop
-        self.models: dict[int, dict[str, np.ndarray]] = {}  # received models waiting for their hop
+        self.models: dict[int, Received] = {}  # received models waiting for their hop
+        self.awaiting: dict[int, tuple[str, float]] = {}  # hop -> (sender asked for the whole model, when)
         self.busy: int | None = None  # hop being trained
-        self.awaiting: tuple[int, int] | None = None  # split learning: (hop, seq) whose gradient we wait for
+        self.gradient_for: tuple[int, int] | None = None  # split learning: (hop, seq) whose gradient we wait for
         self.finished: set[int] = set()
         self.requested: dict[str, float] = {}  # artifact sha -> when asked
         self.seen: OrderedDict[str, None] = OrderedDict()  # control message ids (QoS 1 duplicates)
@@ -176,6 +212,10 @@ class Agent:
                     COORD, "peer_unreachable", f"{p.dst} has not acknowledged {p.purpose} transfer {p.transfer_id}", now
                 )
             )
+        for hop, (src, asked) in self.awaiting.items():
+            if now - asked > ARTIFACT_RETRY_S and hop not in self.models:
+                self.awaiting[hop] = (src, now)
+                fx.out.append(self._send(src, "model_request", to_body(ModelRequest(hop, "no answer yet")), now))
         for sha, asked in self.requested.items():
             if now - asked > ARTIFACT_RETRY_S and sha not in self.artifacts:
                 self.requested[sha] = now
@@ -193,15 +233,14 @@ class Agent:
 
     def hop_trained(self, result: HopResult, counters: Counters, now: float) -> Effects:
         """Training of ``result.task`` finished: hand the model on and report."""
-        task = result.task
-        received = self.models.pop(task.hop)
-        model = {name: (result.tensors[name] if name in result.updated else t) for name, t in received.items()}
-        data = encode_tensors(model, self.compression)
+        task, data = result.task, result.data
         meta = {"hop": task.hop + 1, "from_hop": task.hop, "round": task.round}
         _, out = self.outbox.send(task.next, self.trial_id, "model", meta, data, self.chunk_bytes, now)
-        if task.checkpoint and task.next != COORD:  # a copy for the coordinator's per-round evaluation
-            out += self.outbox.send(COORD, self.trial_id, "checkpoint", meta, data, self.chunk_bytes, now)[1]
-        self.busy, self.awaiting = None, None
+        if result.checkpoint is not None:  # a copy for the coordinator's per-round evaluation
+            out += self.outbox.send(COORD, self.trial_id, "checkpoint", meta, result.checkpoint, self.chunk_bytes, now)[
+                1
+            ]
+        self.busy, self.gradient_for = None, None
         self.finished.add(task.hop)
         done = HopDone(
             task.round, task.hop, task.segment, result.train.loss, _finite(result.val.loss), _finite(result.val.accuracy),
@@ -213,8 +252,8 @@ class Agent:
         return fx.extend(self._maybe_train(now))
 
     def hop_failed(self, hop: int, reason: str, now: float) -> Effects:
-        """Training raised: tell the coordinator; keep the received model (nothing is lost)."""
-        self.busy, self.awaiting = None, None
+        """Training raised: tell the coordinator (the sender still has the model on disk)."""
+        self.busy, self.gradient_for = None, None
         return Effects([self._error(COORD, "hop_failed", f"hop {hop} failed on {self.me}: {reason}", now)])
 
     def send_activations(self, hop: int, seq: int, data: bytes, now: float) -> Effects:
@@ -223,10 +262,27 @@ class Agent:
         if task is None or self.busy != hop:
             log.warning("activations of hop %d batch %d: that hop is not training here; dropped", hop, seq)
             return Effects()
-        self.awaiting = (hop, seq)
+        self.gradient_for = (hop, seq)
         meta = batch_meta(hop, seq, round=task.round)
         _, out = self.outbox.send(COORD, self.trial_id, ACTIVATIONS, meta, data, self.chunk_bytes, now)
         return Effects(out)
+
+    def base_missing(self, hop: int, src: str, reason: str, now: float) -> Effects:
+        """The received delta could not be completed from the cached copy: ask ``src`` for everything."""
+        self.busy = None
+        self.models.pop(hop, None)
+        self.awaiting[hop] = (src, now)
+        log.warning("hop %d: %s; asking %s for the whole model", hop, reason, src)
+        return Effects([self._send(src, "model_request", to_body(ModelRequest(hop, reason)), now)])
+
+    def resend(self, dst: str, hop: int, data: bytes | None, reason: str, now: float) -> Effects:
+        """The service built the whole model a receiver asked for (``data``), or could not (``reason``)."""
+        if data is None:
+            msg = f"{self.me} cannot resend the model for hop {hop} to {dst}: {reason}"
+            return Effects([self._error(COORD, "resend_failed", msg, now), self._error(dst, "resend_failed", msg, now)])
+        meta = {"hop": hop, "from_hop": hop - 1, "round": self.tasks[hop - 1].round if hop - 1 in self.tasks else -1}
+        log.info("hop %d: resending the whole model to %s (%d bytes)", hop, dst, len(data))
+        return Effects(self.outbox.send(dst, self.trial_id, "model", meta, data, self.chunk_bytes, now)[1])
 
     def bye(self, counters: Counters, now: float) -> Outgoing:
         body = Bye(counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb, len(self.finished))
@@ -249,6 +305,7 @@ class Agent:
             "assign": self._on_assign,
             "transfer_ack": self._on_ack,
             "transfer_nack": self._on_nack,
+            "model_request": self._on_model_request,
             "abort": self._on_abort,
             "shutdown": self._on_shutdown,
         }.get(env.type)
@@ -276,8 +333,8 @@ class Agent:
         if self.busy is not None and env.trial_id != self.trial_id:
             raise ProtocolError("busy", f"training hop {self.busy} of trial {self.trial_id!r}")
         if env.trial_id != self.trial_id:
-            self.tasks, self.models, self.finished = {}, {}, set()
-        self.trial_id, self.compression = env.trial_id, assign.compression
+            self.tasks, self.models, self.finished, self.awaiting = {}, {}, set(), {}
+        self.trial_id, self.compression, self.layout = env.trial_id, assign.compression, assign.groups
         self.chunk_bytes = assign.chunk_bytes
         self.tasks.update({t.hop: t for t in assign.tasks})
         log.info("trial %s: assigned %d hop(s): %s", self.trial_id, len(assign.tasks), [t.hop for t in assign.tasks])
@@ -299,9 +356,17 @@ class Agent:
     def _on_nack(self, env: Envelope, now: float) -> Effects:
         return Effects(self.outbox.on_nack(body_of(TransferNack, env.body), now))
 
+    def _on_model_request(self, env: Envelope, now: float) -> Effects:
+        request = body_of(ModelRequest, env.body)
+        if request.hop - 1 not in self.finished or self.trial_id is None:
+            raise ProtocolError("unknown_hop", f"{self.me} did not hand on the model for hop {request.hop}")
+        log.info("%s asks for the whole model for hop %d: %s", env.src, request.hop, request.reason)
+        action = ResendFull(env.src, request.hop, self.trial_id, self.layout, self.compression)
+        return Effects(actions=[action])
+
     def _on_abort(self, env: Envelope, now: float) -> Effects:
         log.error("trial %s aborted by %s: %s", self.trial_id, env.src, body_of(Abort, env.body).reason)
-        self.tasks, self.models = {}, {}
+        self.tasks, self.models, self.awaiting = {}, {}, {}
         return Effects()
 
     def _on_shutdown(self, env: Envelope, now: float) -> Effects:
@@ -330,15 +395,15 @@ class Agent:
 
     def _on_gradient(self, done: Completed) -> Effects:
         hop, seq = parse_batch(done.meta)
-        if self.awaiting != (hop, seq):  # a duplicate, a late answer or one for another hop
+        if self.gradient_for != (hop, seq):  # a duplicate, a late answer or one for another hop
             log.warning("gradient for hop %d batch %d from %s not awaited (awaiting %s); dropped",
-                        hop, seq, done.src, self.awaiting)  # fmt: skip
+                        hop, seq, done.src, self.gradient_for)  # fmt: skip
             return Effects()
         loss = done.meta.get("loss")
         if not isinstance(loss, int | float) or isinstance(loss, bool):
             raise ProtocolError("malformed", f"gradient for hop {hop} batch {seq} carries no loss")
         gradient = decode_gradient(done.data)
-        self.awaiting = None
+        self.gradient_for = None
         return Effects(actions=[Gradient(hop, seq, gradient, float(loss))])
 
     def _on_model(self, done: Completed, now: float) -> Effects:
@@ -346,18 +411,13 @@ class Agent:
         if not isinstance(hop, int) or hop in self.finished or hop == self.busy or hop in self.models:
             log.warning("model transfer %s from %s for hop %r: not expected; dropped", done.transfer_id, done.src, hop)
             return Effects()
-        tensors = decode_tensors(done.data)
         task = self.tasks.get(hop)
-        missing = set(task.tensors) - set(tensors) if task else set()
-        if missing:
-            raise ProtocolError(
-                "malformed", f"model for hop {hop} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}"
-            )
         if task is None and len(self.models) >= 2:
             log.warning("model transfer %s for unassigned hop %d dropped (buffer full)", done.transfer_id, hop)
             return Effects()
-        self.models[hop] = tensors  # an early model (before its assign) waits here too
-        log.info("hop %d: model received from %s (%d tensors, %d bytes)", hop, done.src, len(tensors), len(done.data))
+        self.awaiting.pop(hop, None)
+        self.models[hop] = Received(done.src, hop, len(done.data), done.data)  # an early model waits here too
+        log.info("hop %d: model received from %s (%d bytes)", hop, done.src, len(done.data))
         return self._maybe_train(now)
 
     def _maybe_train(self, now: float) -> Effects:
@@ -365,9 +425,10 @@ class Agent:
             return Effects()
         for hop in sorted(self.models):
             task = self.tasks.get(hop)
-            if task is not None and task.artifact_sha256 in self.artifacts:
+            if task is not None and task.artifact_sha256 in self.artifacts and self.trial_id is not None:
                 self.busy = hop
-                return Effects(actions=[Train(task, self.models[hop])])
+                received = self.models.pop(hop)  # the service frees the bytes once the trainer holds them
+                return Effects(actions=[Train(task, received, self.trial_id, self.layout, self.compression)])
         return Effects()
 
     # -- helpers ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ class AgentConfig:
     threads: int = 0  # intra-op threads (0 = runtime default)
     memory_budget_mb: int = 0  # 0 = physical memory, or the cgroup's limit if smaller
     calibrate: bool = True  # measure GFLOP/s at start (edge_agent.calibrate) for the planner
+    map_large_allocations: bool = True  # glibc: allocations >= 1 MiB get their own mapping (less peak memory)
     connect_timeout_s: float = 30.0  # give up if the broker does not answer
     tick_s: float = 1.0  # how often timers run
     progress_every_s: float = 1.0  # hop_progress rate limit

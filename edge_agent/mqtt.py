@@ -27,7 +27,7 @@ from edge_agent.errors import EdgeAgentError
 logger = logging.getLogger(__name__)
 
 PASSWORD_ENV = "SNAKE_MQTT_PASSWORD"
-MAX_INFLIGHT = 50
+MAX_INFLIGHT = 8  # paho copies a message into a packet only when it goes in flight: this bounds the copies
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 

@@ -59,7 +59,12 @@ class _Session:
         self.optimizer = api.Optimizer(directory / "optimizer_model.onnx", self.module)
 
     def flat(self) -> np.ndarray:
-        return np.array(self.module.get_contiguous_parameters(False).numpy(), dtype=np.float32, copy=True)
+        """Every parameter in one float32 buffer we own (copied straight into it: one copy, not three)."""
+        import onnxruntime
+
+        out = np.empty(self.module.get_parameters_size(False), dtype=np.float32)
+        self.module._model.copy_parameters_to_buffer(onnxruntime.OrtValue.ortvalue_from_numpy(out)._ortvalue, False)
+        return out
 
 
 class OrtTrainer:
@@ -98,9 +103,12 @@ class OrtTrainer:
         )
 
     def set_weights(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Load every tensor. A caller that passes a temporary lets the inputs go before ONNX Runtime
+        copies the buffer (one model copy less at the peak)."""
+        self._session = None  # the previous session's weights go first
         flat = self._flatten(tensors)
+        del tensors
         assert self._dir is not None  # _flatten checked the manifest
-        self._session = None
         try:
             self._session = _Session(self._dir, self._options(), flat, self.manifest)
         except ort_errors() as exc:
@@ -108,6 +116,11 @@ class OrtTrainer:
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return self._split(self._require_session().flat())
+
+    def release_weights(self) -> dict[str, np.ndarray]:
+        weights = self.get_weights()
+        self._session = None  # module, optimizer state and gradients go before the caller encodes
+        return weights
 
     def train(
         self,
@@ -212,9 +225,14 @@ class OrtTrainer:
         return loss
 
     def _flatten(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Every manifest tensor, checked by name, shape and dtype, as one float32 buffer in order."""
-        parts = [t.ravel() for t in check_tensors(self.manifest, tensors).values()]
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        """Every manifest tensor, checked by name, shape and dtype, copied once into a float32 buffer in order."""
+        checked = check_tensors(self.manifest, tensors, copy=False)
+        flat = np.empty(sum(t.size for t in checked.values()), dtype=np.float32)
+        offset = 0
+        for t in checked.values():
+            flat[offset : offset + t.size] = t.ravel()
+            offset += t.size
+        return flat
 
     def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         manifest = self.manifest

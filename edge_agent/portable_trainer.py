@@ -103,12 +103,19 @@ class PortableTrainer:
         )
 
     def set_weights(self, tensors: Mapping[str, np.ndarray]) -> None:
+        self._tensors = None  # the previous weights go first
         self._tensors = check_tensors(self.manifest, tensors)
         self._optimizer = make_optimizer(self.manifest.optimizer)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         tensors = self._require_weights()
         return {name: tensors[name].copy() for name in self.manifest.order}
+
+    def release_weights(self) -> dict[str, np.ndarray]:
+        """The trainer's own arrays (no copy); sessions and optimizer state are freed."""
+        tensors = self._require_weights()
+        self._tensors, self._optimizer, self._train, self._eval = None, None, None, None
+        return {name: tensors[name] for name in self.manifest.order}
 
     def train(
         self,

@@ -102,6 +102,43 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Serve allocations of ``threshold`` bytes and more from their own mappings (glibc ``mallopt``), so
+    that freeing them returns the memory at once; False where unavailable.
+
+    By default glibc raises this threshold as large blocks are freed (up to 32 MiB), after which a
+    training step's activation and gradient buffers come from the heap, which fragments and keeps
+    growing over the steps. Measured on a VGG-11 hop (portable backend): peak RSS 228-248 -> 182-207 MiB
+    for a snake segment, 332 -> 302 MiB for FedAvg."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def return_free_memory() -> bool:
+    """Hand memory the process freed back to the OS (glibc ``malloc_trim``); False where unavailable.
+
+    After a training session is freed, glibc keeps its pages (in the training thread's arena) and the
+    process stays as large as at the training peak; encoding the model on top of that would add a copy
+    to the peak."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def machine() -> dict[str, str | int]:
     return {
         "arch": platform.machine(),

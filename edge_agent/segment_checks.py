@@ -14,8 +14,11 @@ from edge_agent.manifest import SegmentManifest
 from edge_agent.trainer import TrainerError, TrainSpec
 
 
-def check_tensors(manifest: SegmentManifest, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every manifest tensor, checked by name, shape and dtype, as a float32 copy (manifest order)."""
+def check_tensors(
+    manifest: SegmentManifest, tensors: Mapping[str, np.ndarray], copy: bool = True
+) -> dict[str, np.ndarray]:
+    """Every manifest tensor, checked by name, shape and dtype, as a float32 copy (manifest order);
+    ``copy=False``: the given arrays themselves (the caller copies them where it needs them)."""
     missing = [name for name in manifest.order if name not in tensors]
     unknown = sorted(set(tensors) - set(manifest.order))
     if missing or unknown:
@@ -30,7 +33,7 @@ def check_tensors(manifest: SegmentManifest, tensors: Mapping[str, np.ndarray]) 
             raise TrainerError(f"tensor {name!r} has shape {value.shape}, expected {manifest.shapes[name]}")
         if not np.issubdtype(value.dtype, np.floating):
             raise TrainerError(f"tensor {name!r} has dtype {value.dtype}, expected a float type")
-        out[name] = np.array(value, dtype=np.float32, copy=True, order="C")
+        out[name] = np.array(value, dtype=np.float32, copy=True, order="C") if copy else value
     return out
 
 

@@ -21,21 +21,24 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent import profile
-from edge_agent.agent import Agent, Counters, Effects, Gradient, HopResult, SayBye, StoreArtifact, Train
+from edge_agent.agent import Agent, Counters, Effects, Gradient, HopResult, ResendFull, SayBye, StoreArtifact, Train
 from edge_agent.backends import make_trainer
 from edge_agent.bundle import ArtifactStore
 from edge_agent.calibrate import measure_gflops
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeAgentError
+from edge_agent.handover import Loaded, full_model, hand_on, load_model
 from edge_agent.localdata import LocalData
 from edge_agent.manifest import read_manifest
+from edge_agent.model_cache import ModelCache
 from edge_agent.mqtt import MqttLink, parse_broker_url
 from edge_agent.protocol import topics
+from edge_agent.protocol.delta import BaseMismatch
 from edge_agent.protocol.envelope import Envelope, encode
 from edge_agent.protocol.messages import Hello, HopProgress, HopStarted, HopTask, Status, to_body
 from edge_agent.protocol.split import encode_activations
 from edge_agent.split_trainer import OrtFrontTrainer
-from edge_agent.trainer import EvalStats, TrainerError, TrainSpec, TrainStats
+from edge_agent.trainer import EvalStats, Trainer, TrainerError, TrainSpec, TrainStats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ def status_payload(agent_id: str, state: str) -> bytes:
 @dataclass
 class _Running:
     task_hop: int
+    src: str  # who sent the model
     future: Future[HopResult]
 
 
@@ -55,7 +59,10 @@ class AgentService:
     def __init__(self, config: AgentConfig, data: LocalData) -> None:
         self.config = config
         self.data = data
+        if config.map_large_allocations:
+            profile.map_large_allocations()
         self.store = ArtifactStore(config.cache_dir / "artifacts")
+        self.models = ModelCache(config.cache_dir / "models")
         self.backend = make_trainer(config.backend, config.threads).backend
         self.progress: queue.Queue[HopProgress] = queue.Queue()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
@@ -134,6 +141,8 @@ class AgentService:
                 self.gradients.put(action)
             elif isinstance(action, StoreArtifact):
                 self._apply(self._store(action))
+            elif isinstance(action, ResendFull):
+                self._apply(self._resend(action))
             elif isinstance(action, SayBye):
                 bye = self.agent.bye(self.counters(), time.time())
                 self.link.publish(bye.topic, bye.payload)
@@ -149,6 +158,14 @@ class AgentService:
             log.error("could not store artifact bundle %s: %s; asking again", action.sha256[:12], exc)
             return self.agent.artifact_stored(action.sha256, False, time.time())
 
+    def _resend(self, action: ResendFull) -> Effects:
+        try:
+            data = full_model(self.models, action.trial_id, action.hop - 1, action.layout, action.compression)
+        except BaseMismatch as exc:
+            log.error("cannot resend the model for hop %d to %s: %s", action.hop, action.dst, exc.message)
+            return self.agent.resend(action.dst, action.hop, None, exc.message, time.time())
+        return self.agent.resend(action.dst, action.hop, data, "", time.time())
+
     # -- training -----------------------------------------------------------------------------
     def _start_training(self, action: Train) -> None:
         task = action.task
@@ -163,7 +180,7 @@ class AgentService:
             "hop %d (round %d): training segment %d (%s)", task.hop, task.round, task.segment, ", ".join(task.groups)
         )
         train = self._train_split if task.split else self._train
-        self.running = _Running(task.hop, self.pool.submit(train, action, spec))
+        self.running = _Running(task.hop, action.received.src, self.pool.submit(train, action, spec))
 
     def _on_step(self, task: HopTask) -> Callable[[int, int, float], None]:
         last = [0.0]
@@ -176,15 +193,23 @@ class AgentService:
 
         return on_step
 
+    def _load(self, action: Train, trainer: Trainer) -> Loaded:
+        """Complete the received model (a delta, from the cached copy) and give it to ``trainer``."""
+        loaded = load_model(action.received.take(), action.task, action.layout, self.models, action.trial_id)
+        trainer.set_weights(loaded.take_tensors())  # a temporary: the received bytes go once copied
+        profile.return_free_memory()
+        return loaded
+
     def _train(self, action: Train, spec: TrainSpec) -> HopResult:
         task = action.task
         trainer = make_trainer(self.config.backend, self.config.threads)
         directory = self.store.path(task.artifact_sha256)
         trainer.open(directory)
-        trainer.set_weights(action.tensors)
+        loaded = self._load(action, trainer)
         stats = trainer.train(self.data.x_train, self.data.y_train, spec, self._on_step(task))
-        val = trainer.evaluate(self.data.x_val, self.data.y_val) if len(self.data.y_val) else None
-        return self._result(action, directory, trainer.get_weights(), stats, val)
+        # evaluation batches as small as training's: a 256-sample forward pass was the hop's memory peak
+        val = trainer.evaluate(self.data.x_val, self.data.y_val, task.batch_size) if len(self.data.y_val) else None
+        return self._result(action, directory, trainer, loaded, stats, val)
 
     def _train_split(self, action: Train, spec: TrainSpec) -> HopResult:
         """Split learning: train the front batch by batch against the coordinator's gradients."""
@@ -194,7 +219,7 @@ class AgentService:
         trainer = OrtFrontTrainer(self.config.threads)
         directory = self.store.path(task.artifact_sha256)
         trainer.open(directory)
-        trainer.set_weights(action.tensors)
+        loaded = self._load(action, trainer)
         while not self.gradients.empty():  # nothing from an earlier hop may answer this one
             self.gradients.get_nowait()
 
@@ -203,7 +228,7 @@ class AgentService:
             return self._await_gradient(task, seq)
 
         stats = trainer.train_split(self.data.x_train, self.data.y_train, spec, exchange, self._on_step(task))
-        return self._result(action, directory, trainer.get_weights(), stats, None)
+        return self._result(action, directory, trainer, loaded, stats, None)
 
     def _await_gradient(self, task: HopTask, seq: int) -> tuple[np.ndarray, float]:
         deadline = time.monotonic() + task.gradient_timeout_s
@@ -221,14 +246,20 @@ class AgentService:
         )
 
     def _result(
-        self, action: Train, directory: Path, weights: dict[str, np.ndarray], stats: TrainStats, val: EvalStats | None
+        self, action: Train, directory: Path, trainer: Trainer, loaded: Loaded, stats: TrainStats, val: EvalStats | None
     ) -> HopResult:
         task = action.task
         manifest = read_manifest(directory)
         trainable = sum(int(np.prod(manifest.shapes[n])) for n in manifest.trainable)
-        updated = frozenset(task.tensors) | frozenset(manifest.buffers)  # running statistics follow the data
         val = val or EvalStats(float("nan"), float("nan"), 0)
-        return HopResult(task, weights, updated, stats, val, trainable)
+        profile.return_free_memory()  # activations of training and evaluation: before the weights are copied out
+        weights = trainer.release_weights()  # the training session goes before we encode
+        profile.return_free_memory()
+        out = hand_on(
+            task, weights, loaded.versions, loaded.digests, action.layout, action.compression, self.models,
+            action.trial_id,
+        )  # fmt: skip
+        return HopResult(task, out.data, out.checkpoint, stats, val, trainable)
 
     def _collect_training(self) -> None:
         if self.running is None or not self.running.future.done():
@@ -236,11 +267,16 @@ class AgentService:
         running, self.running = self.running, None
         try:
             result = running.future.result()
+        except BaseMismatch as exc:  # the cached copy cannot complete the delta: fetch the whole model
+            self._apply(self.agent.base_missing(running.task_hop, running.src, exc.message, time.time()))
+            return
         except Exception as exc:  # a failed hop must be reported, not kill the agent
             log.exception("hop %d failed", running.task_hop)
             self._apply(self.agent.hop_failed(running.task_hop, f"{type(exc).__name__}: {exc}", time.time()))
             return
-        self._apply(self.agent.hop_trained(result, self.counters(), time.time()))
+        fx = self.agent.hop_trained(result, self.counters(), time.time())
+        del result, running  # the encoded model lives on only in its chunk frames
+        self._apply(fx)
 
     def _flush_batches(self) -> None:
         while True:

@@ -66,6 +66,10 @@ class Trainer(Protocol):
     def get_weights(self) -> dict[str, np.ndarray]:
         """Every named tensor of the model, float32, after training."""
 
+    def release_weights(self) -> dict[str, np.ndarray]:
+        """Like ``get_weights``, as the trainer's last act: it frees its sessions and optimizer state
+        (and may hand over its own arrays instead of copying them). Load weights again to reuse it."""
+
     def train(self, x: np.ndarray, y: np.ndarray, spec: TrainSpec, on_step: StepCallback | None = None) -> TrainStats:
         """Train the trainable segment on (x, y); everything else stays frozen."""
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.model_cache import CachedModel
+from edge_agent.protocol.delta import Base
 from edge_agent.trainer import EvalStats, StepCallback, TrainSpec, TrainStats
 
 
@@ -70,6 +72,10 @@ class FakeTrainer:
     def get_weights(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.weights.items()}
 
+    def release_weights(self) -> dict[str, np.ndarray]:
+        weights, self.weights = self.weights, {}
+        return weights
+
     def train(self, x: np.ndarray, y: np.ndarray, spec: TrainSpec, on_step: StepCallback | None = None) -> TrainStats:
         for name in self.trainable:
             self.weights[name] = self.weights[name] + self.delta
@@ -95,3 +101,24 @@ class CountingBack:
 
     def tensors(self) -> dict[str, np.ndarray]:
         return dict(self.weights)
+
+
+@dataclass
+class MemoryModelCache:
+    """An agent's last model kept in memory, with ModelCache's interface; ``wipe`` loses it."""
+
+    kept: CachedModel | None = None
+    saves: int = 0
+
+    def save(
+        self, trial_id: str, hop: int, versions: Mapping[str, int], tensors: Mapping[str, np.ndarray], digest: str
+    ) -> None:
+        copies = {name: np.array(t, dtype=np.float32) for name, t in tensors.items()}
+        self.kept = CachedModel(trial_id, hop, Base(dict(versions), copies), digest)
+        self.saves += 1
+
+    def load(self, trial_id: str) -> CachedModel | None:
+        return self.kept if self.kept is not None and self.kept.trial_id == trial_id else None
+
+    def wipe(self) -> None:
+        self.kept = None

@@ -128,9 +128,7 @@ def train_hop(
         if trainable:
             params.append(p)
     frozen_bufs = {
-        name: b.detach().clone()
-        for name, b in model.named_buffers()
-        if seg is not None and not in_groups(name, seg)
+        name: b.detach().clone() for name, b in model.named_buffers() if seg is not None and not in_groups(name, seg)
     }
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)  # fresh each hop
     gen = torch.Generator().manual_seed(seed)
@@ -170,8 +168,9 @@ def _data() -> dict[str, torch.Tensor]:
     if not _DATA:
         xtr, ytr = load_idx("train")
         xte, yte = load_idx("t10k")
-        _DATA.update(xtr=torch.from_numpy(xtr), ytr=torch.from_numpy(ytr),
-                     xte=torch.from_numpy(xte), yte=torch.from_numpy(yte))
+        _DATA.update(
+            xtr=torch.from_numpy(xtr), ytr=torch.from_numpy(ytr), xte=torch.from_numpy(xte), yte=torch.from_numpy(yte)
+        )
     return _DATA
 
 
@@ -198,10 +197,28 @@ def run_config(cfg: dict) -> dict:
         for i in range(agents):
             s = (i + r) % agents
             seg = None if cfg["mode"] == "full" else segs[s]
-            secs, loss, steps = train_hop(model, seg, xs[i], ys[i], cfg["epochs"], cfg["batch"], cfg["lr"],
-                                          cfg["wd"], seed=1000 * r + i + 7919 * cfg["model_seed"])
-            hops.append({"round": r, "agent": i, "segment": s, "groups": seg, "seconds": secs,
-                         "train_loss": loss, "steps": steps})
+            secs, loss, steps = train_hop(
+                model,
+                seg,
+                xs[i],
+                ys[i],
+                cfg["epochs"],
+                cfg["batch"],
+                cfg["lr"],
+                cfg["wd"],
+                seed=1000 * r + i + 7919 * cfg["model_seed"],
+            )
+            hops.append(
+                {
+                    "round": r,
+                    "agent": i,
+                    "segment": s,
+                    "groups": seg,
+                    "seconds": secs,
+                    "train_loss": loss,
+                    "steps": steps,
+                }
+            )
         acc, tl = evaluate(model, d["xte"], d["yte"])
         rounds.append({"round": r + 1, "test_acc": acc, "test_loss": tl})
     accs = [x["test_acc"] for x in rounds]
@@ -224,8 +241,9 @@ def run_config(cfg: dict) -> dict:
         "final_acc": accs[-1],
         "hops": hops,
         "mean_hop_s": float(np.mean(hop_secs)),
-        "hop_s_by_segment": {str(s): float(np.mean([h["seconds"] for h in hops if h["segment"] == s]))
-                             for s in range(agents)},
+        "hop_s_by_segment": {
+            str(s): float(np.mean([h["seconds"] for h in hops if h["segment"] == s])) for s in range(agents)
+        },
         "total_s": time.perf_counter() - t_start,
     }
 
@@ -252,9 +270,11 @@ def time_hops(variant: str, batch: int, spa: int, mode: str, reps: int = 1) -> d
 
 def fmt_row(res: dict) -> str:
     accs = " ".join(f"{a:.4f}" for a in res["test_acc"])
-    return (f"{res['variant']:13s} {res['mode']:5s} B={res['batch']:<4d} lr={res['lr']:<6g} spa={res['spa']:<6d} "
-            f"| {accs} | r85={res['first_round_085']} r87={res['first_round_087']} "
-            f"| hop={res['mean_hop_s']:.2f}s total={res['total_s']:.0f}s")
+    return (
+        f"{res['variant']:13s} {res['mode']:5s} B={res['batch']:<4d} lr={res['lr']:<6g} spa={res['spa']:<6d} "
+        f"| {accs} | r85={res['first_round_085']} r87={res['first_round_087']} "
+        f"| hop={res['mean_hop_s']:.2f}s total={res['total_s']:.0f}s"
+    )
 
 
 def main() -> None:
@@ -279,17 +299,32 @@ def main() -> None:
         results = []
         for v, b, spa, mode in itertools.product(args.variants, args.batches, args.spas, args.modes):
             r = time_hops(v, b, spa, mode)
-            print(f"{v:13s} {mode:5s} B={b:<4d} spa={spa:<6d} " + " ".join(f"{k}={s:.2f}s" for k, s in r["hop_s"].items()),
-                  flush=True)
+            print(
+                f"{v:13s} {mode:5s} B={b:<4d} spa={spa:<6d} "
+                + " ".join(f"{k}={s:.2f}s" for k, s in r["hop_s"].items()),
+                flush=True,
+            )
             results.append(r)
         args.out.write_text(json.dumps({"timing": results}, indent=1))
         return
 
     cfgs = [
-        {"variant": v, "mode": m, "epochs": e, "batch": b, "lr": lr, "spa": spa, "wd": args.wd,
-         "agents": args.agents, "rounds": args.rounds, "model_seed": s, "data_seed": args.data_seed}
-        for v, m, e, b, lr, spa, s in itertools.product(args.variants, args.modes, args.epochs, args.batches,
-                                                          args.lrs, args.spas, args.seeds)
+        {
+            "variant": v,
+            "mode": m,
+            "epochs": e,
+            "batch": b,
+            "lr": lr,
+            "spa": spa,
+            "wd": args.wd,
+            "agents": args.agents,
+            "rounds": args.rounds,
+            "model_seed": s,
+            "data_seed": args.data_seed,
+        }
+        for v, m, e, b, lr, spa, s in itertools.product(
+            args.variants, args.modes, args.epochs, args.batches, args.lrs, args.spas, args.seeds
+        )
     ]
     # longest first, so the two workers finish together
     cost = {"cnn_wide": 4.0, "cnn": 1.0, "cnn_deephead": 1.0, "cnn_narrow": 0.4, "mlp": 0.1}

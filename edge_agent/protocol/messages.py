@@ -69,6 +69,9 @@ class HopTask:
     kd_temperature: float = 2.0
     split: bool = False  # split learning: train the front batch by batch with the coordinator's gradients
     gradient_timeout_s: float = 60.0  # split: give up on the hop when a batch's gradient takes longer
+    # group versions the receiver of this hop's model holds (its cached copy); send only newer groups.
+    # Empty: the receiver holds nothing, send the whole model.
+    next_holds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,16 @@ class Assign:
     tasks: list[HopTask]
     chunk_bytes: int
     compression: str = "none"  # "none" | "fp16"
+    groups: dict[str, list[str]] = field(default_factory=dict)  # layer group -> parameter names; empty: no deltas
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """Send me the whole model for ``hop``: my cached copy cannot complete the delta you sent."""
+
+    TYPE: ClassVar[str] = "model_request"
+    hop: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -183,7 +196,18 @@ class Shutdown:
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
-    for cls in (Status, Hello, Assign, ArtifactRequest, Chunk, TransferAck, TransferNack, HopStarted, HopProgress)
+    for cls in (
+        Status,
+        Hello,
+        Assign,
+        ModelRequest,
+        ArtifactRequest,
+        Chunk,
+        TransferAck,
+        TransferNack,
+        HopStarted,
+        HopProgress,
+    )
     + (HopDone, Bye, Abort, Shutdown)
 }
 T = TypeVar("T")

@@ -205,3 +205,18 @@ def test_the_ort_backend_never_imports_torch(toy: Callable[..., ToyModel], tmp_p
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "torch-free"
+
+
+def test_release_weights_hands_over_the_trained_weights_and_frees_the_session(
+    toy: Callable[..., ToyModel], segment: Callable[..., Path], blobs: Data
+) -> None:
+    x, y = blobs
+    trainer = _trainer(segment(ALL), toy().tensors)
+    trainer.train(x, y, TrainSpec(epochs=1, batch_size=32, lr=0.01, seed=5))
+    expected = trainer.get_weights()
+    released = trainer.release_weights()
+    assert list(released) == list(expected) and all(np.array_equal(released[n], expected[n]) for n in expected)
+    with pytest.raises(TrainerError, match="no weights loaded"):
+        trainer.get_weights()
+    trainer.set_weights(released)  # usable again once weights are loaded
+    assert all(np.array_equal(v, expected[n]) for n, v in trainer.get_weights().items())

@@ -199,21 +199,44 @@ def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: P
                     frames.setdefault(env.body["transfer_id"], {})[env.body["seq"]] = env.data or b""
                     meta[env.body["transfer_id"]] = env.body
         watcher.stop()
-    models: dict[int, dict[str, np.ndarray]] = {}
+    sent: dict[int, dict[str, np.ndarray]] = {}
     for tid, parts in frames.items():
-        models[meta[tid]["meta"]["hop"]] = decode_tensors(b"".join(parts[i] for i in sorted(parts)))
-    assert sorted(models) == [0, 1, 2, 3, 4]  # initial model + after each of 4 hops
-    segments = {s["index"]: s for s in summary["segments"]}
-    for line in hop_lines(tmp_path):
-        before, after = models[line["hop"]], models[line["hop"] + 1]
-        owned = [n for n in before if n.split(".")[0] in segments[line["segment"]]["groups"]]
+        sent[meta[tid]["meta"]["hop"]] = decode_tensors(b"".join(parts[i] for i in sorted(parts)))
+    assert sorted(sent) == [0, 1, 2, 3, 4]  # initial model + after each of 4 hops
+    groups_of = {s["index"]: set(s["groups"]) for s in summary["segments"]}
+    route = [(h["agent"], h["segment"]) for h in summary["plan"]["hops"]] + [("coordinator", -1)]
+    # the whole model before each hop, where the wire shows it: a hop an agent hands to itself
+    # (it trains twice in a row) moves only running statistics, its trained groups stay in its cache
+    models, cached = {0: sent[0]}, {}  # cached: each agent's copy of its last output
+    deltas = 0
+    for hop in range(1, 5):  # a delta leaves out the groups its receiver holds, unchanged since its last hop
+        receiver, sender = route[hop][0], route[hop - 1][0]
+        mine = [h for h in range(hop) if route[h][0] == receiver]
+        expected = set().union(*(groups_of[route[h][1]] for h in range(mine[-1] + 1, hop))) if mine else None
+        travelled = {n.split(".")[0] for n in sent[hop] if "running_" not in n and "num_batches" not in n}
+        if expected is None:
+            assert set(sent[hop]) == set(sent[0]), hop  # a first visit gets everything
+        else:
+            assert travelled == expected, hop
+            deltas += 1
+        if receiver != sender:
+            models[hop] = {**cached.get(receiver, {}), **sent[hop]}
+            assert set(models[hop]) == set(sent[0]), hop
+            cached[sender] = models[hop]
+    assert deltas  # some hop in this plan reached an agent that had a copy
+    known = sorted(models)
+    for start, end in zip(known, known[1:], strict=False):  # hops start..end-1 changed these groups only
+        before, after = models[start], models[end]
+        owned = [
+            n for n in before if n.split(".")[0] in set().union(*(groups_of[route[h][1]] for h in range(start, end)))
+        ]
         assert owned
         for name in before:
             changed = not np.array_equal(before[name], after[name])
             if "running_" in name:
-                assert changed, (line["hop"], name)  # every BN layer ran in training mode on this hop's data
+                assert changed, (start, name)  # every BN layer ran in training mode on this hop's data
             else:
-                assert changed == (name in owned), (line["hop"], name)
+                assert changed == (name in owned), (start, name)
 
 
 def test_a_capped_agent_trains_in_snake_and_fedavg_leaves_it_out(mosquitto: RunningBroker, tmp_path: Path) -> None:
@@ -292,3 +315,63 @@ def test_a_gradient_that_never_comes_fails_the_hop_with_a_reason(
     assert "does not fit the back" in log  # the coordinator answered the batch with an error, never a gradient
     # the agent reported the failure and stayed up until the coordinator told it to exit
     assert "agent exits: trial failed: hop 0 failed on agent-0: TrainerError: no gradient for batch 0" in log
+
+
+def model_cache(out: Path, agent: str) -> Path:
+    return out / "cache" / agent / "models" / "last_model.safetensors"
+
+
+def test_an_agent_that_lost_its_cached_model_fetches_the_whole_model(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    """The first agent due a delta from another agent loses its cached copy while the sender trains: it
+    asks the sender for the whole model, and the trial ends as usual. The watcher reads the plan from
+    the assignments (``next_holds``: what the sender may leave out)."""
+    watcher = MqttLink(
+        parse_broker_url(mosquitto.url), "cache-wiper", [topics.coordinator_inbox(), f"{topics.ROOT}/agents/+/inbox"]
+    )
+    watcher.start()
+    stop, wiped = threading.Event(), threading.Event()
+    tasks: dict[int, tuple[str, dict]] = {}  # hop -> (agent, its task)
+    target: list[tuple[int, str]] = []  # (hop, agent) whose delta meets a missing copy
+    transfers: list[tuple[str, int, int]] = []  # (receiver, hop, size) of model transfers
+
+    def wipe() -> None:
+        while not stop.is_set():
+            msg = watcher.get(timeout=0.05)
+            if msg is None:
+                continue
+            if msg.payload[:4] == b"SNK1":
+                env = decode(msg.payload)
+                if env.body["purpose"] == "model" and env.body["seq"] == 0:
+                    transfers.append((env.dst, env.body["meta"]["hop"], env.body["size"]))
+                continue
+            env = decode(msg.payload)
+            if env.type == "assign":
+                tasks.update({t["hop"]: (env.dst, t) for t in env.body["tasks"]})
+            elif env.type == "hop_started" and not wiped.is_set():
+                if not target:
+                    target.append(next(
+                        (h, tasks[h][0]) for h in sorted(tasks)[1:]
+                        if tasks[h - 1][1]["next_holds"] and tasks[h - 1][0] != tasks[h][0]
+                    ))  # fmt: skip
+                hop, agent = target[0]
+                if env.body["hop"] == hop - 1:  # the receiver's copy was written on its earlier hop
+                    assert model_cache(tmp_path, agent).is_file()
+                    model_cache(tmp_path, agent).unlink()
+                    wiped.set()
+
+    thread = threading.Thread(target=wipe, daemon=True)
+    thread.start()
+    try:
+        summary = run(small(model="cnn", agents=3, rounds=2, samples_per_agent=300), tmp_path, mosquitto.url)
+    finally:
+        stop.set()
+        thread.join(5)
+        watcher.stop()
+    assert wiped.is_set()
+    assert summary["hops"] == 6 and summary["final_test_accuracy"] > 0.3
+    hop, agent = target[0]
+    sizes = [size for dst, h, size in transfers if (dst, h) == (agent, hop)]
+    assert len(sizes) == 2 and sizes[0] < sizes[1]  # the delta, then the whole model
+    sender = tasks[hop - 1][0]
+    logs = (tmp_path / "logs" / f"{agent}.log").read_text()
+    assert f"asking {sender} for the whole model" in logs

@@ -139,3 +139,13 @@ def test_installed_backends_and_auto_choice() -> None:
     assert installed() == (["ort", "portable"] if training else ["portable"])
     assert make_trainer("auto").backend == installed()[0]
     assert make_trainer("portable", threads=1).backend == "portable"
+
+
+def test_release_weights_hands_over_the_trained_weights(toy: Path, blobs: Data) -> None:
+    trainer = _trainer(toy, "all_adamw")
+    trainer.train(*blobs, TrainSpec(epochs=1, batch_size=40, lr=0.01, seed=5))
+    expected = trainer.get_weights()
+    released = trainer.release_weights()
+    assert list(released) == list(expected) and all(np.array_equal(released[n], expected[n]) for n in expected)
+    with pytest.raises(TrainerError):
+        trainer.get_weights()

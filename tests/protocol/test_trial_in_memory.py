@@ -13,16 +13,19 @@ from coordinator.controller import Controller, TrialSetup
 from coordinator.scheduler import GroupInfo, HopSettings, Plan, fedavg_plan, snake_plan, split_plan
 from coordinator.split import SplitStrategy
 from coordinator.strategy import FedAvgStrategy, SnakeStrategy, Strategy
-from edge_agent.agent import Agent, Counters, Gradient, HopResult, SayBye, StoreArtifact, Train
+from edge_agent.agent import Agent, Counters, Gradient, HopResult, ResendFull, SayBye, StoreArtifact, Train
+from edge_agent.handover import full_model, hand_on, load_model
 from edge_agent.protocol import topics
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
+from edge_agent.protocol.delta import BaseMismatch, decode_model, newer
 from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.messages import Hello
 from edge_agent.protocol.split import encode_activations
 from edge_agent.trainer import EvalStats, TrainStats
-from tests.fakes import CountingBack, MemoryBroker
+from tests.fakes import CountingBack, MemoryBroker, MemoryModelCache
 
 GROUPS = [GroupInfo(f"g{i}", (f"g{i}.w",), (f"g{i}.stat",), 10 * (i + 1)) for i in range(4)]
+SIZE = 1024  # floats per tensor: parameters dominate the bytes, as in a real model
 COUNTERS = Counters(0, 0, 1.0)
 SPLIT_BATCHES = 3  # batches per split-learning hop in the harness
 
@@ -49,12 +52,15 @@ class Harness:
     algorithm: str = "snake"
     checkpoints: bool = False
     backends: tuple[str, ...] = ("fake",)
+    compression: str = "none"
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     history: list[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], list[str]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.initial = {
-            name: np.full(3, i, np.float32) for i, g in enumerate(GROUPS) for name in (*g.params, *g.buffers)
+            name: np.full(SIZE if name.endswith(".w") else 2, i, np.float32)
+            for i, g in enumerate(GROUPS)
+            for name in (*g.params, *g.buffers)
         }
         self.back = CountingBack(GROUPS[1:])
         plans = {
@@ -63,26 +69,28 @@ class Harness:
             "snake": lambda hellos: snake_plan(sorted(hellos), GROUPS, self.rounds, self.mode),
         }
         strategies: dict[str, Strategy] = {
-            "fedavg": FedAvgStrategy(),
-            "split": SplitStrategy(self.back),
-            "snake": SnakeStrategy(),
+            "fedavg": FedAvgStrategy(self.compression),
+            "split": SplitStrategy(self.back, self.compression),
+            "snake": SnakeStrategy(self.compression),
         }
         setup = TrialSetup(
             "t1", self.agents, plans[self.algorithm], {}, {}, encode_tensors(self.initial),
-            HopSettings(1, 8, 0.1, 0, None, self.checkpoints), 4096, "none", 60.0, 60.0, strategies[self.algorithm],
-            fake_bundles,
+            HopSettings(1, 8, 0.1, 0, None, self.checkpoints), 1 << 16, self.compression, 60.0, 60.0,
+            strategies[self.algorithm], fake_bundles,
         )  # fmt: skip
         self.ctl = Controller(setup, 0.0)
         self.broker.subscribe("coordinator", topics.coordinator_inbox())
         self.broker.subscribe("coordinator", topics.ALL_AGENT_STATUS)
         self.machines = {
             f"a{i}": Agent(
-                dataclasses.replace(hello(f"a{i}"), backend=self.backends[i % len(self.backends)]), set(), 4096
+                dataclasses.replace(hello(f"a{i}"), backend=self.backends[i % len(self.backends)]), set(), 1 << 16
             )
             for i in range(self.agents)
         }
         self.split_work: dict[str, tuple[Train, int]] = {}  # agent -> (its split hop, next batch)
         self.gradients: list[tuple[int, int, float]] = []  # (hop, seq, loss) as the agents received them
+        self.caches = {name: MemoryModelCache() for name in self.machines}
+        self.wipe_before: dict[int, str] = {}  # hop -> agent whose cached model is lost just before it
         for name in self.machines:
             self.broker.subscribe(name, topics.agent_inbox(name))
         self.events: list[str] = []
@@ -133,14 +141,16 @@ class Harness:
             elif isinstance(action, Gradient):
                 self._on_gradient(name, action, now)
             elif isinstance(action, Train):
-                task = action.task
-                after = {k: v.copy() for k, v in action.tensors.items()}
-                for t in after:  # the segment trains, running statistics follow the data, the rest must not leak
-                    after[t] = after[t] + (1.0 if t in task.tensors or t.endswith(".stat") else 100.0)
-                updated = frozenset(task.tensors) | {t for t in after if t.endswith(".stat")}
-                res = HopResult(task, after, updated, TrainStats(0.5, 1, 8, 0.0), EvalStats(0.4, 0.9, 2), 3)
-                self.history.append((task.hop, action.tensors, after, task.tensors))
-                self._apply(name, machine.hop_trained(res, COUNTERS, now), now)
+                self._train(name, action, now)
+            elif isinstance(action, ResendFull):
+                try:  # as AgentService._resend
+                    data = full_model(
+                        self.caches[name], action.trial_id, action.hop - 1, action.layout, action.compression
+                    )
+                except BaseMismatch as exc:
+                    self._apply(name, machine.resend(action.dst, action.hop, None, exc.message, now), now)
+                else:
+                    self._apply(name, machine.resend(action.dst, action.hop, data, "", now), now)
             elif isinstance(action, SayBye):
                 self._publish([machine.bye(COUNTERS, now)])
                 if action.exit:
@@ -163,12 +173,43 @@ class Harness:
             self._send_batch(name, now)
             return
         del self.split_work[name]
-        task = action.task
-        after = {k: v + SPLIT_BATCHES for k, v in action.tensors.items()}
-        res = HopResult(task, after, frozenset(task.tensors), TrainStats(grad.loss, SPLIT_BATCHES, 6, 0.0),
+        task, cache = action.task, self.caches[name]
+        loaded = load_model(action.received.take(), task, action.layout, cache, action.trial_id)
+        after = {k: v + SPLIT_BATCHES for k, v in loaded.tensors.items()}
+        out = hand_on(
+            task, after, loaded.versions, loaded.digests, action.layout, action.compression, cache, action.trial_id
+        )
+        res = HopResult(task, out.data, out.checkpoint, TrainStats(grad.loss, SPLIT_BATCHES, 6, 0.0),
                         EvalStats(float("nan"), float("nan"), 0), 3)  # fmt: skip
-        self.history.append((task.hop, action.tensors, after, task.tensors))
+        self.history.append((task.hop, dict(loaded.tensors), after, task.tensors))
         self._apply(name, self.machines[name].hop_trained(res, COUNTERS, now), now)
+
+    def _train(self, name: str, action: Train, now: float) -> None:
+        """What AgentService does, with a fake training step: the segment and running statistics move by 1."""
+        task, machine, cache = action.task, self.machines[name], self.caches[name]
+        if self.wipe_before.get(task.hop) == name:
+            cache.wipe()
+        try:
+            loaded = load_model(action.received.take(), task, action.layout, cache, action.trial_id)
+        except BaseMismatch as exc:
+            self._apply(name, machine.base_missing(task.hop, action.received.src, exc.message, now), now)
+            return
+        after = {k: v + 1.0 if k in task.tensors or k.endswith(".stat") else v for k, v in loaded.tensors.items()}
+        out = hand_on(
+            task, after, loaded.versions, loaded.digests, action.layout, action.compression, cache, action.trial_id
+        )
+        res = HopResult(task, out.data, out.checkpoint, TrainStats(0.5, 1, 8, 0.0), EvalStats(0.4, 0.9, 2), 3)
+        self.history.append((task.hop, dict(loaded.tensors), after, task.tensors))
+        self._apply(name, machine.hop_trained(res, COUNTERS, now), now)
+
+    def model_transfers(self) -> list[tuple[str, dict, int]]:
+        """(receiver, meta, payload size) of every model transfer, in order."""
+        out = []
+        for _topic, payload in self.broker.published:
+            env = decode(payload) if payload[:4] == b"SNK1" else None
+            if env and env.body["purpose"] == "model" and env.body["seq"] == 0:
+                out.append((env.dst, env.body["meta"], env.body["size"]))
+        return out
 
 
 @pytest.mark.parametrize("mode", ["p2p", "cs"])
@@ -190,23 +231,27 @@ def test_every_segment_trains_once_per_agent_and_round(mode: str) -> None:
             np.testing.assert_array_equal(final[name], h.initial[name] + len(plan.hops))
 
 
-def test_each_model_handed_on_differs_from_the_received_one_only_in_the_segment() -> None:
-    h = Harness(agents=2, rounds=2)
+@pytest.mark.parametrize("mode", ["p2p", "cs"])
+def test_each_model_handed_on_differs_from_the_received_one_only_in_the_segment(mode: str) -> None:
+    """Whatever travelled (a delta or the whole model), each hop starts from exactly the model the previous
+    hop produced, and changes only its own segment and the running statistics."""
+    h = Harness(agents=3, rounds=2, mode=mode)
     h.run()
     assert h.ctl.failed is None
-    models = [decode_tensors(h.ctl.setup.initial_model)]
-    for _topic, payload in h.broker.published:  # every distinct model that travelled, in hop order
-        env = decode(payload) if payload[:4] == b"SNK1" else None
-        if env and env.body["purpose"] == "model" and env.body["seq"] == 0 and env.body["meta"]["hop"] > 0:
-            models.append(decode_tensors(env.data or b""))
-    assert len(models) == 5
     plan = h.ctl.plan
     assert plan is not None
-    for hop, (before, after) in zip(plan.hops, zip(models, models[1:], strict=False), strict=True):
+    history = sorted(h.history, key=lambda entry: entry[0])
+    assert [hop for hop, *_ in history] == [hop.hop for hop in plan.hops]
+    previous = decode_tensors(h.ctl.setup.initial_model)
+    for hop, (_, before, after, _) in zip(plan.hops, history, strict=True):
+        assert before.keys() == previous.keys() and all(np.array_equal(before[k], previous[k]) for k in before), hop
         owned = set(plan.segments[hop.segment].tensors)
         for name in before:
             same = np.array_equal(before[name], after[name])
             assert same != (name in owned or name.endswith(".stat")), (hop, name)
+        previous = after
+    final = decode_tensors(h.ctl.final_model or b"")
+    assert all(np.array_equal(final[k], previous[k]) for k in previous)
 
 
 def test_a_corrupted_chunk_is_requested_again_and_the_trial_completes() -> None:
@@ -327,3 +372,143 @@ def test_split_learning_refuses_a_portable_agent_by_name() -> None:
     h.run()
     assert h.ctl.failed is not None
     assert "a1 (portable)" in h.ctl.failed and "needs the ort backend" in h.ctl.failed
+
+
+def full_size(h: Harness) -> int:
+    return len(encode_tensors(h.initial))
+
+
+def headers_sent(h: Harness) -> list[tuple[str, int, tuple[str, ...]]]:
+    """(receiver, hop, groups sent) of every model transfer, in order."""
+    out = []
+    for _topic, payload in h.broker.published:
+        env = decode(payload) if payload[:4] == b"SNK1" else None
+        if env and env.body["purpose"] == "model" and env.body["seq"] == 0:
+            _, header = decode_model(env.data or b"")  # one chunk: the harness's chunks hold a whole model
+            assert header is not None
+            out.append((env.dst, env.body["meta"]["hop"], header.sent))
+    return out
+
+
+def first_delta(h: Harness, from_itself: bool = False) -> tuple[int, str]:
+    """The first hop (and its agent) whose model arrives as a delta against the agent's cached copy,
+    sent by another agent (or, with ``from_itself``, by the same agent: it trains twice in a row)."""
+    plan = h.ctl.plan
+    assert plan is not None
+    hop = next(
+        p for p in plan.hops[1:] if plan.held_by(p.hop) and (plan.hops[p.hop - 1].agent == p.agent) == from_itself
+    )
+    return hop.hop, hop.agent
+
+
+@pytest.mark.parametrize("mode", ["p2p", "cs"])
+def test_later_hops_carry_only_the_groups_the_receiver_lacks(mode: str) -> None:
+    h = Harness(agents=4, rounds=3, mode=mode)
+    h.run()
+    assert h.ctl.failed is None
+    plan = h.ctl.plan
+    assert plan is not None
+    groups = [g for g, _ in plan.layout]
+    for dst, hop, sent in headers_sent(h):
+        if dst == "coordinator" and mode == "cs":  # an upload carries the agent's own segment
+            expected = list(plan.segments[plan.hops[hop - 1].segment].groups)
+        elif dst == "coordinator":  # the last P2P hop: the coordinator holds nothing of this trial
+            expected = groups
+        else:  # what was trained since the receiver's cached copy (everything on its first visit)
+            expected = newer(plan.versions_after(hop - 1), plan.held_by(hop)) if hop else groups
+        assert list(sent) == expected, (dst, hop)
+    full = full_size(h)
+    sizes = [size for dst, _, size in h.model_transfers() if dst != "coordinator"]
+    assert sum(size < 0.9 * full for size in sizes) >= 4  # this plan: 6 of 12 hops need at most half the model
+    ref = Harness(agents=4, rounds=3, mode=mode)
+    ref.run()
+    final, expected = decode_tensors(h.ctl.final_model or b""), decode_tensors(ref.ctl.final_model or b"")
+    assert all(np.array_equal(final[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("mode", ["p2p", "cs"])
+def test_a_lost_cached_copy_is_replaced_by_the_whole_model(mode: str) -> None:
+    ref = Harness(agents=3, rounds=2, mode=mode)
+    ref.run()
+    hop, agent = first_delta(ref)
+    h = Harness(agents=3, rounds=2, mode=mode)
+    h.wipe_before = {hop: agent}  # the agent's cached copy is gone when the delta for ``hop`` arrives
+    h.run()
+    assert h.ctl.failed is None
+    requests = [decode(p) for _, p in h.broker.published if p[:1] == b"{" and decode(p).type == "model_request"]
+    assert [(r.src, r.body["hop"]) for r in requests] == [(agent, hop)]
+    to_agent = [(meta["hop"], size) for dst, meta, size in h.model_transfers() if dst == agent]
+    assert [size for h_, size in to_agent if h_ == hop][0] < [size for h_, size in to_agent if h_ == hop][1]
+    assert len([h_ for h_, _ in to_agent if h_ == hop]) == 2  # the delta, then the whole model
+    final, expected = decode_tensors(h.ctl.final_model or b""), decode_tensors(ref.ctl.final_model or b"")
+    assert all(np.array_equal(final[k], expected[k]) for k in expected)
+
+
+def tamper_cache(h: Harness, agent: str) -> None:
+    """``agent``'s cache keeps something other than the model it handed on."""
+    original = h.caches[agent].save
+
+    def save_tampered(trial_id: str, hop: int, versions: dict, tensors: dict, digest: str) -> None:
+        original(
+            trial_id, hop, versions, {k: v + (0.5 if k.endswith(".w") else 0.0) for k, v in tensors.items()}, digest
+        )
+
+    h.caches[agent].save = save_tampered  # type: ignore[method-assign]
+
+
+def test_a_cached_copy_that_differs_is_never_used() -> None:
+    ref = Harness(agents=3, rounds=2)
+    ref.run()
+    hop, agent = first_delta(ref)
+    h = Harness(agents=3, rounds=2)
+    tamper_cache(h, agent)
+    h.run()
+    assert h.ctl.failed is None
+    requests = [decode(p) for _, p in h.broker.published if p[:1] == b"{" and decode(p).type == "model_request"]
+    assert [(r.src, r.body["hop"]) for r in requests] == [(agent, hop)]
+    assert "digest" in requests[0].body["reason"]  # it fetched the whole model
+    final = decode_tensors(h.ctl.final_model or b"")
+    expected = decode_tensors(ref.ctl.final_model or b"")
+    assert all(np.array_equal(final[k], expected[k]) for k in expected)
+
+
+@pytest.mark.expect_errors
+def test_a_damaged_copy_is_never_resent() -> None:
+    """An agent that trains twice in a row is its own sender: with its only copy damaged, the trial fails
+    with the reason instead of training on a model nobody trained."""
+    ref = Harness(agents=2, rounds=2)
+    ref.run()
+    hop, agent = first_delta(ref, from_itself=True)
+    h = Harness(agents=2, rounds=2)
+    tamper_cache(h, agent)
+    h.run()
+    assert h.ctl.failed is not None
+    assert f"cannot resend the model for hop {hop}" in h.ctl.failed and "damaged" in h.ctl.failed
+    assert len(h.history) == hop  # nothing trained on the damaged copy
+
+
+def test_fp16_compression_works_with_deltas() -> None:
+    h = Harness(agents=3, rounds=2, compression="fp16")
+    h.run()
+    assert h.ctl.failed is None
+    final = decode_tensors(h.ctl.final_model or b"")
+    plan = h.ctl.plan
+    assert plan is not None
+    for seg in plan.segments:  # small integers survive fp16 exactly
+        times = sum(1 for hop in plan.hops if hop.segment == seg.index)
+        for name in seg.params:
+            np.testing.assert_array_equal(final[name], h.initial[name] + times)
+    to_agents = [(meta["hop"], size) for dst, meta, size in h.model_transfers() if dst != "coordinator"]
+    to_agents = [(hop, size) for hop, size in to_agents if hop > 0]  # the initial model travels as float32
+    full = full_size(h)
+    assert all(size < 0.55 * full for _, size in to_agents)  # fp16: half of float32 at most
+    groups = len(plan.layout)
+    deltas = [size for hop, size in to_agents if len(newer(plan.versions_after(hop - 1), plan.held_by(hop))) < groups]
+    assert deltas and all(size < 0.4 * full for size in deltas)  # fp16 and only the groups that changed
+
+
+def test_fedavg_keeps_whole_transfers() -> None:
+    h = Harness(agents=2, rounds=2, algorithm="fedavg")
+    h.run()
+    sizes = [size for _, _, size in h.model_transfers()]
+    assert len(sizes) == 8 and all(size > 0.95 * full_size(h) for size in sizes)
