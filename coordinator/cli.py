@@ -286,7 +286,12 @@ def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
 
 @main.command()
 @click.argument("trial_file", type=click.Path(path_type=Path, dir_okay=False), required=False)
-@click.option("--algorithms", default="snake,fedavg", show_default=True, help="Comma-separated algorithms to run.")
+@click.option(
+    "--algorithms",
+    default="snake,fedavg",
+    show_default=True,
+    help="Comma-separated algorithms to run; variants: snake+kd, snake+fp16, snake+kd+fp16.",
+)
 @click.option("--partitions", default="iid,dirichlet:0.1", show_default=True, help="Comma-separated partitions.")
 @click.option("--target", default=0.8, show_default=True, help="Test accuracy for the rounds/bytes-to-target columns.")
 @click.option("--agents", type=int, help="Number of agent processes.")

@@ -19,10 +19,12 @@ def reach(summary: dict[str, Any], target: float) -> tuple[int | None, int | Non
 def row(summary: dict[str, Any], target: float) -> dict[str, Any]:
     agents = summary.get("agents", [])
     rounds, bytes_ = reach(summary, target)
-    kd = f" kd={summary['kd_alpha']:g}" if summary.get("kd_alpha") else ""
     return {
-        "run": f"{summary['algorithm']}{kd} / {summary['partition']}",
+        "run": f"{label(summary)} / {summary['partition']}",
+        "variant": summary.get("variant", summary["algorithm"]),
         "algorithm": summary["algorithm"],
+        "kd_alpha": summary.get("kd_alpha", 0.0),
+        "compression": summary.get("compression", "none"),
         "partition": summary["partition"],
         "failed": summary.get("failed"),
         "final_test_accuracy": summary.get("final_test_accuracy"),
@@ -36,11 +38,19 @@ def row(summary: dict[str, Any], target: float) -> dict[str, Any]:
     }
 
 
+def label(summary: dict[str, Any]) -> str:
+    """``snake``, ``snake+kd`` ...: the compared variant, or what the summary says about KD."""
+    if "variant" in summary:
+        return str(summary["variant"])
+    return summary["algorithm"] + (f" kd={summary['kd_alpha']:g}" if summary.get("kd_alpha") else "")
+
+
 def ratios(rows: Sequence[dict[str, Any]], base: str = "fedavg", other: str = "snake") -> list[dict[str, Any]]:
-    """Per partition: other/base for peak memory (max over agents) and total bytes."""
+    """Per partition: other/base (variants, e.g. ``snake+kd``) for peak memory (max over agents), total
+    bytes and the final accuracy gap in points."""
     out = []
     for part in sorted({r["partition"] for r in rows}):
-        pick = {r["algorithm"]: r for r in rows if r["partition"] == part and not r["failed"]}
+        pick = {r["variant"]: r for r in rows if r["partition"] == part and not r["failed"]}
         if base in pick and other in pick:
             a, b = pick[other], pick[base]
             out.append({
@@ -57,6 +67,8 @@ def _fmt(value: Any, kind: str = "") -> str:
         return "-"
     if kind == "mb":
         return f"{value / 1e6:.1f}"
+    if kind == "s":
+        return f"{value:.1f}"
     if isinstance(value, float):
         return f"{value:.4f}" if value < 1.5 else f"{value:.0f}"
     return str(value)
@@ -72,10 +84,10 @@ def markdown(rows: Sequence[dict[str, Any]], rel: Sequence[dict[str, Any]], targ
         lines.append(
             f"| {r['run']} | {_fmt(r['final_test_accuracy'])} | {_fmt(r['rounds_to_target'])} | "
             f"{_fmt(r['bytes_to_target'], 'mb')} | {_fmt(r['bytes_total'], 'mb')} | {_fmt(r['peak_rss_mb_max'])} | "
-            f"{_fmt(r['peak_rss_mb_mean'])} | {_fmt(r['max_trainable_params'])} | {_fmt(r['wall_s'])} |"
+            f"{_fmt(r['peak_rss_mb_mean'])} | {_fmt(r['max_trainable_params'])} | {_fmt(r['wall_s'], 's')} |"
         )
     if rel:
-        lines += ["", "## Against FedAvg (same agents, data, broker, rounds)", ""]
+        lines += ["", "## Ratios (measured in this run: same agents, data, broker, rounds)", ""]
         for r in rel:
             lines.append(f"- {r['partition']}: " + ", ".join(f"{k} = {v}" for k, v in r.items() if k != "partition"))
     lines += ["", "![accuracy per round](accuracy_rounds.png)", "![accuracy per byte](accuracy_bytes.png)",
@@ -96,7 +108,7 @@ def plots(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         for s in done:
             pts = s.get("round_test", [])
             xs = [p[xkey] + 1 if xkey == "round" else p[xkey] / 1e6 for p in pts]
-            ax.plot(xs, [p["test_accuracy"] for p in pts], marker="o", label=f"{s['algorithm']} / {s['partition']}")
+            ax.plot(xs, [p["test_accuracy"] for p in pts], marker="o", label=f"{label(s)} / {s['partition']}")
         ax.set(xlabel=xlabel, ylabel="test accuracy", title=f"Test accuracy per {xlabel.split()[-1]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -110,7 +122,7 @@ def plots(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for i, s in enumerate(done):
         peaks = {a["agent_id"]: a["peak_rss_mb"] for a in s["agents"]}
         ax.bar([j + i * width for j, agent in enumerate(ids) if agent in peaks], [peaks[a] for a in ids if a in peaks],
-               width, label=f"{s['algorithm']} / {s['partition']}")  # fmt: skip
+               width, label=f"{label(s)} / {s['partition']}")  # fmt: skip
     ax.set_xticks([j + width * (len(done) - 1) / 2 for j in range(len(ids))], ids)
     ax.set(xlabel="agent", ylabel="peak RSS (MiB)", title="Peak memory per agent")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -123,7 +135,9 @@ def plots(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
 
 def write_report(summaries: Sequence[dict[str, Any]], out: Path, target: float, title: str) -> dict[str, Any]:
     rows = [row(s, target) for s in summaries]
+    variants = {r["variant"] for r in rows}
     rel = ratios(rows) + ratios(rows, other="split")
+    rel += [r for v in sorted(variants) if v.startswith("snake+") for r in ratios(rows, base="snake", other=v)]
     result = {"target_accuracy": target, "rows": rows, "ratios": rel, "runs": list(summaries)}
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     plots(summaries, out)

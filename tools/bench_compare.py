@@ -26,7 +26,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--samples-per-agent", type=int, default=2000)
     ap.add_argument("--partitions", default="iid,dirichlet:0.1")
-    ap.add_argument("--algorithms", default="snake,fedavg")
+    ap.add_argument("--algorithms", default="snake,fedavg,split,snake+kd,snake+fp16")
     ap.add_argument("--target", type=float, default=0.7)
     ap.add_argument("--agent-backends", default="", help="e.g. portable (default: the installed ORT backend)")
     args = ap.parse_args()

@@ -39,3 +39,40 @@ def test_report_files_and_snake_over_fedavg_ratios(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "compare.json").read_text())["target_accuracy"] == 0.8
     for png in ("accuracy_rounds.png", "accuracy_bytes.png", "peak_memory.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_variants_get_their_own_rows_and_ratios_against_plain_snake(tmp_path: Path) -> None:
+    runs = [
+        {**summary("snake", "dirichlet:0.1", [0.3, 0.4], 1.0, 300), "variant": "snake"},
+        {**summary("snake", "dirichlet:0.1", [0.35, 0.5], 1.0, 310), "variant": "snake+kd", "kd_alpha": 4.0},
+        {**summary("snake", "dirichlet:0.1", [0.3, 0.41], 0.5, 300), "variant": "snake+fp16"},
+        {**summary("fedavg", "dirichlet:0.1", [0.3, 0.45], 4.0, 600), "variant": "fedavg"},
+    ]
+    result = write_report(runs, tmp_path, 0.8, "title")
+    by = {(r["partition"], next(k for k in r if k.endswith("_bytes"))): r for r in result["ratios"]}
+    assert by["dirichlet:0.1", "snake_over_fedavg_bytes"]["snake_over_fedavg_bytes"] == 0.25
+    kd = by["dirichlet:0.1", "snake+kd_over_snake_bytes"]
+    assert kd["accuracy_gap_points"] == 10.0
+    assert by["dirichlet:0.1", "snake+fp16_over_snake_bytes"]["snake+fp16_over_snake_bytes"] == 0.5
+    report = (tmp_path / "report.md").read_text()
+    assert "| snake+kd / dirichlet:0.1 | 0.5000 |" in report and "snake+kd_over_snake_bytes = 1.0" in report
+
+
+def test_compare_variants_configure_each_run() -> None:
+    import pytest
+
+    from coordinator.compare import DEFAULT_KD_ALPHA, variant
+    from coordinator.config import TrialConfig
+    from coordinator.errors import CoordinatorError
+
+    base = TrialConfig()
+    kd = variant(base, "snake+kd")
+    assert kd.algorithm == "snake" and kd.train.kd_alpha == DEFAULT_KD_ALPHA and kd.transfer.compression == "none"
+    both = variant(base, "fedavg+fp16+kd")
+    assert both.algorithm == "fedavg" and both.transfer.compression == "fp16" and both.train.kd_alpha > 0
+    with_kd = variant(base, "snake+kd")
+    assert variant(with_kd, "snake").train.kd_alpha == 0.0  # plain means without distillation
+    assert variant(with_kd, "snake+kd").train.kd_alpha == DEFAULT_KD_ALPHA  # the trial's own alpha is kept
+    for bad in ("snek", "snake+kd+kd", "snake+zip"):
+        with pytest.raises(CoordinatorError):
+            variant(base, bad)
