@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent import profile
-from edge_agent.agent import Agent, Counters, Effects, Gradient, HopResult, ResendFull, SayBye, StoreArtifact, Train
+from edge_agent.actions import Counters, Effects, Gradient, HopResult, ResendFull, SayBye, StoreArtifact, Train
+from edge_agent.agent import Agent
 from edge_agent.backends import make_trainer
 from edge_agent.bundle import ArtifactStore
 from edge_agent.calibrate import measure_gflops

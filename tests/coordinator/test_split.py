@@ -104,7 +104,7 @@ def test_one_front_step_on_the_coordinators_gradient_equals_torch(tmp_path: Path
 
 
 def test_a_gradient_that_never_comes_fails_the_hop_in_bounded_time() -> None:
-    from edge_agent.agent import Gradient
+    from edge_agent.actions import Gradient
     from edge_agent.service import AgentService
 
     service = AgentService.__new__(AgentService)  # only the worker's wait: no broker, no data

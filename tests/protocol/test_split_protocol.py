@@ -10,7 +10,8 @@ import pytest
 
 from coordinator.scheduler import cut_segments, split_plan
 from coordinator.split import SplitStrategy
-from edge_agent.agent import Agent, Gradient, Train
+from edge_agent.actions import Gradient, Train
+from edge_agent.agent import Agent
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.errors import ProtocolError

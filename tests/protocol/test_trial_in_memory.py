@@ -13,7 +13,8 @@ from coordinator.controller import Controller, TrialSetup
 from coordinator.scheduler import GroupInfo, HopSettings, Plan, fedavg_plan, snake_plan, split_plan
 from coordinator.split import SplitStrategy
 from coordinator.strategy import FedAvgStrategy, SnakeStrategy, Strategy
-from edge_agent.agent import Agent, Counters, Gradient, HopResult, ResendFull, SayBye, StoreArtifact, Train
+from edge_agent.actions import Counters, Gradient, HopResult, ResendFull, SayBye, StoreArtifact, Train
+from edge_agent.agent import Agent
 from edge_agent.handover import full_model, hand_on, load_model
 from edge_agent.protocol import topics
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
