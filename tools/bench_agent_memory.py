@@ -3,7 +3,9 @@
 
 The parent (coordinator venv, has torch) exports the model, builds the artifacts and lets the real
 pure ``Controller`` produce what an agent receives for its first hop (the assignment and the chunk
-frames of the whole model, for a snake hop on each segment and for a FedAvg hop). Each measurement
+frames of the whole model, for a snake hop on each segment of round 0 and for a FedAvg hop; a
+snake hop after the first gets the initial model from its predecessor, re-chunked as that agent
+would send it). Each measurement
 is a fresh agent process (the real ``AgentService`` with a recording stand-in for the MQTT link)
 that is fed those messages one by one, trains the hop, hands the model on and prints its peak RSS.
 A snake agent's peak is the worst segment (the agent that trains it); FedAvg trains everything.
@@ -24,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-ROUNDS_FOR_SEGMENT = {0: 1, 1: 4, 2: 3, 3: 2}  # 4 agents: rounds that make agent-0's first hop train segment k
 
 
 def write_messages(path: Path, messages: list[tuple[str, bytes]]) -> None:
@@ -56,11 +56,12 @@ def build_case(args: argparse.Namespace, work: Path, algorithm: str, segment: in
     from coordinator.trial import input_spec, trial_setup
     from edge_agent.data import load_dataset
     from edge_agent.protocol import topics
-    from edge_agent.protocol.envelope import Envelope, encode
+    from edge_agent.protocol.envelope import Envelope, decode, encode
     from edge_agent.protocol.messages import Hello, to_body
+    from edge_agent.protocol.transfer import Outbox
 
     overrides = {
-        "model": args.model, "agents": 4, "rounds": ROUNDS_FOR_SEGMENT[segment] if algorithm == "snake" else 1,
+        "model": args.model, "agents": 4, "rounds": 1,
         "algorithm": algorithm, "samples_per_agent": args.samples, "train.batch_size": args.batch_size,
         "train.max_steps": args.steps,
     }  # fmt: skip
@@ -84,12 +85,24 @@ def build_case(args: argparse.Namespace, work: Path, algorithm: str, segment: in
         out += ctl.handle(topics.coordinator_inbox(), encode(env), time.time()).out
     case = work / f"case-{algorithm}-{segment}-{backend}"
     case.mkdir(parents=True, exist_ok=True)
-    mine = [(o.topic, o.payload) for o in out if o.topic == topics.agent_inbox("agent-0")]
+    assert ctl.plan is not None
+    hop = ctl.plan.hops[0] if algorithm == "fedavg" else next(h for h in ctl.plan.hops if h.segment == segment)
+    agent = hop.agent
+    mine = [(o.topic, o.payload) for o in out if o.topic == topics.agent_inbox(agent)]
+    if hop.hop > 0:  # the model comes from the previous hop's agent: the initial model, as it would chunk it
+        frames = [decode(o.payload) for o in out if o.topic == topics.agent_inbox(ctl.plan.hops[0].agent)]
+        chunks = sorted((e.body["seq"], e.data or b"") for e in frames if e.type == "chunk")
+        meta = {"hop": hop.hop, "from_hop": hop.hop - 1, "round": hop.round}
+        prev = ctl.plan.hops[hop.hop - 1].agent
+        _, sent = Outbox(prev).send(
+            agent, setup.trial_id, "model", meta, b"".join(c for _, c in chunks), setup.chunk_bytes, time.time()
+        )
+        mine += [(o.topic, o.payload) for o in sent]
     write_messages(case / "messages.bin", mine)
-    first = ctl.tasks["agent-0"][0]
-    assert first.hop == 0 and (algorithm == "fedavg" or first.segment == segment), first
-    (case / "blob").write_bytes(setup.blobs[first.artifact_sha256])
-    (case / "case.json").write_text(json.dumps({"sha256": first.artifact_sha256, "npz": str(npz)}))
+    first = next(t for t in ctl.tasks[agent] if t.hop == hop.hop)
+    (case / "blob").write_bytes(ctl.blobs[first.artifact_sha256])
+    info = {"sha256": first.artifact_sha256, "npz": str(npz), "agent": agent, "segment": list(first.groups)}
+    (case / "case.json").write_text(json.dumps(info))
     return case
 
 
@@ -132,7 +145,7 @@ def child(case: Path, run: int, backend: str) -> None:
     info = json.loads((case / "case.json").read_text())
     cache = case / f"run-{run}-{os.getpid()}"
     ArtifactStore(cache / "artifacts").put(info["sha256"], (case / "blob").read_bytes())
-    config = AgentConfig("agent-0", "mqtt://127.0.0.1:1", f"npz:{info['npz']}", cache_dir=cache, backend=backend)
+    config = AgentConfig(info["agent"], "mqtt://127.0.0.1:1", f"npz:{info['npz']}", cache_dir=cache, backend=backend)
     service = AgentService(config, load_local(config))
     link = RecordingLink()
     service.link = link  # type: ignore[assignment]
