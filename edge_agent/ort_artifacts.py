@@ -200,6 +200,30 @@ def use_torch_adamw(path: Path) -> int:
     return switched
 
 
+def generate_checked(
+    model: onnx.ModelProto,
+    trainable: list[str],
+    frozen: list[str],
+    out: Path,
+    optimizer: str,
+    output_name: str,
+    order: Sequence[str],
+    kd_classes: int | None = None,
+    loss: object | None = None,
+) -> tuple[str, str]:
+    """Generate the training artifacts (``_run_generator``), give the eval graph inference-mode
+    BatchNorm, configure AdamW as torch does and check the graphs: (loss name, output name)."""
+    _run_generator(model, trainable, frozen, out, optimizer, output_name, kd_classes, loss)
+    fix_eval_batchnorm(out / "eval_model.onnx")
+    if optimizer == "adamw" and not use_torch_adamw(out / "optimizer_model.onnx"):
+        raise ArtifactError("optimizer_model.onnx has no AdamWOptimizer node to configure")
+    return _check_graphs(out, order)
+
+
+def initializer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    return {init.name: tuple(int(d) for d in init.dims) for init in float_initializers(model)}
+
+
 def _check_graphs(out: Path, order: Sequence[str]) -> tuple[str, str]:
     """Check IR versions and tensor order of the generated graphs; return (loss, logits) output names."""
     for name in GRAPH_FILES:
@@ -290,18 +314,16 @@ def generate_segment(
     out.mkdir(parents=True, exist_ok=True)
     classes = num_classes if num_classes is not None else _num_classes(model, logits_name)
     frozen = [name for name in order if name not in chosen]
-    _run_generator(model, chosen, frozen, out, optimizer, logits_name, classes if kd else None)
-    fix_eval_batchnorm(out / "eval_model.onnx")
-    if optimizer == "adamw" and not use_torch_adamw(out / "optimizer_model.onnx"):
-        raise ArtifactError("optimizer_model.onnx has no AdamWOptimizer node to configure")
-    loss_name, logits_out = _check_graphs(out, order)
+    loss_name, logits_out = generate_checked(
+        model, chosen, frozen, out, optimizer, logits_name, order, classes if kd else None
+    )
     manifest = SegmentManifest(
         input_name=input_name,
         label_name=LABEL_NAME,
         logits_name=logits_out,
         loss_name=loss_name,
         order=tuple(order),
-        shapes={init.name: tuple(int(d) for d in init.dims) for init in float_initializers(model)},
+        shapes=initializer_shapes(model),
         trainable=tuple(chosen),
         buffers=tuple(all_buffers),
         segment_buffers=tuple(owned),

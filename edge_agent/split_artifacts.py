@@ -29,12 +29,10 @@ from edge_agent.manifest import SegmentManifest, write_manifest
 from edge_agent.ort_artifacts import (
     ArtifactError,
     _all_buffers,
-    _check_graphs,
     _input_shape,
-    _run_generator,
-    fix_eval_batchnorm,
     float_initializers,
-    use_torch_adamw,
+    generate_checked,
+    initializer_shapes,
 )
 from edge_agent.ort_training import training_module
 
@@ -106,18 +104,16 @@ def generate_front(
         raise ArtifactError("the front has no trainable parameter")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _run_generator(model, trainable, buffers, out, optimizer, output_name, loss=surrogate_loss_block())
-    fix_eval_batchnorm(out / "eval_model.onnx")
-    if optimizer == "adamw" and not use_torch_adamw(out / "optimizer_model.onnx"):
-        raise ArtifactError("optimizer_model.onnx has no AdamWOptimizer node to configure")
-    loss_name, activations_out = _check_graphs(out, order)
+    loss_name, activations_out = generate_checked(
+        model, trainable, buffers, out, optimizer, output_name, order, loss=surrogate_loss_block()
+    )
     manifest = SegmentManifest(
         input_name=input_name,
         label_name=GRAD_NAME,
         logits_name=activations_out,
         loss_name=loss_name,
         order=tuple(order),
-        shapes={init.name: tuple(int(d) for d in init.dims) for init in float_initializers(model)},
+        shapes=initializer_shapes(model),
         trainable=tuple(trainable),
         buffers=tuple(n for n in order if n in set(buffers)),
         segment_buffers=tuple(n for n in order if n in set(buffers)),
