@@ -62,7 +62,7 @@ class RunRecord:
             "train_loss": _num(done.train_loss), "val_loss": _num(done.val_loss), "val_accuracy": _num(done.val_accuracy),
             "steps": done.steps, "samples": done.samples, "trainable_params": done.trainable_params,
             "model_bytes": done.model_bytes, "train_s": round(done.train_s, 3), "hop_s": round(agent_hop_s, 3),
-            "model_sha256": done.model_sha256,
+            "model_sha256": done.model_sha256, "agent_peak_rss_mb": round(done.peak_rss_mb, 1),
         }  # fmt: skip
         self.hops.append(line)
         with (self.out / "metrics.jsonl").open("a") as fh:
