@@ -14,6 +14,7 @@ from pathlib import Path
 from edge_agent.errors import EdgeAgentError
 
 MANIFEST_NAME = "manifest.json"
+PROBE_FILE = "probe_model.onnx"  # split fronts: the forward-only graph that computes the activations
 FORMAT_VERSION = 1
 OPTIMIZERS = ("adamw", "sgd")
 KINDS = ("ort", "portable")  # ORT training artifacts, or graphs plain onnxruntime runs (see PortableTrainer)

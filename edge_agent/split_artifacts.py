@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from edge_agent.manifest import SegmentManifest, write_manifest
+from edge_agent.manifest import PROBE_FILE, SegmentManifest, write_manifest
 from edge_agent.ort_artifacts import (
     ArtifactError,
     _all_buffers,
@@ -38,7 +38,6 @@ from edge_agent.ort_training import training_module
 
 logger = logging.getLogger(__name__)
 
-PROBE_FILE = "probe_model.onnx"
 GRAD_NAME = "dloss_dactivations"  # float [N, *activation_shape]: dL/dA (ORT hides inputs named *_grad*)
 
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.manifest import PROBE_FILE
 from edge_agent.ort_trainer import OrtTrainer, _Session
 from edge_agent.ort_training import ort_errors
 from edge_agent.segment_checks import batch_order, plan_steps
-from edge_agent.split_artifacts import PROBE_FILE
 from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
 
 logger = logging.getLogger(__name__)
