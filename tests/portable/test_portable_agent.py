@@ -2,7 +2,8 @@
 
 The portable venv has neither torch, nor onnxruntime-training, nor onnx. The agent's run path
 (CLI, service, trainers) must import there, and a real agent process must join a real broker and
-introduce itself as a portable agent. (A module of the split baseline once imported onnx at the
+introduce itself as a portable agent, with a speed it measured (the calibration graph once
+never reached a clean clone, so every agent's speed was silently unknown). (A module of the split baseline once imported onnx at the
 top, so the portable agent died at start while every trainer test still passed.)
 """
 
@@ -46,7 +47,7 @@ def test_a_portable_agent_process_joins_the_broker_and_says_hello(mosquitto: Run
     )
     watcher.start(timeout=10)
     cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--broker", mosquitto.url, "--agent-id", agent_id]
-    cmd += ["--data", "fashion-mnist", "--samples", "300", "--backend", "portable", "--no-calibrate"]
+    cmd += ["--data", "fashion-mnist", "--samples", "300", "--backend", "portable"]
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     hello, online = None, False
     try:
@@ -68,3 +69,4 @@ def test_a_portable_agent_process_joins_the_broker_and_says_hello(mosquitto: Run
     assert hello is not None, f"no hello from the portable agent (exit {agent.returncode}):\n{err[-2000:]}"
     assert online
     assert hello["backend"] == "portable" and hello["num_train"] > 0, json.dumps(hello)[:500]
+    assert hello["gflops"] is not None and hello["gflops"] > 0  # the calibration graph shipped and ran
