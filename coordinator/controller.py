@@ -196,8 +196,13 @@ class Controller:
             raise ProtocolError("malformed", f"hello from {env.src!r} names agent {hello.agent_id!r}")
         self.online[env.src] = True
         if self.plan is not None:
-            if env.src in self.tasks:  # a restarted agent: give it its hops again
-                log.info("%s said hello again; re-sending its assignment", env.src)
+            if env.src in self.tasks:  # give it its hops again (assignments are idempotent)
+                known = self.hellos.get(env.src)
+                if known is not None and hello.instance and hello.instance == known.instance:
+                    log.debug("%s repeated its hello before its assignment arrived; re-sending it", env.src)
+                    return Step([self._assign(env.src, now)])
+                log.info("%s said hello again from a new process; re-sending its assignment", env.src)
+                self.hellos[env.src] = hello
                 return Step([self._assign(env.src, now)], [Event("warning", env.src, "rejoined")])
             log.info("%s joined after the trial started; not part of this trial", env.src)
             return Step()

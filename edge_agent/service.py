@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class AgentService:
             self.config.agent_id, self.backend, profile.versions(), str(m["arch"]), str(m["system"]), str(m["python"]),
             int(m["cores"]), int(m["memory_mb"]), budget, len(self.data.y_train), len(self.data.y_val),
             self.data.num_classes, self.data.input_shape, self.data.histogram(), gflops, round(profile.rss_mb(), 1),
+            uuid.uuid4().hex[:12],
         )  # fmt: skip
 
     def _stored(self) -> set[str]:

@@ -44,6 +44,7 @@ class Hello:
     label_histogram: list[int]
     gflops: float | None = None  # speed calibrated on its own runtime (edge_agent.calibrate)
     baseline_mb: float | None = None  # resident memory when idle, runtime imported
+    instance: str = ""  # random per agent process: a hello from a new instance is a restarted agent
 
 
 @dataclass(frozen=True)

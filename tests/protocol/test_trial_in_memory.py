@@ -20,7 +20,7 @@ from edge_agent.protocol import topics
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.delta import BaseMismatch, decode_model, newer
 from edge_agent.protocol.envelope import Envelope, decode, encode
-from edge_agent.protocol.messages import Hello
+from edge_agent.protocol.messages import Hello, to_body
 from edge_agent.protocol.split import encode_activations
 from edge_agent.trainer import EvalStats, TrainStats
 from tests.fakes import CountingBack, MemoryBroker, MemoryModelCache
@@ -513,3 +513,21 @@ def test_fedavg_keeps_whole_transfers() -> None:
     h.run()
     sizes = [size for _, _, size in h.model_transfers()]
     assert len(sizes) == 8 and all(size > 0.95 * full_size(h) for size in sizes)
+
+
+def test_a_repeated_hello_is_answered_quietly_and_a_restarted_agent_is_reported() -> None:
+    h = Harness(agents=2)
+
+    def say_hello(agent: str, instance: str, now: float) -> tuple[list[str], list[str]]:
+        body = to_body(dataclasses.replace(hello(agent), instance=instance))
+        step = h.ctl.handle(topics.coordinator_inbox(), encode(Envelope("hello", agent, topics.COORDINATOR, body)), now)
+        return [decode(o.payload).type for o in step.out], [e.kind for e in step.events]
+
+    say_hello("a0", "first-a0", 0.0)
+    say_hello("a1", "first-a1", 0.1)
+    assert h.ctl.plan is not None
+    # agents repeat their hello every few seconds until the assignment arrives (artifacts take a while)
+    sent, events = say_hello("a0", "first-a0", 3.0)
+    assert "assign" in sent and "warning" not in events
+    sent, events = say_hello("a0", "second-a0", 9.0)  # the agent process restarted
+    assert "assign" in sent and "warning" in events
