@@ -43,7 +43,9 @@ def test_the_agent_run_path_imports_without_torch_or_onnx() -> None:
 def test_a_portable_agent_process_joins_the_broker_and_says_hello(mosquitto: RunningBroker) -> None:
     agent_id = f"pi-{uuid.uuid4().hex[:6]}"
     watcher = MqttLink(
-        parse_broker_url(mosquitto.url), f"watch-{agent_id}", [topics.coordinator_inbox(), topics.agent_status(agent_id)]
+        parse_broker_url(mosquitto.url),
+        f"watch-{agent_id}",
+        [topics.coordinator_inbox(), topics.agent_status(agent_id)],
     )
     watcher.start(timeout=10)
     cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--broker", mosquitto.url, "--agent-id", agent_id]
