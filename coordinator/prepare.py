@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,10 +80,10 @@ def profile_of(hello: Hello, config: TrialConfig) -> AgentProfile:
     samples = t.epochs * hello.num_train
     if t.max_steps:
         samples = min(samples, t.max_steps * t.batch_size)
-    data_mb = (hello.num_train + hello.num_val) * math.prod(hello.input_shape) * 4 / (1 << 20)
+    # the hello's idle footprint was measured with the data loaded: no separate data term
     return AgentProfile(
         hello.agent_id, float(hello.memory_budget_mb), float(hello.baseline_mb or 0.0), hello.gflops,
-        hello.backend, samples, data_mb, hello.num_val,
+        hello.backend, samples,
     )  # fmt: skip
 
 

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from coordinator import costmodel
 from edge_agent.protocol.delta import INITIAL
 from edge_agent.protocol.messages import HopTask
 from edge_agent.protocol.topics import COORDINATOR
+
+C = TypeVar("C", float, tuple[float, float])  # a run's cost in a min-max split
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,6 @@ class AgentProfile:
     backend: str = "ort"
     samples: int = 0  # training samples per hop (0 = unknown: time estimates are per sample)
     data_mb: float = 0.0  # its local data as float32
-    eval_samples: int = 256  # its local validation set (evaluated after every hop)
 
 
 @dataclass(frozen=True)
@@ -180,28 +183,38 @@ def _min_max_cuts(sizes: Sequence[int], parts: int) -> list[int]:
     return cuts[1]
 
 
-def _min_max_split(n: int, parts: int, cost: Callable[[int, int, int], float]) -> tuple[float, list[int]] | None:
+def _min_max_split(n: int, parts: int, cost: Callable[[int, int, int], C]) -> tuple[C, list[int]] | None:
     """Split ``n`` items into ``parts`` contiguous non-empty runs, run ``k`` costing ``cost(k, lo, hi)``
-    (``inf`` = not allowed), minimising the largest cost: (that cost, cut points) or None."""
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    (a float or a tuple of floats, compared in order; ``inf`` in it = not allowed), minimising the largest
+    cost: (that cost, cut points) or None."""
+    best: list[list[C | None]] = [[None] * (n + 1) for _ in range(parts + 1)]
     cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0.0
     for k in range(1, parts + 1):
         for i in range(k, n - (parts - k) + 1):
             for j in range(k - 1, i):
-                if best[k - 1][j] == inf:
+                before = best[k - 1][j]
+                if before is None if k > 1 else j > 0:  # the first run starts at item 0
                     continue
-                value = max(best[k - 1][j], cost(k - 1, j, i))
-                if value < best[k][i]:
+                value = cost(k - 1, j, i)
+                if _forbidden(value):
+                    continue
+                if before is not None and before > value:
+                    value = before
+                now = best[k][i]
+                if now is None or value < now:
                     best[k][i], cut[k][i] = value, j
-    if best[parts][n] == inf:
+    found = best[parts][n]
+    if found is None:
         return None
     cuts, i = [], n
     for k in range(parts, 1, -1):
         i = cut[k][i]
         cuts.append(i)
-    return best[parts][n], sorted(cuts)
+    return found, sorted(cuts)
+
+
+def _forbidden(value: float | tuple[float, ...]) -> bool:
+    return math.isinf(value) if isinstance(value, float) else any(math.isinf(v) for v in value)
 
 
 @dataclass
@@ -219,7 +232,7 @@ class _Costs:
         key = (p.agent, lo, hi)
         if key not in self.memo:
             mem = costmodel.hop_memory_mb(
-                self.groups, lo, hi, self.batch, p.baseline_mb, self.optimizer, p.backend, p.data_mb, p.eval_samples
+                self.groups, lo, hi, self.batch, p.baseline_mb, self.optimizer, p.backend, p.data_mb
             )
             seconds = costmodel.hop_seconds(self.groups, lo, hi, max(p.samples, 1), p.gflops)
             self.memo[key] = (mem, seconds)
@@ -249,6 +262,12 @@ def _profiles(agents: Sequence[str | AgentProfile]) -> list[AgentProfile]:
 
 
 TIME_SLACK = 1.25  # assignments within 25 % of the fastest round time count as equally fast (calibration noise)
+# Among equally fast assignments, the largest hop's memory (relative to its agent's budget, counted in
+# MEMORY_STEP_MB steps of the sweep's largest budget) is minimised first, then the largest parameters-per-
+# speed share. A front segment keeps the activations of every layer after it, so the memory-balanced
+# plan gives it few parameters.
+MEMORY_STEP_MB = 5.0
+Balance = tuple[float, float]  # (memory share step, parameters per GFLOP/s) of one hop
 
 
 def snake_plan(
@@ -266,8 +285,10 @@ def snake_plan(
     segments are chosen per round: among the orders of agents along the layers, the planner
     keeps those whose slowest hop is within ``TIME_SLACK`` of the fastest possible, prefers the
     one that brings layer groups to agents whose data they have not met yet (rotation), then
-    the one whose largest parameters-per-speed share is smallest (a slow agent gets fewer or
-    lighter layers); every hop must fit its agent's memory budget. An agent that cannot train even
+    the one whose largest hop needs the least memory for its agent's budget (the front segment
+    keeps every later activation, so it gets few parameters), then the one whose largest
+    parameters-per-speed share is smallest (a slow agent gets fewer or lighter layers); every hop
+    must fit its agent's memory budget. An agent that cannot train even
     the cheapest group within its budget is left out with the reason. With more agents than groups,
     a round is several sweeps over the layers, each agent training once per round.
     """
@@ -327,9 +348,11 @@ def _best_sweep(
         orders += [o[::-1] for o in orders]
     candidates = []
     for k, order in enumerate(orders):
-        timed = _min_max_split(
-            n, m, lambda j, lo, hi, o=order: costs.of(o[j], lo, hi)[1] if costs.fits(o[j], lo, hi) else float("inf")
-        )  # noqa: E501
+
+        def seconds(j: int, lo: int, hi: int, o: list[AgentProfile] = order) -> float:
+            return costs.of(o[j], lo, hi)[1] if costs.fits(o[j], lo, hi) else float("inf")
+
+        timed = _min_max_split(n, m, seconds)
         if timed is None:
             continue
         candidates.append((timed[0], k, order))
@@ -337,17 +360,20 @@ def _best_sweep(
         names = ", ".join(f"{p.agent} ({p.budget_mb:.0f} MiB)" for p in members)
         raise PlanError(f"round {round_}: no assignment of the layers to {names} fits their memory budgets")
     fastest = min(t for t, _, _ in candidates)
-    best: tuple[tuple[float, float, int], list[AgentProfile], list[int]] | None = None
+    reference = max(p.budget_mb for p in members)
+    best: tuple[tuple[float, Balance, int], list[AgentProfile], list[int]] | None = None
     for seconds, k, order in candidates:
         if seconds > fastest * TIME_SLACK + 1e-12:
             continue
         limit = max(seconds, fastest) * TIME_SLACK + 1e-12
 
-        def share(j: int, lo: int, hi: int, o: list[AgentProfile] = order, limit: float = limit) -> float:
+        def share(j: int, lo: int, hi: int, o: list[AgentProfile] = order, limit: float = limit) -> Balance:
             p = o[j]
-            if not costs.fits(p, lo, hi) or costs.of(p, lo, hi)[1] > limit:
-                return float("inf")
-            return sum(g.num_params for g in costs.groups[lo:hi]) / (p.gflops or 1.0)
+            mem, seconds = costs.of(p, lo, hi)
+            if not costs.fits(p, lo, hi) or seconds > limit:
+                return (float("inf"), float("inf"))
+            pressure = round(mem * (reference / p.budget_mb if p.budget_mb > 0 else 1.0) / MEMORY_STEP_MB)
+            return (float(pressure), sum(g.num_params for g in costs.groups[lo:hi]) / (p.gflops or 1.0))
 
         balanced = _min_max_split(n, m, share)
         if balanced is None:

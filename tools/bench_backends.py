@@ -51,16 +51,18 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train ``warmup + steps`` steps on one bundle; time each step from the step callback."""
     from edge_agent.backends import make_trainer
     from edge_agent.ort_training import import_onnxruntime
+    from edge_agent.profile import map_large_allocations, return_free_memory
     from edge_agent.trainer import TrainSpec
 
+    map_large_allocations()  # as the agent does at start
     onnxruntime = import_onnxruntime()  # without the training build's torch probe, as the trainers do
     rss_imports = _rss_mb()
-    weights = dict(np.load(args.weights))
     data = np.load(args.data)
     started = time.perf_counter()
     trainer = make_trainer(args.backend, threads=args.threads)
     trainer.open(Path(args.bundle))
-    trainer.set_weights(weights)
+    trainer.set_weights(dict(np.load(args.weights)))  # a temporary, as the agent passes its received model
+    return_free_memory()
     load_seconds = time.perf_counter() - started
     stamps: list[float] = []
     total = args.warmup + args.steps
@@ -68,6 +70,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     begun = time.perf_counter()
     trainer.train(data["x"], data["y"], spec, on_step=lambda *_: stamps.append(time.perf_counter()))
     times = np.diff([begun, *stamps])[args.warmup :] * 1000
+    trainer.evaluate(data["x"], data["y"], args.batch)  # the agent evaluates after training, in training-sized batches
     return {
         "backend": args.backend,
         "onnxruntime": onnxruntime.__version__,

@@ -6,7 +6,7 @@ weights, trains a few steps and reports its peak RSS. The trainer's share is the
 the RSS after imports; :func:`coordinator.costmodel.trainer_memory` predicts that share from the
 layer-group costs alone. Example::
 
-    python tools/bench_costmodel.py --out /tmp/costmodel.json
+    python tools/bench_costmodel.py --out /tmp/costmodel.json [--fit] [--backends ort]
 
 Writes every case's measured and estimated MiB and their ratio; the stated tolerance of the
 model is the worst ratio seen here (see the module docstring of ``coordinator/costmodel.py``).
@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "estimated_mb": round(estimate.total_mb, 1),
                     "estimate": estimate.as_dict(),
                 }
+                case["features"] = _features(groups, lo, hi, batch)
                 case["ratio"] = round(case["estimated_mb"] / max(case["measured_mb"], 1e-6), 3)
                 case["within_tolerance"] = within_tolerance(case["estimated_mb"], case["measured_mb"], backend)
                 report["cases"].append(case)
@@ -124,6 +125,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["ratio_min"], report["ratio_max"] = min(ratios), max(ratios)
     report["all_within_tolerance"] = all(c["within_tolerance"] for c in report["cases"])
     return report
+
+
+def _features(groups: Any, lo: int, hi: int, batch: int) -> list[float]:
+    """What each coefficient of ``costmodel.Coefficients`` multiplies, in MiB, for one case."""
+    from coordinator.costmodel import FLOAT, MIB, model_bytes
+
+    trainable = sum(g.num_params for g in groups[lo:hi])
+    kept = sum(g.act_bytes for g in groups[lo:])
+    planned = sum(g.act_bytes for g in groups)
+    return [1.0, model_bytes(groups) / MIB, FLOAT * trainable / MIB, batch * kept / MIB, batch * planned / MIB]
+
+
+def fit(report: dict[str, Any]) -> dict[str, Any]:
+    """Least-squares coefficients per backend (``costmodel.Coefficients`` order; negative ones are
+    dropped and the rest refitted), with the fit's worst residual in MiB and as a fraction."""
+    out: dict[str, Any] = {}
+    for backend in sorted({c["backend"] for c in report["cases"]}):
+        cases = [c for c in report["cases"] if c["backend"] == backend]
+        a = np.array([c["features"] for c in cases])
+        b = np.array([c["measured_mb"] for c in cases])
+        active = list(range(a.shape[1]))
+        while True:
+            coef = np.zeros(a.shape[1])
+            coef[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+            negative = [i for i in active if coef[i] < 0]
+            if not negative:
+                break
+            active.remove(min(negative, key=lambda i: coef[i]))
+        residual = a @ coef - b
+        out[backend] = {
+            "coefficients": [round(float(v), 3) for v in coef],
+            "worst_residual_mb": round(float(np.abs(residual).max()), 1),
+            "worst_residual_fraction": round(float(np.max(np.abs(residual) / b)), 3),
+        }
+    return out
 
 
 def _case(text: str) -> tuple[str, str, str, int]:
@@ -139,10 +175,17 @@ def main() -> int:
     parser.add_argument("--backends", nargs="+", default=["ort", "portable"], choices=["ort", "portable"])
     parser.add_argument("--steps", type=int, default=4, help="training steps per measurement")
     parser.add_argument("--repeats", type=int, default=1, help="measurements per case (median kept)")
+    parser.add_argument("--fit", action="store_true", help="also fit the coefficients to these cases")
     args = parser.parse_args()
     args.warmup, args.threads = 0, 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report = run(args)
+    if args.fit:
+        report["fit"] = fit(report)
+        for backend, result in report["fit"].items():
+            logger.info("%s: Coefficients%s, worst residual %.1f MiB (%.0f %%)", backend,
+                        tuple(result["coefficients"]), result["worst_residual_mb"],
+                        100 * result["worst_residual_fraction"])  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -6,6 +6,8 @@ import pytest
 
 from coordinator import costmodel
 from coordinator.scheduler import (
+    MEMORY_STEP_MB,
+    TIME_SLACK,
     AgentProfile,
     GroupInfo,
     HopSettings,
@@ -182,3 +184,23 @@ def test_calibration_noise_does_not_cost_rotation_but_a_truly_slow_agent_is_seen
     plan = snake_plan(slow, groups(10, 10, 10, 10, 10, 10, 10, 10), rounds=1)
     params = {h.agent: plan.segments[h.segment].num_params for h in plan.hops}
     assert params["slow"] < params["fast"]
+
+
+def test_among_equally_fast_cuts_the_plan_takes_the_one_with_the_smallest_largest_hop() -> None:
+    # the front keeps every later activation, the back holds most parameters; equal compute per group
+    spec = [(1_000, 500_000), (300_000, 300_000), (1_000_000, 100_000), (3_000_000, 8_000)]
+    gs = [GroupInfo(f"g{i}", (f"g{i}.w",), (), p, 0, act, 10**8) for i, (p, act) in enumerate(spec)]
+    fleet = [AgentProfile(f"a{i}", 0, 100, 50, "ort", 1000) for i in range(2)]
+    plan = snake_plan(fleet, gs, rounds=1, batch=64)
+
+    def worst(cut: int) -> tuple[float, float]:  # (largest hop's MiB, slowest hop's seconds)
+        runs = ((0, cut), (cut, len(gs)))
+        mib = max(costmodel.hop_memory_mb(gs, lo, hi, 64, 100) for lo, hi in runs)
+        return mib, max(costmodel.hop_seconds(gs, lo, hi, 1000, 50) for lo, hi in runs)
+
+    fastest = min(worst(c)[1] for c in range(1, len(gs)))
+    allowed = [worst(c)[0] for c in range(1, len(gs)) if worst(c)[1] <= fastest * TIME_SLACK]
+    assert max(h.est_mb for h in plan.hops) <= min(allowed) + MEMORY_STEP_MB / 2
+    # the parameter-balanced cut (g0..g2 | g3) is as fast, but its front hop needs more memory
+    assert split_segments(gs, 2)[0].groups == ("g0", "g1", "g2")
+    assert max(h.est_mb for h in plan.hops) < worst(3)[0] - MEMORY_STEP_MB
