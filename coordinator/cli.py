@@ -17,7 +17,7 @@ from coordinator.errors import ConfigError, CoordinatorError
 from coordinator.scheduler import PlanError
 from edge_agent.data import DataError
 from edge_agent.errors import EdgeAgentError
-from edge_agent.exitcodes import ExitCode
+from edge_agent.exitcodes import ExitCode, terminate_as_interrupt
 
 log = logging.getLogger("coordinator")
 
@@ -125,6 +125,7 @@ def finish(summary: dict[str, Any], out: Path, as_json: bool) -> None:
 
 def guarded(fn: Callable[[], None]) -> None:
     """Map errors to clear messages and exit codes."""
+    terminate_as_interrupt()
     try:
         fn()
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from edge_agent import profile
 from edge_agent.backends import installed
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeAgentError
-from edge_agent.exitcodes import ExitCode
+from edge_agent.exitcodes import ExitCode, terminate_as_interrupt
 from edge_agent.protocol.topics import check_id
 
 log = logging.getLogger("edge_agent")
@@ -125,6 +125,7 @@ def run(data_spec: str, part: str, log_level: str, **opts: object) -> None:
     from edge_agent.localdata import load_local
     from edge_agent.service import AgentService
 
+    terminate_as_interrupt()
     try:
         config = AgentConfig(data=data_spec, part=_part(part), **opts)  # type: ignore[arg-type]
         data = load_local(config)

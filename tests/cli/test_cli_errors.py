@@ -93,3 +93,40 @@ def test_plan_prints_a_split_plan_and_refuses_a_cut_that_leaves_no_back(tmp_path
     ]
     bad = run("coordinator.cli", "plan", "--algorithm", "split", "--split-cut", "head", cwd=tmp_path)
     assert bad.returncode == ExitCode.CONFIG and "choose one of: conv0, conv1, fc" in bad.stderr
+
+
+def _processes_naming(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and proc.name.isdigit():
+            found.append(f"{proc.name}: {cmdline[:120]}")
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_stops_simulate_with_its_broker_and_agents(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "coordinator.cli", "simulate", "--model", "mlp", "--agents", "2", "--rounds", "50"]
+    cmd += ["--samples-per-agent", "300", "--broker-kind", "mosquitto", "--out", str(out)]
+    brokers_before = set(_processes_naming("snake-mosquitto-"))
+    coordinator = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and coordinator.poll() is None:
+        time.sleep(0.2)  # the trial is under way: broker and agents run
+    assert _processes_naming(str(out)), "no agent process was started"
+    assert set(_processes_naming("snake-mosquitto-")) - brokers_before, "no broker was started"
+    coordinator.send_signal(signal.SIGTERM)
+    _, err = coordinator.communicate(timeout=60)
+    assert coordinator.returncode == ExitCode.INTERRUPTED, err[-2000:]
+    deadline = time.monotonic() + 20
+    while _processes_naming(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_naming(str(out)), "agents outlived the coordinator"
+    assert not set(_processes_naming("snake-mosquitto-")) - brokers_before, "the broker outlived the coordinator"
