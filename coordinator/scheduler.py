@@ -349,10 +349,10 @@ def _best_sweep(
     candidates = []
     for k, order in enumerate(orders):
 
-        def seconds(j: int, lo: int, hi: int, o: list[AgentProfile] = order) -> float:
+        def hop_time(j: int, lo: int, hi: int, o: list[AgentProfile] = order) -> float:
             return costs.of(o[j], lo, hi)[1] if costs.fits(o[j], lo, hi) else float("inf")
 
-        timed = _min_max_split(n, m, seconds)
+        timed = _min_max_split(n, m, hop_time)
         if timed is None:
             continue
         candidates.append((timed[0], k, order))
@@ -369,8 +369,8 @@ def _best_sweep(
 
         def share(j: int, lo: int, hi: int, o: list[AgentProfile] = order, limit: float = limit) -> Balance:
             p = o[j]
-            mem, seconds = costs.of(p, lo, hi)
-            if not costs.fits(p, lo, hi) or seconds > limit:
+            mem, hop_s = costs.of(p, lo, hi)
+            if not costs.fits(p, lo, hi) or hop_s > limit:
                 return (float("inf"), float("inf"))
             pressure = round(mem * (reference / p.budget_mb if p.budget_mb > 0 else 1.0) / MEMORY_STEP_MB)
             return (float(pressure), sum(g.num_params for g in costs.groups[lo:hi]) / (p.gflops or 1.0))
