@@ -267,6 +267,7 @@ TIME_SLACK = 1.25  # assignments within 25 % of the fastest round time count as 
 # speed share. A front segment keeps the activations of every layer after it, so the memory-balanced
 # plan gives it few parameters.
 MEMORY_STEP_MB = 5.0
+MEMORY_SLACK = 1.05  # rotation may cost the largest hop this much memory, no more (a big front segment may not)
 Balance = tuple[float, float]  # (memory share step, parameters per GFLOP/s) of one hop
 
 
@@ -284,9 +285,10 @@ def snake_plan(
     segment to the output side (so every round, and the trial, ends on the classifier). The
     segments are chosen per round: among the orders of agents along the layers, the planner
     keeps those whose slowest hop is within ``TIME_SLACK`` of the fastest possible, prefers the
-    one that brings layer groups to agents whose data they have not met yet (rotation), then
-    the one whose largest hop needs the least memory for its agent's budget (the front segment
-    keeps every later activation, so it gets few parameters), then the one whose largest
+    one that brings layer groups to agents whose data they have not met yet (rotation) among
+    those whose largest hop needs at most ``MEMORY_SLACK`` times the least memory possible (for
+    its agent's budget; the front segment keeps every later activation, so it gets few
+    parameters), then the one whose largest hop needs the least memory, then the one whose largest
     parameters-per-speed share is smallest (a slow agent gets fewer or lighter layers); every hop
     must fit its agent's memory budget. An agent that cannot train even
     the cheapest group within its budget is left out with the reason. With more agents than groups,
@@ -361,7 +363,7 @@ def _best_sweep(
         raise PlanError(f"round {round_}: no assignment of the layers to {names} fits their memory budgets")
     fastest = min(t for t, _, _ in candidates)
     reference = max(p.budget_mb for p in members)
-    best: tuple[tuple[float, Balance, int], list[AgentProfile], list[int]] | None = None
+    balanced: list[tuple[Balance, int, list[AgentProfile], list[int]]] = []
     for seconds, k, order in candidates:
         if seconds > fastest * TIME_SLACK + 1e-12:
             continue
@@ -375,20 +377,21 @@ def _best_sweep(
             pressure = round(mem * (reference / p.budget_mb if p.budget_mb > 0 else 1.0) / MEMORY_STEP_MB)
             return (float(pressure), sum(g.num_params for g in costs.groups[lo:hi]) / (p.gflops or 1.0))
 
-        balanced = _min_max_split(n, m, share)
-        if balanced is None:
-            continue
-        cuts = balanced[1]
-        fresh = sum(
-            (p.agent, g) not in covered
-            for p, lo, hi in zip(order, [0, *cuts], [*cuts, n], strict=True)
-            for g in range(lo, hi)
-        )
-        key = (-float(fresh), balanced[0], k)
-        if best is None or key < best[0]:
-            best = (key, order, cuts)
-    assert best is not None  # the fastest candidate always passes its own limit
-    return best[1], best[2]
+        split = _min_max_split(n, m, share)
+        if split is not None:
+            balanced.append((split[0], k, order, split[1]))
+    assert balanced  # the fastest candidate always passes its own limit
+    lightest = min(b[0][0] for b in balanced)
+
+    def key(b: tuple[Balance, int, list[AgentProfile], list[int]]) -> tuple[float, Balance, int]:
+        worst, k, order, cuts = b
+        runs = zip(order, [0, *cuts], [*cuts, n], strict=True)
+        fresh = sum((p.agent, g) not in covered for p, lo, hi in runs for g in range(lo, hi))
+        return (-float(fresh), worst, k)
+
+    # rotation only among assignments whose largest hop is within MEMORY_SLACK of the lightest possible
+    _, _, order, cuts = min((b for b in balanced if b[0][0] <= lightest * MEMORY_SLACK + 1), key=key)
+    return order, cuts
 
 
 def fedavg_plan(
