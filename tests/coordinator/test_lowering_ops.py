@@ -42,3 +42,25 @@ def test_lowered_operator_matches_the_training_kernel(case: OpCase) -> None:
 def test_every_rule_has_a_case() -> None:
     covered = {node.op_type for case in CASES for node in case.nodes}
     assert set(RULES) <= covered, sorted(set(RULES) - covered)
+
+
+def _maxpool_cases() -> list[OpCase]:
+    return [case for case in CASES if case.name.startswith("MaxPoolGrad_")]
+
+
+@pytest.mark.parametrize("case", _maxpool_cases(), ids=lambda case: case.name)
+def test_maxpool_grad_reads_no_shape_of_the_pooled_input_when_dx_is_declared(case: OpCase) -> None:
+    # a Shape node on the pooled input would keep that activation alive until the backward pass
+    nodes = lowered_model(case, run(original_model(case), case)).graph.node
+    assert not [n for n in nodes if n.op_type == "Shape" and "X" in n.input]
+
+
+@pytest.mark.parametrize("case", _maxpool_cases(), ids=lambda case: case.name)
+def test_maxpool_grad_without_a_declared_shape_reads_the_pooled_input_shape(case: OpCase) -> None:
+    from dataclasses import replace
+
+    expected = run(original_model(case), case)
+    undeclared = replace(case, static={})
+    model = lowered_model(undeclared, expected)
+    assert [n for n in model.graph.node if n.op_type == "Shape" and "X" in n.input]
+    np.testing.assert_allclose(run(model, case)[0], expected[0], rtol=case.rtol, atol=case.atol)
