@@ -242,13 +242,15 @@ class _Costs:
         return p.budget_mb <= 0 or self.of(p, lo, hi)[0] <= p.budget_mb
 
 
-SAME_SPEED = 1.5  # calibrations within this factor of the fleet's median count as the median
+SAME_SPEED = 2.0  # calibrations within this factor of the fleet's median count as the median
 
 
 def _profiles(agents: Sequence[str | AgentProfile]) -> list[AgentProfile]:
     """Profiles with planning speeds: an uncalibrated agent counts as a typical one, and speeds within
-    ``SAME_SPEED`` of the median as the median. Agents calibrating at once on a shared machine read
-    10-15 GFLOP/s where one alone reads 50; taken literally, that noise outweighed rotation."""
+    ``SAME_SPEED`` of the median as the median. Identical agents calibrating at once on one shared
+    2-core machine (simulate, while the coordinator exports) read 61-118 GFLOP/s; taken literally,
+    that noise outweighed rotation and cost transfers. Boards of different generations differ by
+    more (a Raspberry Pi 4 and a Jetson Orin: several times)."""
     profiles = [a if isinstance(a, AgentProfile) else AgentProfile(a) for a in agents]
     known = sorted(p.gflops for p in profiles if p.gflops)
     if not known:
@@ -288,7 +290,9 @@ def snake_plan(
     one that brings layer groups to agents whose data they have not met yet (rotation) among
     those whose largest hop needs at most ``MEMORY_SLACK`` times the least memory possible (for
     its agent's budget; the front segment keeps every later activation, so it gets few
-    parameters), then the one whose largest hop needs the least memory, then the one whose largest
+    parameters), then the one whose hops receive the fewest changed parameters (only what changed
+    since an agent's last hop travels to it), then the one whose largest hop needs the least
+    memory, then the one whose largest
     parameters-per-speed share is smallest (a slow agent gets fewer or lighter layers); every hop
     must fit its agent's memory budget. An agent that cannot train even
     the cheapest group within its budget is left out with the reason. With more agents than groups,
@@ -322,7 +326,8 @@ def snake_plan(
         sweeps = -(-len(fleet) // n)
         for s in range(sweeps):
             members = rotated[s::sweeps]
-            order, cuts = _best_sweep(members, costs, n, covered, r)
+            history = [(p.agent, lo, hi) for _, p, lo, hi in hops]
+            order, cuts = _best_sweep(members, costs, n, covered, r, history)
             for p, lo, hi in zip(order, [0, *cuts], [*cuts, n], strict=True):
                 covered.update((p.agent, g) for g in range(lo, hi))
                 runs.setdefault((lo, hi), len(runs))
@@ -336,8 +341,28 @@ def snake_plan(
     return Plan(mode, segments, planned, excluded=tuple(excluded), layout=tuple((g.name, g.params) for g in groups))
 
 
+def _sent_params(hops: Sequence[tuple[str, int, int]], first: int, groups: Sequence[GroupInfo]) -> int:
+    """Parameters the hops from index ``first`` on receive: every group whose version differs from the
+    copy the receiving agent kept after its previous hop (all of them on its first hop)."""
+    version = [-1] * len(groups)  # per group, the hop that trained it last
+    held: dict[str, list[int]] = {}  # per agent, the versions of the model it handed on last
+    total = 0
+    for i, (agent, lo, hi) in enumerate(hops):
+        if i >= first:
+            mine = held.get(agent)
+            total += sum(g.num_params for k, g in enumerate(groups) if mine is None or mine[k] != version[k])
+        version[lo:hi] = [i] * (hi - lo)
+        held[agent] = list(version)
+    return total
+
+
 def _best_sweep(
-    members: list[AgentProfile], costs: _Costs, n: int, covered: set[tuple[str, int]], round_: int
+    members: list[AgentProfile],
+    costs: _Costs,
+    n: int,
+    covered: set[tuple[str, int]],
+    round_: int,
+    history: Sequence[tuple[str, int, int]] = (),
 ) -> tuple[list[AgentProfile], list[int]]:
     """The agents' order along the layers and the cut points for one sweep (see ``snake_plan``)."""
     m = min(len(members), n)
@@ -383,11 +408,11 @@ def _best_sweep(
     assert balanced  # the fastest candidate always passes its own limit
     lightest = min(b[0][0] for b in balanced)
 
-    def key(b: tuple[Balance, int, list[AgentProfile], list[int]]) -> tuple[float, Balance, int]:
+    def key(b: tuple[Balance, int, list[AgentProfile], list[int]]) -> tuple[float, int, Balance, int]:
         worst, k, order, cuts = b
-        runs = zip(order, [0, *cuts], [*cuts, n], strict=True)
-        fresh = sum((p.agent, g) not in covered for p, lo, hi in runs for g in range(lo, hi))
-        return (-float(fresh), worst, k)
+        runs = [(p.agent, lo, hi) for p, lo, hi in zip(order, [0, *cuts], [*cuts, n], strict=True)]
+        fresh = sum((agent, g) not in covered for agent, lo, hi in runs for g in range(lo, hi))
+        return (-float(fresh), _sent_params([*history, *runs], len(history), costs.groups), worst, k)
 
     # rotation only among assignments whose largest hop is within MEMORY_SLACK of the lightest possible
     _, _, order, cuts = min((b for b in balanced if b[0][0] <= lightest * MEMORY_SLACK + 1), key=key)

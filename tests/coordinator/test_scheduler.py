@@ -13,6 +13,7 @@ from coordinator.scheduler import (
     GroupInfo,
     HopSettings,
     PlanError,
+    _sent_params,  # noqa: PLC2701 (the planner's transfer count)
     fedavg_plan,
     hop_tasks,
     snake_plan,
@@ -225,3 +226,20 @@ def test_rotation_never_buys_a_much_heavier_hop() -> None:
         worst = max(h.est_mb for h in plan.hops if h.round == r)
         assert worst <= lightest * MEMORY_SLACK + MEMORY_STEP_MB, (r, worst, lightest)
     assert all(len(agents) >= 3 for agents in plan.coverage().values())  # rotation still spreads every group
+
+
+def test_a_hop_receives_only_what_changed_since_its_agent_last_handed_the_model_on() -> None:
+    gs = groups(1, 10, 100, 1000)
+    shift = [("a", 0, 1), ("b", 1, 2), ("c", 2, 3), ("d", 3, 4), ("b", 0, 1), ("c", 1, 2), ("d", 2, 3), ("a", 3, 4)]
+    # round 0: nobody holds a copy; round 1: b lacks g2 g3, c lacks g0 g3, d lacks g0 g1, a lacks all
+    assert _sent_params(shift, 0, gs) == 4 * 1111 + 1100 + 1001 + 11 + 1111
+    # the same segments, another order in round 1: b's copy is older, so more travels
+    other = [*shift[:4], ("c", 0, 1), ("b", 1, 2), ("a", 2, 3), ("d", 3, 4)]
+    assert _sent_params(other, 4, gs) > _sent_params(shift, 4, gs)
+    plan = snake_plan([AgentProfile(x, gflops=(50.0, 95.0)[i % 2]) for i, x in enumerate("abcd")], gs, rounds=2)
+    names = [g.name for g in gs]
+    hops = [
+        (h.agent, names.index(plan.segments[h.segment].groups[0]), names.index(plan.segments[h.segment].groups[-1]) + 1)
+        for h in plan.hops
+    ]
+    assert _sent_params(hops, 4, gs) == _sent_params(shift, 4, gs)  # speeds within 2x: the cheapest rotation
