@@ -14,7 +14,7 @@ import click
 
 from coordinator.config import TrialConfig, load_trial
 from coordinator.errors import ConfigError, CoordinatorError
-from coordinator.scheduler import PlanError
+from coordinator.plan import PlanError
 from edge_agent.data import DataError
 from edge_agent.errors import EdgeAgentError
 from edge_agent.exitcodes import ExitCode, terminate_as_interrupt
@@ -246,8 +246,8 @@ def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
     def go() -> None:
         from coordinator.costmodel import TYPICAL_BASELINE_MB, TYPICAL_GFLOPS
         from coordinator.costs import profile_groups
+        from coordinator.plan import AgentProfile, GroupInfo
         from coordinator.prepare import make_plan
-        from coordinator.scheduler import AgentProfile, GroupInfo
         from models import InputSpec, build_model, layer_groups
 
         config = build_config(trial_file, opts)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import CoordinatorError
-from coordinator.scheduler import HopSettings, Plan, PlanError, artifact_kind, hop_tasks
+from coordinator.plan import Plan, PlanError
+from coordinator.scheduler import HopSettings, artifact_kind, hop_tasks
 from coordinator.strategy import ModelSend, SnakeStrategy, Strategy
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, decode, encode

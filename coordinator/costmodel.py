@@ -73,7 +73,7 @@ TYPICAL_GFLOPS = 100.0  # a 2-core x86_64 agent here (edge_agent.calibrate); for
 
 
 class GroupCosts(Protocol):
-    """What the cost model reads of a layer group (``scheduler.GroupInfo`` has it)."""
+    """What the cost model reads of a layer group (``plan.GroupInfo`` has it)."""
 
     @property
     def num_params(self) -> int: ...

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from coordinator.controller import Event
+from coordinator.plan import Plan
 from coordinator.results import RunRecord
-from coordinator.scheduler import Plan
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ from coordinator.config import TrialConfig
 from coordinator.costs import profile_groups
 from coordinator.errors import ConfigError
 from coordinator.export import ForwardModel, export_forward, export_front
+from coordinator.plan import AgentProfile, GroupInfo, Plan, Segment
 from coordinator.portable_artifacts import build_portable_artifacts
-from coordinator.scheduler import AgentProfile, GroupInfo, Plan, Segment, fedavg_plan, snake_plan, split_plan
+from coordinator.scheduler import fedavg_plan, snake_plan, split_plan
 from edge_agent.protocol.messages import Hello
 from models import InputSpec, build_model
 from models.split import split_model

@@ -1,14 +1,16 @@
 """Trial plans: which agent trains which segment, in which order. Pure functions.
 
-A **segment** is a contiguous run of layer groups. The default Snake Learning
-plan splits the groups into ``S = min(agents, groups)`` segments balanced by
-parameter count, visits every agent once per round in a fixed route, and rotates
-the segments over rounds (agent ``i`` trains segment ``(i + r + phase) mod S`` in
-round ``r``), so after ``S`` rounds every layer group has trained on every agent's
-data. The phase is chosen so that the trial's last hop trains the output-side
-segment: a trial that ends on a middle segment ends with the classifier matched to
-features that just moved (measured on Fashion-MNIST/cnn: finishing on the large
-``fc`` segment cost about 0.015-0.02 test accuracy against finishing on ``head``).
+A **segment** is a contiguous run of layer groups. A Snake Learning plan (``snake_plan``) is
+built round by round from the agents' profiles (memory budget, idle footprint, calibrated speed,
+backend) and the cost model (:mod:`coordinator.costmodel`): every agent trains one segment per
+round, the hops run from the input side to the output side (so every round, and the trial, ends
+on the classifier: finishing on a middle segment left the classifier matched to features that
+just moved and cost about 0.015-0.02 test accuracy on Fashion-MNIST/cnn), and among the
+assignments that keep hop times within ``TIME_SLACK`` and the largest hop's memory within
+``MEMORY_SLACK`` of the best, the planner prefers rotation (layer groups meet agents whose data
+they have not met), then fewer parameters on the wire, then memory, then a lighter share for a
+slower agent. ``fedavg_plan`` and ``split_plan`` build the baselines' plans; ``hop_tasks`` turns a
+plan into what each agent is told.
 """
 
 from __future__ import annotations
@@ -21,148 +23,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from coordinator import costmodel
-from edge_agent.protocol.delta import INITIAL
+from coordinator.plan import AgentProfile, GroupInfo, Plan, PlanError, PlannedHop, Segment, _segment
 from edge_agent.protocol.messages import HopTask
 from edge_agent.protocol.topics import COORDINATOR
 
 C = TypeVar("C", float, tuple[float, float])  # a run's cost in a min-max split
-
-
-@dataclass(frozen=True)
-class GroupInfo:
-    name: str
-    params: tuple[str, ...]  # trainable parameter names
-    buffers: tuple[str, ...]  # other float tensors (BN running stats)
-    num_params: int  # scalar parameter count
-    num_buffer_elems: int = 0  # scalar buffer count
-    act_bytes: int = 0  # per sample, kept for backward (coordinator.costs)
-    flops: int = 0  # per sample, forward
-
-
-@dataclass(frozen=True)
-class Segment:
-    index: int
-    groups: tuple[str, ...]
-    params: tuple[str, ...]  # trainable in this segment's artifacts
-    tensors: tuple[str, ...]  # every tensor the segment owns (params + buffers)
-    num_params: int
-
-
-@dataclass(frozen=True)
-class AgentProfile:
-    """What the planner knows of an agent (from its hello): budget, idle footprint, speed, backend."""
-
-    agent: str
-    budget_mb: float = 0.0  # 0 = no limit known
-    baseline_mb: float = 0.0  # resident when idle, runtime imported
-    gflops: float | None = None  # calibrated speed; None = unknown (all unknown: equal speeds)
-    backend: str = "ort"
-    samples: int = 0  # training samples per hop (0 = unknown: time estimates are per sample)
-    data_mb: float = 0.0  # its local data as float32
-
-
-@dataclass(frozen=True)
-class PlannedHop:
-    round: int
-    hop: int  # global index
-    agent: str
-    segment: int
-    est_mb: float = 0.0  # estimated agent peak RSS during the hop
-    est_s: float = 0.0  # estimated compute time of the hop
-
-
-@dataclass(frozen=True)
-class Plan:
-    mode: str  # "p2p" | "cs"
-    segments: tuple[Segment, ...]
-    hops: tuple[PlannedHop, ...]
-    algorithm: str = "snake"  # "snake" | "fedavg" | "split" (agents train segment 0, the coordinator 1)
-    excluded: tuple[tuple[str, str], ...] = ()  # (agent, reason): agents the plan leaves out
-    layout: tuple[tuple[str, tuple[str, ...]], ...] = ()  # versioned layer groups and their parameters (snake)
-
-    def groups(self) -> dict[str, list[str]]:
-        """Layer group -> parameter names: what a model transfer versions (empty: whole models travel)."""
-        return {g: list(params) for g, params in self.layout}
-
-    def versions_after(self, hop: int) -> dict[str, int]:
-        """Each group's version (the last hop that trained it) once ``hop`` is done; -1: the initial model."""
-        versions = {g: INITIAL for g, _ in self.layout}
-        for h in self.hops[: hop + 1]:
-            versions.update({g: h.hop for g in self.segments[h.segment].groups if g in versions})
-        return versions
-
-    def held_by(self, hop: int) -> dict[str, int]:
-        """The versions the agent of ``hop`` holds on disk when its model arrives: its previous hop's output
-        (empty on its first hop: it holds nothing)."""
-        agent = self.hops[hop].agent
-        before = [h.hop for h in self.hops[:hop] if h.agent == agent]
-        return self.versions_after(before[-1]) if before else {}
-
-    @property
-    def rounds(self) -> int:
-        return 1 + max(h.round for h in self.hops) if self.hops else 0
-
-    def coverage(self, groups: Sequence[str] | None = None) -> dict[str, set[str]]:
-        """Layer group -> the agents whose data trains it somewhere in the plan."""
-        out: dict[str, set[str]] = {g: set() for g in groups or ()}
-        for h in self.hops:
-            for g in self.segments[h.segment].groups:
-                out.setdefault(g, set()).add(h.agent)
-        return out
-
-    def describe(self) -> list[str]:
-        """Human-readable lines: the segments, the route per round (with estimates), who is left out."""
-        lines = [f"segment {s.index}: {', '.join(s.groups)} ({s.num_params:,} params)" for s in self.segments]
-        if self.algorithm == "split":
-            lines[0] += ": the front, trained on the agents in turn"
-            lines[1] += ": the back, trained on the coordinator for every agent's batches"
-        joiner = " | " if self.algorithm == "fedavg" else " -> "  # fedavg: agents train in parallel
-        for r in range(self.rounds):
-            route = [f"{h.agent}[s{h.segment}{_estimates(h)}]" for h in self.hops if h.round == r]
-            lines.append(f"round {r}: " + joiner.join(route))
-        agents = {h.agent for h in self.hops}
-        missing = [(g, a) for g, met in self.coverage().items() for a in sorted(agents - met)]
-        if self.algorithm == "snake":
-            total = len(agents) * len(self.coverage())
-            detail = ": missing " + ", ".join(f"{g}/{a}" for g, a in missing) if 0 < len(missing) <= 6 else ""
-            lines.append(f"coverage: {total - len(missing)} of {total} (layer group, agent) pairs{detail}")
-        lines.extend(f"left out: {agent}: {reason}" for agent, reason in self.excluded)
-        return lines
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "algorithm": self.algorithm,
-            "mode": self.mode,
-            "segments": [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in self.segments],
-            "hops": [
-                {
-                    "round": h.round,
-                    "hop": h.hop,
-                    "agent": h.agent,
-                    "segment": h.segment,
-                    "est_mb": round(h.est_mb, 1),
-                    "est_s": round(h.est_s, 2),
-                }  # fmt: skip
-                for h in self.hops
-            ],
-            "excluded": [{"agent": a, "reason": r} for a, r in self.excluded],
-            "coverage": {g: sorted(a) for g, a in self.coverage().items()},
-        }
-
-
-def _estimates(h: PlannedHop) -> str:
-    parts = ([f" ~{h.est_mb:.0f} MiB"] if h.est_mb else []) + ([f" ~{h.est_s:.1f} s"] if h.est_s else [])
-    return "".join(parts)
-
-
-class PlanError(ValueError):
-    """No plan fits the fleet (every agent left out, or no assignment within the budgets)."""
-
-
-def _segment(index: int, run: Sequence[GroupInfo]) -> Segment:
-    params = tuple(p for g in run for p in g.params)
-    tensors = tuple(t for g in run for t in (*g.params, *g.buffers))
-    return Segment(index, tuple(g.name for g in run), params, tensors, sum(g.num_params for g in run))
 
 
 def split_segments(groups: Sequence[GroupInfo], parts: int) -> list[Segment]:

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from coordinator.scheduler import Plan
+from coordinator.plan import Plan
 from coordinator.strategy import Decision, ModelSend
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.errors import ProtocolError

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from coordinator.scheduler import Plan
+from coordinator.plan import Plan
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.delta import Base, BaseMismatch, assemble, decode_model, digests_of, encode_model, newer
 from edge_agent.protocol.errors import ProtocolError

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import costmodel
-from coordinator.scheduler import GroupInfo
+from coordinator.plan import GroupInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 
 from coordinator import costmodel
-from coordinator.scheduler import (
+from coordinator.plan import AgentProfile, GroupInfo, PlanError
+from coordinator.scheduler import (  # noqa: PLC2701 (_sent_params: the planner's transfer count)
     MEMORY_STEP_MB,
     TIME_SLACK,
-    AgentProfile,
-    GroupInfo,
     HopSettings,
-    PlanError,
-    _sent_params,  # noqa: PLC2701 (the planner's transfer count)
+    _sent_params,
     fedavg_plan,
     hop_tasks,
     snake_plan,

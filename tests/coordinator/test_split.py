@@ -13,7 +13,7 @@ import pytest
 
 from coordinator.config import load_trial
 from coordinator.errors import ConfigError
-from coordinator.scheduler import GroupInfo
+from coordinator.plan import GroupInfo
 from edge_agent.protocol.messages import HopTask
 from edge_agent.trainer import TrainerError, TrainSpec
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.scheduler import GroupInfo, Plan, PlannedHop, _segment, snake_plan
+from coordinator.plan import GroupInfo, Plan, PlannedHop, _segment
+from coordinator.scheduler import snake_plan
 from edge_agent.model_cache import ModelCache
 from edge_agent.protocol.codec import decode_tensors, decode_views, encode_tensors
 from edge_agent.protocol.delta import (

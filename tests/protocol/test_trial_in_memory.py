@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from coordinator.controller import Controller, TrialSetup
-from coordinator.scheduler import GroupInfo, HopSettings, Plan, fedavg_plan, snake_plan, split_plan
+from coordinator.plan import GroupInfo, Plan
+from coordinator.scheduler import HopSettings, fedavg_plan, snake_plan, split_plan
 from coordinator.split import SplitStrategy
 from coordinator.strategy import FedAvgStrategy, SnakeStrategy, Strategy
 from edge_agent.actions import Counters, Gradient, HopResult, ResendFull, SayBye, StoreArtifact, Train
