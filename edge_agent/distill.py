@@ -55,9 +55,11 @@ def kd_extras(
 
 
 def teacher_logits(
-    logits_of: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray
+    logits_of: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, batch: int = TEACHER_BATCH
 ) -> np.ndarray:
-    """Logits [N, num_classes] of every sample, from ``logits_of(xb, yb)`` run in batches."""
-    parts = [logits_of(x[i : i + TEACHER_BATCH], y[i : i + TEACHER_BATCH]) for i in range(0, len(x), TEACHER_BATCH)]
+    """Logits [N, num_classes] of every sample, from ``logits_of(xb, yb)`` run in batches of ``batch`` rows
+    (trainers pass their training batch size: a larger teacher pass would be the hop's memory peak)."""
+    size = max(1, batch)
+    parts = [logits_of(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
     logger.debug("teacher logits for %d samples", len(x))
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)

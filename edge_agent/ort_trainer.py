@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.distill import check_kd, kd_extras, teacher_logits
+from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, teacher_logits
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.ort_training import ort_errors, training_module
 from edge_agent.segment_checks import batch_order, check_data, check_tensors, plan_steps
@@ -136,7 +136,7 @@ class OrtTrainer:
         batch, _, total = plan_steps(spec, len(x))
         kd = check_kd(self.manifest, spec)
         if kd and teacher is None:
-            teacher = self.teacher_logits(x, y)
+            teacher = self.teacher_logits(x, y, batch)
         import onnxruntime
 
         onnxruntime.set_seed(spec.seed)  # dropout masks
@@ -178,8 +178,9 @@ class OrtTrainer:
             session.module.train()
         return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
 
-    def teacher_logits(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode)."""
+    def teacher_logits(self, x: np.ndarray, y: np.ndarray, batch_size: int = TEACHER_BATCH) -> np.ndarray:
+        """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode), in
+        batches of ``batch_size`` rows."""
         session = self._require_session()
         x, y = self._check_data(x, y)
         manifest = self.manifest
@@ -189,7 +190,7 @@ class OrtTrainer:
 
         try:
             session.module.eval()
-            return teacher_logits(logits_of, x, y)
+            return teacher_logits(logits_of, x, y, batch_size)
         except ort_errors() as exc:
             raise TrainerError(f"teacher pass failed: {exc}") from exc
         finally:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.distill import check_kd, kd_extras, teacher_logits
+from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, teacher_logits
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.optim import Optimizer, make_optimizer
 from edge_agent.ort_training import import_onnxruntime
@@ -132,7 +132,7 @@ class PortableTrainer:
         batch, _, total = plan_steps(spec, len(x))
         kd = check_kd(manifest, spec)
         if kd and teacher is None:
-            teacher = self.teacher_logits(x, y)
+            teacher = self.teacher_logits(x, y, batch)
         import_onnxruntime().set_seed(spec.seed)  # dropout masks
         started, steps, losses = time.perf_counter(), 0, [float("nan")]
         try:
@@ -170,8 +170,9 @@ class PortableTrainer:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def teacher_logits(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode)."""
+    def teacher_logits(self, x: np.ndarray, y: np.ndarray, batch_size: int = TEACHER_BATCH) -> np.ndarray:
+        """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode), in
+        batches of ``batch_size`` rows."""
         tensors = self._require_weights()
         manifest = self.manifest
         x, y = check_data(manifest, x, y)
@@ -181,7 +182,7 @@ class PortableTrainer:
             return np.asarray(logits).reshape(len(xb), manifest.num_classes)
 
         try:
-            return teacher_logits(logits_of, x, y)
+            return teacher_logits(logits_of, x, y, batch_size)
         except ort_errors() as exc:
             raise TrainerError(f"teacher pass failed: {exc}") from exc
 

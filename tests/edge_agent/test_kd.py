@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
+from edge_agent import distill  # noqa: E402
 from edge_agent.manifest import read_manifest  # noqa: E402
 from edge_agent.ort_artifacts import generate_segment  # noqa: E402
 from edge_agent.ort_trainer import OrtTrainer, TrainerError  # noqa: E402
@@ -126,3 +127,20 @@ def test_kd_changes_training_and_bad_settings_are_refused(
     for bad in (TrainSpec(kd_alpha=-1.0), TrainSpec(kd_alpha=1.0, kd_temperature=0.0)):
         with pytest.raises(TrainerError, match="kd_"):
             _trainer(kd_segment, toy().tensors).train(*blobs, bad)
+
+
+def test_the_teacher_pass_runs_in_training_sized_batches(
+    kd_segment: Path, toy: Callable[..., ToyModel], blobs: Data
+) -> None:
+    seen: list[int] = []
+
+    def logits_of(xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
+        seen.append(len(xb))
+        return np.zeros((len(xb), 3), np.float32)
+
+    assert distill.teacher_logits(logits_of, np.zeros((100, 2)), np.zeros(100), 16).shape == (100, 3)
+    assert max(seen) <= 16 and sum(seen) == 100  # a 256-row teacher pass was a KD hop's memory peak
+    x, y = blobs[0][:100], blobs[1][:100]
+    trainer = _trainer(kd_segment, toy().tensors)
+    # BatchNorm in inference mode: the batch size does not change the logits
+    np.testing.assert_allclose(trainer.teacher_logits(x, y, 16), trainer.teacher_logits(x, y), rtol=1e-5, atol=1e-6)
