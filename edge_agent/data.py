@@ -264,6 +264,39 @@ def _checked(ds: Dataset, source: str) -> Dataset:
     return ds
 
 
+class Images:
+    """Images kept as stored (uint8 takes a quarter of float32's memory) and handed out as float32
+    [n, C, H, W] in [0, 1] one batch at a time: ``images[idx]`` converts only those rows."""
+
+    def __init__(self, stored: np.ndarray) -> None:
+        if stored.ndim == 3:
+            stored = stored[:, None, :, :]  # grey images gain their channel axis (a view)
+        if stored.ndim != 4 or stored.dtype not in (np.uint8, np.float32):
+            raise DataError(f"images must be uint8 or float32 [N, C, H, W], got {stored.dtype} {stored.shape}")
+        self.stored = stored
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.stored.shape)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.stored.nbytes)
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(to_float(self.stored[index]))
+
+
+Inputs = np.ndarray | Images  # what trainers accept: float32 arrays, or images converted per batch
+
+
 def to_float(x: np.ndarray) -> np.ndarray:
     """Return float32 [N, C, H, W] in [0, 1]: uint8 is divided by 255, floats pass through as float32."""
     if x.ndim == 3:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edge_agent.data import Inputs
 from edge_agent.manifest import SegmentManifest
 from edge_agent.trainer import TrainerError, TrainSpec
 
@@ -55,7 +56,7 @@ def kd_extras(
 
 
 def teacher_logits(
-    logits_of: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, batch: int = TEACHER_BATCH
+    logits_of: Callable[[np.ndarray, np.ndarray], np.ndarray], x: Inputs, y: np.ndarray, batch: int = TEACHER_BATCH
 ) -> np.ndarray:
     """Logits [N, num_classes] of every sample, from ``logits_of(xb, yb)`` run in batches of ``batch`` rows
     (trainers pass their training batch size: a larger teacher pass would be the hop's memory peak)."""

@@ -10,12 +10,12 @@ import numpy as np
 from edge_agent.config import AgentConfig
 from edge_agent.data import (
     DataError,
+    Images,
     label_histogram,
     load_dataset,
     parse_partition,
     partition,
     split_holdout,
-    to_float,
 )
 
 log = logging.getLogger(__name__)
@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, eq=False)
 class LocalData:
-    x_train: np.ndarray  # float32 [N, C, H, W] in [0, 1]
+    x_train: Images  # [N, C, H, W], as stored (uint8 or float32); float32 in [0, 1] per batch
     y_train: np.ndarray  # int64 [N]
-    x_val: np.ndarray
+    x_val: Images
     y_val: np.ndarray
     num_classes: int
 
@@ -57,4 +57,4 @@ def load_local(config: AgentConfig) -> LocalData:
     if len(y) < 2:
         raise DataError(f"agent {config.agent_id} has {len(y)} training samples; it needs at least 2")
     log.info("local data: %d train, %d validation samples from %s", len(y), len(y_val), ds.name)
-    return LocalData(to_float(x), y.astype(np.int64), to_float(x_val), y_val.astype(np.int64), ds.num_classes)
+    return LocalData(Images(x), y.astype(np.int64), Images(x_val), y_val.astype(np.int64), ds.num_classes)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.data import Inputs
 from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, teacher_logits
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.ort_training import ort_errors, training_module
@@ -124,7 +125,7 @@ class OrtTrainer:
 
     def train(
         self,
-        x: np.ndarray,
+        x: Inputs,
         y: np.ndarray,
         spec: TrainSpec,
         on_step: StepCallback | None = None,
@@ -159,7 +160,7 @@ class OrtTrainer:
         seconds = time.perf_counter() - started
         return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalStats:
+    def evaluate(self, x: Inputs, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         session = self._require_session()
         x, y = self._check_data(x, y)
         manifest = self.manifest
@@ -178,7 +179,7 @@ class OrtTrainer:
             session.module.train()
         return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
 
-    def teacher_logits(self, x: np.ndarray, y: np.ndarray, batch_size: int = TEACHER_BATCH) -> np.ndarray:
+    def teacher_logits(self, x: Inputs, y: np.ndarray, batch_size: int = TEACHER_BATCH) -> np.ndarray:
         """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode), in
         batches of ``batch_size`` rows."""
         session = self._require_session()
@@ -248,5 +249,5 @@ class OrtTrainer:
             raise TrainerError(f"session holds {flat.size} floats, the manifest describes {offset}")
         return out
 
-    def _check_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _check_data(self, x: Inputs, y: np.ndarray) -> tuple[Inputs, np.ndarray]:
         return check_data(self.manifest, x, y)

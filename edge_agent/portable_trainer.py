@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.data import Inputs
 from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, teacher_logits
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.optim import Optimizer, make_optimizer
@@ -119,7 +120,7 @@ class PortableTrainer:
 
     def train(
         self,
-        x: np.ndarray,
+        x: Inputs,
         y: np.ndarray,
         spec: TrainSpec,
         on_step: StepCallback | None = None,
@@ -151,7 +152,7 @@ class PortableTrainer:
         seconds = time.perf_counter() - started
         return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalStats:
+    def evaluate(self, x: Inputs, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         tensors = self._require_weights()
         manifest = self.manifest
         x, y = check_data(manifest, x, y)
@@ -170,7 +171,7 @@ class PortableTrainer:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def teacher_logits(self, x: np.ndarray, y: np.ndarray, batch_size: int = TEACHER_BATCH) -> np.ndarray:
+    def teacher_logits(self, x: Inputs, y: np.ndarray, batch_size: int = TEACHER_BATCH) -> np.ndarray:
         """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode), in
         batches of ``batch_size`` rows."""
         tensors = self._require_weights()

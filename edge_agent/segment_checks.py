@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from edge_agent.data import Images, Inputs
 from edge_agent.manifest import SegmentManifest
 from edge_agent.trainer import TrainerError, TrainSpec
 
@@ -37,9 +38,11 @@ def check_tensors(
     return out
 
 
-def check_data(manifest: SegmentManifest, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs as contiguous float32 [N, *input_shape], labels as int64 [N] in [0, num_classes)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def check_data(manifest: SegmentManifest, x: Inputs, y: np.ndarray) -> tuple[Inputs, np.ndarray]:
+    """Inputs as contiguous float32 [N, *input_shape] (or images converted per batch), labels as int64
+    [N] in [0, num_classes)."""
+    if not isinstance(x, Images):
+        x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 1 + len(manifest.input_shape) or x.shape[1:] != manifest.input_shape:
         raise TrainerError(f"inputs have shape {x.shape}, expected [N, {', '.join(map(str, manifest.input_shape))}]")
     labels = np.asarray(y)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.data import Images, Inputs
 from edge_agent.manifest import PROBE_FILE
 from edge_agent.ort_trainer import OrtTrainer, _Session
 from edge_agent.ort_training import ort_errors
@@ -56,11 +57,11 @@ class OrtFrontTrainer(OrtTrainer):
     def train(self, *args: object, **kwargs: object) -> TrainStats:
         raise TrainerError("a split-learning front trains with train_split (it needs the coordinator's gradients)")
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalStats:
+    def evaluate(self, x: Inputs, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         return EvalStats(float("nan"), float("nan"), 0)  # the front alone has no loss or accuracy
 
     def train_split(
-        self, x: np.ndarray, y: np.ndarray, spec: TrainSpec, exchange: Exchange, on_step: StepCallback | None = None
+        self, x: Inputs, y: np.ndarray, spec: TrainSpec, exchange: Exchange, on_step: StepCallback | None = None
     ) -> TrainStats:
         """Train the front for ``spec``'s epochs/steps; the loss reported is the coordinator's (cross-entropy)."""
         session = self._require_session()
@@ -115,8 +116,9 @@ class OrtFrontTrainer(OrtTrainer):
         (activations,) = self._probe_session.run([self.manifest.logits_name], feed)
         return np.asarray(activations, dtype=np.float32)
 
-    def _check_inputs(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    def _check_inputs(self, x: Inputs, y: np.ndarray) -> tuple[Inputs, np.ndarray]:
+        if not isinstance(x, Images):
+            x = np.ascontiguousarray(x, dtype=np.float32)
         shape = self.manifest.input_shape
         if x.ndim != 1 + len(shape) or x.shape[1:] != shape or len(x) == 0:
             raise TrainerError(f"inputs have shape {x.shape}, expected [N, {', '.join(map(str, shape))}]")

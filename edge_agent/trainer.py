@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edge_agent.data import Inputs
 from edge_agent.errors import EdgeAgentError
 
 StepCallback = Callable[[int, int, float], None]
@@ -70,8 +71,8 @@ class Trainer(Protocol):
         """Like ``get_weights``, as the trainer's last act: it frees its sessions and optimizer state
         (and may hand over its own arrays instead of copying them). Load weights again to reuse it."""
 
-    def train(self, x: np.ndarray, y: np.ndarray, spec: TrainSpec, on_step: StepCallback | None = None) -> TrainStats:
+    def train(self, x: Inputs, y: np.ndarray, spec: TrainSpec, on_step: StepCallback | None = None) -> TrainStats:
         """Train the trainable segment on (x, y); everything else stays frozen."""
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> EvalStats:
+    def evaluate(self, x: Inputs, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         """Loss and accuracy of the current weights on (x, y)."""

@@ -259,3 +259,18 @@ def test_label_histogram_and_holdout(fashion: Dataset) -> None:
         split_holdout(x, y, 1.0, seed=1)
     with pytest.raises(DataError, match="outside 0..4"):
         label_histogram(np.array([0, 5]), 5)
+
+
+def test_an_agent_keeps_its_images_as_stored_and_converts_one_batch_at_a_time() -> None:
+    from edge_agent.config import AgentConfig
+    from edge_agent.localdata import load_local
+
+    config = AgentConfig("a0", "mqtt://127.0.0.1:1", "fashion-mnist", partition="iid", part=(0, 4), samples=500)
+    data = load_local(config)
+    assert data.x_train.shape == (500, 1, 28, 28) and data.input_shape == [1, 28, 28]
+    assert data.x_train.nbytes == 500 * 28 * 28  # uint8: a quarter of float32 (47 MB -> 12 MB for 15,000 images)
+    rows = np.array([3, 1, 2])
+    batch = data.x_train[rows]
+    assert batch.dtype == np.float32 and batch.shape == (3, 1, 28, 28) and batch.flags.c_contiguous
+    np.testing.assert_array_equal(batch, to_float(data.x_train.stored[rows]))
+    assert 0.0 <= batch.min() and batch.max() <= 1.0 and batch.max() > 0.5
