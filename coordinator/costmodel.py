@@ -142,7 +142,7 @@ def hop_memory_mb(
     backend: str = "ort",
     data_mb: float = 0.0,
 ) -> float:
-    """Peak RSS of an agent during a hop: its idle footprint and its data as float32 (``data_mb``)
+    """Peak RSS of an agent during a hop: its idle footprint and its data as stored (``data_mb``)
     throughout, plus the larger of two phases that do not overlap: the model in transit (chunks and
     the joined payload, freed once the trainer holds the weights) and the trainer (loading,
     training, then evaluating in training-sized batches)."""

@@ -39,7 +39,7 @@ class AgentProfile:
     gflops: float | None = None  # calibrated speed; None = unknown (all unknown: equal speeds)
     backend: str = "ort"
     samples: int = 0  # training samples per hop (0 = unknown: time estimates are per sample)
-    data_mb: float = 0.0  # its local data as float32
+    data_mb: float = 0.0  # its local data as stored, when its baseline does not include it
 
 
 @dataclass(frozen=True)
