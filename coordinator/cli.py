@@ -269,7 +269,8 @@ def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
         for i in range(config.agents):
             m = config.member(i)
             backend = m.backend or "ort"
-            data_mb = samples / (1 - config.val_fraction) * spec.channels * spec.height * spec.width / (1 << 20)  # uint8
+            pixels = spec.channels * spec.height * spec.width  # one byte each: agents keep uint8 images
+            data_mb = samples / (1 - config.val_fraction) * pixels / (1 << 20)
             fleet.append(AgentProfile(f"agent-{i}", float(m.memory_mb), TYPICAL_BASELINE_MB[backend],
                                       m.gflops or TYPICAL_GFLOPS, backend, samples * config.train.epochs, data_mb))  # fmt: skip
         p = make_plan(config, groups, fleet)
