@@ -56,10 +56,8 @@ COEFFICIENTS = {
     "ort": Coefficients(24.2, 1.12, 3.25, 0.93, 0.23),
     "portable": Coefficients(36.3, 1.19, 2.78, 0.83, 0.05),
 }
-TYPICAL_BASELINE_MB = {
-    "ort": 78.0,
-    "portable": 77.0,
-}  # an idle agent, runtime imported, calibrated, no data (x86_64; for `plan`)
+# an idle agent, runtime imported, calibrated, no data (x86_64; for `plan`)
+TYPICAL_BASELINE_MB = {"ort": 78.0, "portable": 77.0}
 TRANSFER_COPIES = 2.0  # agent, before the trainer: the received chunks and the joined payload
 # Trainer estimates are within this many MiB, or this fraction, of the measured peak share (the fit's
 # worst residuals: ORT 8.8 MiB, portable 20.8 MiB; the portable trainer's memory is less regular).
@@ -108,22 +106,30 @@ def model_bytes(groups: Sequence[GroupCosts]) -> int:
     return FLOAT * sum(g.num_params + g.num_buffer_elems for g in groups)
 
 
+def memory_terms(groups: Sequence[GroupCosts], lo: int, hi: int, batch: int) -> tuple[float, ...]:
+    """What each of ``Coefficients``' fields multiplies, in MiB, for training groups ``[lo, hi)``: one (the
+    overhead), the model's tensors, the trainable floats, the activations kept from ``lo`` to the loss and
+    all groups' activations (``tools/bench_costmodel.py --fit`` regresses measured peaks on these)."""
+    if not 0 <= lo < hi <= len(groups):
+        raise ValueError(f"segment [{lo}, {hi}) is not within {len(groups)} groups")
+    trainable = FLOAT * sum(g.num_params for g in groups[lo:hi]) / MIB
+    kept = batch * sum(g.act_bytes for g in groups[lo:]) / MIB
+    planned = batch * sum(g.act_bytes for g in groups) / MIB
+    return 1.0, model_bytes(groups) / MIB, trainable, kept, planned
+
+
 def trainer_memory(
     groups: Sequence[GroupCosts], lo: int, hi: int, batch: int, optimizer: str = "adamw", backend: str = "ort"
 ) -> MemoryEstimate:
     """Memory a trainer adds on top of the imported runtime to train groups ``[lo, hi)``."""
-    if not 0 <= lo < hi <= len(groups):
-        raise ValueError(f"segment [{lo}, {hi}) is not within {len(groups)} groups")
+    one, weights, trainable, kept, planned = memory_terms(groups, lo, hi, batch)
     k = COEFFICIENTS["portable" if backend == "portable" else "ort"]
-    trainable = sum(g.num_params for g in groups[lo:hi])
     state = k.state_copies if optimizer == "adamw" else k.state_copies / 2  # SGD: no moments
-    kept = k.kept_factor * sum(g.act_bytes for g in groups[lo:])
-    planned = k.forward_factor * sum(g.act_bytes for g in groups)
     return MemoryEstimate(
-        weights_mb=k.weight_copies * model_bytes(groups) / MIB,
-        state_mb=state * FLOAT * trainable / MIB,
-        activations_mb=batch * (kept + planned) / MIB,
-        overhead_mb=k.overhead_mb,
+        weights_mb=k.weight_copies * weights,
+        state_mb=state * trainable,
+        activations_mb=k.kept_factor * kept + k.forward_factor * planned,
+        overhead_mb=k.overhead_mb * one,
     )
 
 

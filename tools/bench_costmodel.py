@@ -65,7 +65,7 @@ def _model(name: str, work: Path) -> tuple[Any, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from coordinator.artifacts import build_segment_artifacts
-    from coordinator.costmodel import trainer_memory, within_tolerance
+    from coordinator.costmodel import memory_terms, trainer_memory, within_tolerance
     from coordinator.portable_artifacts import build_portable_artifacts
 
     report: dict[str, Any] = {
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "estimated_mb": round(estimate.total_mb, 1),
                     "estimate": estimate.as_dict(),
                 }
-                case["features"] = _features(groups, lo, hi, batch)
+                case["features"] = list(memory_terms(groups, lo, hi, batch))
                 case["ratio"] = round(case["estimated_mb"] / max(case["measured_mb"], 1e-6), 3)
                 case["within_tolerance"] = within_tolerance(case["estimated_mb"], case["measured_mb"], backend)
                 report["cases"].append(case)
@@ -125,16 +125,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["ratio_min"], report["ratio_max"] = min(ratios), max(ratios)
     report["all_within_tolerance"] = all(c["within_tolerance"] for c in report["cases"])
     return report
-
-
-def _features(groups: Any, lo: int, hi: int, batch: int) -> list[float]:
-    """What each coefficient of ``costmodel.Coefficients`` multiplies, in MiB, for one case."""
-    from coordinator.costmodel import FLOAT, MIB, model_bytes
-
-    trainable = sum(g.num_params for g in groups[lo:hi])
-    kept = sum(g.act_bytes for g in groups[lo:])
-    planned = sum(g.act_bytes for g in groups)
-    return [1.0, model_bytes(groups) / MIB, FLOAT * trainable / MIB, batch * kept / MIB, batch * planned / MIB]
 
 
 def fit(report: dict[str, Any]) -> dict[str, Any]:
