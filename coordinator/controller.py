@@ -1,10 +1,10 @@
-"""The trial controller: messages and time in, messages and events out. Pure.
+"""The trial controller: messages, job results and time in; messages, events and jobs out. Pure.
 
-It waits for the expected agents, plans the route, assigns hops, serves
-artifact bundles, seeds the first hop with the initial model, forwards models in
-client-server mode, and notices the end (the final model arrives) or a failure
-(join or hop timeout). ``TrialService`` wires it to MQTT and turns events into
-progress, metrics and results.
+It waits for the expected agents, plans the route, has the plan's artifacts built (a job), assigns
+hops, serves artifact bundles, seeds the first hop with the initial model, forwards models in
+client-server mode, has every round's model evaluated (a job), and notices the end (the final model
+arrives) or a failure (join or hop timeout, a transfer nobody acknowledges). ``TrialService`` wires it
+to a ``Link`` and runs its jobs; the display and the run record consume its events.
 """
 
 from __future__ import annotations
@@ -16,12 +16,35 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import CoordinatorError
+from coordinator.events import (
+    BackStep,
+    BuildArtifacts,
+    Built,
+    EvaluateRound,
+    Evaluation,
+    Event,
+    Excluded,
+    Failed,
+    Finished,
+    HopBegan,
+    HopFinished,
+    HopMoved,
+    Job,
+    Joined,
+    Planned,
+    RoundEvaluated,
+    RoundModel,
+    SaidBye,
+    Stepped,
+    Warned,
+)
 from coordinator.plan import Plan, PlanError
 from coordinator.scheduler import HopSettings, artifact_kind, hop_tasks
-from coordinator.strategy import ModelSend, SnakeStrategy, Strategy
+from coordinator.strategy import Decision, ModelSend, SnakeStrategy, Strategy
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.kinds import MessageType, Purpose
 from edge_agent.protocol.messages import (
     ArtifactRequest,
     Assign,
@@ -39,11 +62,11 @@ from edge_agent.protocol.messages import (
     body_of,
     to_body,
 )
-from edge_agent.protocol.split import ACTIVATIONS, GRADIENTS
 from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassembler, error_reply
 
 log = logging.getLogger(__name__)
 ME = topics.COORDINATOR
+Handler = Callable[[Envelope, float], "Step"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +74,6 @@ class TrialSetup:
     trial_id: str
     expected_agents: int
     plan_for: Callable[[Mapping[str, Hello]], Plan]  # the agents' hellos -> plan (may raise PlanError)
-    artifacts: dict[tuple[int, str], tuple[str, int]]  # (segment, kind "ort"|"portable") -> (sha256, size)
-    blobs: dict[str, bytes]  # sha256 -> artifact bundle
     initial_model: bytes  # safetensors of every tensor
     settings: HopSettings
     chunk_bytes: int
@@ -60,21 +81,13 @@ class TrialSetup:
     join_timeout_s: float
     hop_timeout_s: float
     strategy: Strategy = field(default_factory=SnakeStrategy)
-    # builds the plan's segment bundles once the plan is known: plan -> (artifacts, blobs) as above
-    build_artifacts: Callable[[Plan], tuple[dict[tuple[int, str], tuple[str, int]], dict[str, bytes]]] | None = None
-
-
-@dataclass(frozen=True)
-class Event:
-    kind: str  # joined | planned | excluded | hop_started | hop_progress | hop_done | warning | bye | finished | failed
-    agent: str = ""
-    body: Any = None
 
 
 @dataclass
 class Step:
     out: list[Outgoing] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
 
 
 class Controller:
@@ -87,14 +100,18 @@ class Controller:
         self.online: dict[str, bool] = {}
         self.plan: Plan | None = None
         self.tasks: dict[str, list[HopTask]] = {}
-        self.artifacts, self.blobs = setup.artifacts, setup.blobs
+        self.artifacts: dict[tuple[int, str], tuple[str, int]] = {}
+        self.blobs: dict[str, bytes] = {}
         self.done_hops: dict[int, HopDone] = {}
+        self.hop_started_at: dict[int, float] = {}
         self.byes: dict[str, Bye] = {}
         self.last_progress = now
         self.final_model: bytes | None = None
+        self.bytes_sent = 0  # every payload this controller published
         self.checkpoint_bytes = 0  # evaluation copies received (P2P), not part of the algorithm's traffic
         self.activation_bytes = 0  # split learning: activation payloads received
         self.gradient_bytes = 0  # split learning: gradient payloads sent
+        self.evaluated: set[int] = set()  # rounds whose model went to evaluation
         self.failed: str | None = None
         self.seen: OrderedDict[str, None] = OrderedDict()
 
@@ -117,11 +134,11 @@ class Controller:
             return Step()
         try:
             if parsed is not None and parsed.kind == "status":
-                return self._on_status(parsed.owner, env, now)
-            return self._dispatch(env, now)
+                return self._counted(self._on_status(parsed.owner, env, now))
+            return self._counted(self._dispatch(env, now))
         except ProtocolError as exc:
             log.warning("refused %s %s from %s: %s", env.type, env.id, env.src, exc)
-            return Step([error_reply(env, ME, exc.code, exc.message, now)] if env.src != ME else [])
+            return self._counted(Step([error_reply(env, ME, exc.code, exc.message, now)] if env.src != ME else []))
 
     def tick(self, now: float) -> Step:
         step = Step(self.inbound.tick(now))
@@ -134,19 +151,47 @@ class Controller:
             self._fail(
                 step, f"only {len(self.hellos)} of {self.setup.expected_agents} agents joined in time (joined: {have})"
             )
-        elif self.plan is not None and not self.finished and now - self.last_progress > self.setup.hop_timeout_s:
-            hop = self.plan.hops[min(len(self.done_hops), self.total_hops - 1)]
+        elif self.tasks and not self.finished and now - self.last_progress > self.setup.hop_timeout_s:
+            hop = self.plan.hops[min(len(self.done_hops), self.total_hops - 1)] if self.plan else None
+            assert hop is not None
             state = "online" if self.online.get(hop.agent) else "offline"
             self._fail(
                 step, f"no progress on hop {hop.hop} ({hop.agent}, {state}) for {self.setup.hop_timeout_s:.0f} s"
             )
-        return step
+        return self._counted(step)
+
+    def job_done(self, job: Job, result: object, now: float) -> Step:
+        """The shell finished ``job``: ``result`` is its value, or the exception it raised."""
+        step = Step()
+        if isinstance(job, BuildArtifacts):
+            if isinstance(result, Built):
+                self.artifacts, self.blobs = result.artifacts, result.blobs
+                self._assign_all(step, now)
+            else:
+                self._fail(step, f"cannot build the plan's artifacts: {result}")
+        elif isinstance(job, BackStep):
+            if isinstance(result, Stepped) and self.plan is not None:
+                self._decide(step, self.setup.strategy.on_stepped(self.plan, job, result), job.src, now)
+            else:
+                reason = f"batch {job.seq} of hop {job.hop} does not fit the back: {result}"
+                log.warning("%s (from %s)", reason, job.src)
+                step.out.append(self._error(job.src, "malformed", reason, now))
+        elif isinstance(result, Evaluation):
+            step.events.append(RoundEvaluated(job.round, result.accuracy, result.loss, job.bytes_so_far))
+        else:
+            self._fail(step, f"evaluating round {job.round} failed: {result}")
+        return self._counted(step)
 
     def shutdown(self, now: float, exit_agents: bool) -> list[Outgoing]:
         body = to_body(
             Shutdown("trial finished" if self.failed is None else f"trial failed: {self.failed}", exit_agents)
         )
-        return [self._send(agent, "shutdown", body, now) for agent in sorted(set(self.tasks) | set(self.hellos))]
+        agents = sorted(set(self.tasks) | set(self.hellos))
+        return self._counted(Step([self._send(a, MessageType.SHUTDOWN, body, now) for a in agents])).out
+
+    def _counted(self, step: Step) -> Step:
+        self.bytes_sent += sum(len(o.payload) for o in step.out)
+        return step
 
     # -- dispatch -----------------------------------------------------------------------------
     def _on_status(self, agent: str, env: Envelope, now: float) -> Step:
@@ -155,41 +200,50 @@ class Controller:
         self.online[agent] = state == "online"
         step = Step()
         if was and state != "online" and agent in self.tasks and not self.finished:
-            step.events.append(Event("warning", agent, f"{agent} went {state}"))
+            step.events.append(Warned(agent, f"{agent} went {state}"))
         return step
 
     def _dispatch(self, env: Envelope, now: float) -> Step:
         if env.dst != ME:
             raise ProtocolError("misrouted", f"message for {env.dst!r} reached the coordinator")
-        if env.type == "chunk":
+        if env.type == MessageType.CHUNK:
             return self._on_chunk(env, now)
         if env.id in self.seen:
             return Step()
         self.seen[env.id] = None
         while len(self.seen) > 8192:
             self.seen.popitem(last=False)
-        if env.trial_id not in (None, self.setup.trial_id) and env.type != "hello":
+        if env.trial_id not in (None, self.setup.trial_id) and env.type != MessageType.HELLO:
             raise ProtocolError("wrong_trial", f"this coordinator runs trial {self.setup.trial_id!r}")
         if env.error is not None:
-            step = Step(events=[Event("warning", env.src, f"{env.error.get('code')}: {env.error.get('message')}")])
-            if env.error.get("code") in ("hop_failed", "resend_failed"):  # resend_failed: the model is lost
-                self._fail(step, env.error.get("message", "a hop failed"))
-            return step
-        handlers: dict[str, Callable[[Envelope, float], Step]] = {
-            "hello": self._on_hello,
-            "artifact_request": self._on_artifact_request,
-            "hop_started": lambda e, n: self._report(e, n, HopStarted, "hop_started"),
-            "hop_progress": lambda e, n: self._report(e, n, HopProgress, "hop_progress"),
-            "hop_done": self._on_hop_done,
-            "bye": self._on_bye,
-            "transfer_ack": self._on_ack,
-            "model_request": self._on_model_request,
-            "transfer_nack": lambda e, n: Step(self.outbox.on_nack(body_of(TransferNack, e.body), n)),
-        }
-        handler = handlers.get(env.type)
+            return self._on_error(env)
+        handler = self._handlers().get(env.type)
         if handler is None:
             raise ProtocolError("unknown_type", f"the coordinator does not handle {env.type!r} messages")
         return handler(env, now)
+
+    def _handlers(self) -> dict[str, Handler]:
+        return {
+            MessageType.HELLO: self._on_hello,
+            MessageType.ARTIFACT_REQUEST: self._on_artifact_request,
+            MessageType.HOP_STARTED: self._on_hop_started,
+            MessageType.HOP_PROGRESS: self._on_hop_progress,
+            MessageType.HOP_DONE: self._on_hop_done,
+            MessageType.BYE: self._on_bye,
+            MessageType.TRANSFER_ACK: self._on_ack,
+            MessageType.MODEL_REQUEST: self._on_model_request,
+            MessageType.TRANSFER_NACK: lambda e, n: Step(self.outbox.on_nack(body_of(TransferNack, e.body), n)),
+        }
+
+    def _on_error(self, env: Envelope) -> Step:
+        error = env.error or {}
+        code, message = str(error.get("code")), str(error.get("message"))
+        step = Step(events=[Warned(env.src, f"{code}: {message}")])
+        # hop_failed: training raised; resend_failed: the model is lost; peer_unreachable: a hand-off never
+        # got through (the sender keeps it); the trial cannot go on without that hop
+        if code in ("hop_failed", "resend_failed", "peer_unreachable"):
+            self._fail(step, message if code != "peer_unreachable" else f"{env.src}: {message}")
+        return step
 
     def _on_hello(self, env: Envelope, now: float) -> Step:
         hello = body_of(Hello, env.body)
@@ -197,34 +251,43 @@ class Controller:
             raise ProtocolError("malformed", f"hello from {env.src!r} names agent {hello.agent_id!r}")
         self.online[env.src] = True
         if self.plan is not None:
-            if env.src in self.tasks:  # give it its hops again (assignments are idempotent)
-                known = self.hellos.get(env.src)
-                if known is not None and hello.instance and hello.instance == known.instance:
-                    log.debug("%s repeated its hello before its assignment arrived; re-sending it", env.src)
-                    return Step([self._assign(env.src, now)])
-                log.info("%s said hello again from a new process; re-sending its assignment", env.src)
-                self.hellos[env.src] = hello
-                return Step([self._assign(env.src, now)], [Event("warning", env.src, "rejoined")])
-            log.info("%s joined after the trial started; not part of this trial", env.src)
-            return Step()
+            return self._on_late_hello(env.src, hello, now)
         self.hellos[env.src] = hello
-        step = Step(events=[Event("joined", env.src, hello)])
+        step = Step(events=[Joined(env.src, hello)])
         if len(self.hellos) >= self.setup.expected_agents:
-            self._start(step, now)
+            self._plan(step)
         return step
 
-    def _start(self, step: Step, now: float) -> None:
+    def _on_late_hello(self, agent: str, hello: Hello, now: float) -> Step:
+        if agent not in self.tasks:
+            if agent in self.hellos:  # planned, its assignment waits for the artifacts
+                return Step()
+            log.info("%s joined after the trial started; not part of this trial", agent)
+            return Step()
+        known = self.hellos.get(agent)
+        if known is not None and hello.instance and hello.instance == known.instance:
+            log.debug("%s repeated its hello before its assignment arrived; re-sending it", agent)
+            return Step([self._assign(agent, now)])
+        log.info("%s said hello again from a new process; re-sending its assignment", agent)
+        self.hellos[agent] = hello
+        return Step([self._assign(agent, now)], [Warned(agent, "rejoined")])
+
+    def _plan(self, step: Step) -> None:
         agents = sorted(self.hellos)[: self.setup.expected_agents]
         try:
             self.plan = self.setup.plan_for({agent: self.hellos[agent] for agent in agents})
-            if self.setup.build_artifacts is not None:
-                self.artifacts, self.blobs = self.setup.build_artifacts(self.plan)
         except (PlanError, CoordinatorError) as exc:
             self._fail(step, f"cannot plan the trial: {exc}")
             return
         for agent, reason in self.plan.excluded:
             log.warning("%s left out of the plan: %s", agent, reason)
-            step.events.append(Event("excluded", agent, reason))
+            step.events.append(Excluded(agent, reason))
+        step.events.append(Planned(self.plan))
+        step.jobs.append(BuildArtifacts(self.plan))
+
+    def _assign_all(self, step: Step, now: float) -> None:
+        """The artifacts are built: assign every hop and send the first model(s)."""
+        assert self.plan is not None
         agents = sorted({h.agent for h in self.plan.hops})
         backends = {agent: self.hellos[agent].backend for agent in agents}
         unfit = [f"{a} ({b})" for a, b in backends.items() if (0, artifact_kind(b)) not in self.artifacts]
@@ -234,7 +297,6 @@ class Controller:
             return
         self.tasks = hop_tasks(self.plan, self.artifacts, self.setup.settings, backends)
         self.last_progress = now
-        step.events.append(Event("planned", body=self.plan))
         step.out.extend(self._assign(agent, now) for agent in agents if agent in self.tasks)
         samples = {agent: self.hellos[agent].num_train for agent in agents}
         self._send_models(step, self.setup.strategy.start(self.plan, self.setup.initial_model, samples), now)
@@ -245,13 +307,13 @@ class Controller:
                 s.dst, self.setup.trial_id, s.purpose, s.meta, s.data, self.setup.chunk_bytes, now
             )
             step.out.extend(out)
-            if s.purpose == GRADIENTS:
+            if s.purpose == Purpose.GRADIENTS:
                 self.gradient_bytes += len(s.data)
 
     def _assign(self, agent: str, now: float) -> Outgoing:
         assert self.plan is not None
         body = Assign(self.tasks[agent], self.setup.chunk_bytes, self.setup.compression, self.plan.groups())
-        return self._send(agent, "assign", to_body(body), now)
+        return self._send(agent, MessageType.ASSIGN, to_body(body), now)
 
     def _on_artifact_request(self, env: Envelope, now: float) -> Step:
         sha = body_of(ArtifactRequest, env.body).sha256
@@ -259,13 +321,19 @@ class Controller:
         if blob is None:
             raise ProtocolError("unknown_artifact", f"no artifact bundle {sha[:12]}")
         _, out = self.outbox.send(
-            env.src, self.setup.trial_id, "artifact", {"sha256": sha}, blob, self.setup.chunk_bytes, now
+            env.src, self.setup.trial_id, Purpose.ARTIFACT, {"sha256": sha}, blob, self.setup.chunk_bytes, now
         )
         return Step(out)
 
-    def _report(self, env: Envelope, now: float, kind: type, name: str) -> Step:
+    def _on_hop_started(self, env: Envelope, now: float) -> Step:
+        report = body_of(HopStarted, env.body)
         self.last_progress = now
-        return Step(events=[Event(name, env.src, body_of(kind, env.body))])
+        self.hop_started_at.setdefault(report.hop, now)
+        return Step(events=[HopBegan(env.src, report)])
+
+    def _on_hop_progress(self, env: Envelope, now: float) -> Step:
+        self.last_progress = now
+        return Step(events=[HopMoved(env.src, body_of(HopProgress, env.body))])
 
     def _on_hop_done(self, env: Envelope, now: float) -> Step:
         done = body_of(HopDone, env.body)
@@ -273,11 +341,11 @@ class Controller:
         if done.hop in self.done_hops:
             return Step()
         self.done_hops[done.hop] = done
-        return Step(events=[Event("hop_done", env.src, done)])
+        return Step(events=[HopFinished(env.src, done, now - self.hop_started_at.get(done.hop, now))])
 
     def _on_bye(self, env: Envelope, now: float) -> Step:
         self.byes[env.src] = body_of(Bye, env.body)
-        return Step(events=[Event("bye", env.src, self.byes[env.src])])
+        return Step(events=[SaidBye(env.src, self.byes[env.src])])
 
     def _on_model_request(self, env: Envelope, now: float) -> Step:
         request = body_of(ModelRequest, env.body)
@@ -301,35 +369,55 @@ class Controller:
         return step
 
     def _on_transfer(self, step: Step, done: Completed, now: float) -> None:
-        if done.purpose == "checkpoint" and isinstance(done.meta.get("round"), int):
+        if done.purpose == Purpose.CHECKPOINT and isinstance(done.meta.get("round"), int):
             self.checkpoint_bytes += len(done.data)
-            step.events.append(Event("checkpoint", done.src, (done.meta["round"], done.data)))
+            self._round_model(step, done.meta["round"], bytes(done.data))
             return
-        on_batch = getattr(self.setup.strategy, "on_activations", None)
-        if done.purpose == ACTIVATIONS and on_batch is not None and self.plan is not None:
-            self.activation_bytes += len(done.data)
-            self._send_models(step, on_batch(self.plan, done).sends, now)
-            return
-        if done.purpose != "model" or self.plan is None:
+        if self.plan is None or done.purpose not in (Purpose.MODEL, Purpose.ACTIVATIONS):
             log.warning("unexpected %s transfer %s from %s; dropped", done.purpose, done.transfer_id, done.src)
             return
+        if done.purpose == Purpose.ACTIVATIONS:
+            self.activation_bytes += len(done.data)
+            self._decide(step, self.setup.strategy.on_activations(self.plan, done), done.src, now)
+            return
         decision = self.setup.strategy.on_model(self.plan, done)
+        self._decide(step, decision, done.src, now)
+        if decision.final is not None and self.final_model is None:
+            self.final_model = decision.final
+            step.events.append(Finished(done.src, decision.final))
+
+    def _decide(self, step: Step, decision: Decision, src: str, now: float) -> None:
+        """Carry out what the strategy decided (the final model is the caller's business)."""
         self._send_models(step, decision.sends, now)
         if decision.request is not None:
             agent, hop, reason = decision.request
-            step.out.append(self._send(agent, "model_request", to_body(ModelRequest(hop, reason)), now))
+            step.out.append(self._send(agent, MessageType.MODEL_REQUEST, to_body(ModelRequest(hop, reason)), now))
         if decision.checkpoint is not None:
-            step.events.append(Event("checkpoint", done.src, decision.checkpoint))
-        if decision.final is not None and self.final_model is None:
-            self.final_model = decision.final
-            step.events.append(Event("finished", done.src, decision.final))
+            self._round_model(step, *decision.checkpoint)
+        step.jobs.extend(decision.jobs)
+
+    def _round_model(self, step: Step, round_: int, model: bytes) -> None:
+        """A round's whole model: an event, and its evaluation as a job (once per round)."""
+        if round_ in self.evaluated:
+            return
+        self.evaluated.add(round_)
+        # what the algorithm moved so far: everything the coordinator sent + the model each hop handed on
+        # (+ split learning's activations, which agents send batch by batch); this step's sends excluded
+        moved = self.bytes_sent + sum(d.model_bytes for d in self.done_hops.values()) + self.activation_bytes
+        step.events.append(RoundModel(round_, model))
+        step.jobs.append(EvaluateRound(round_, model, moved))
 
     def _fail(self, step: Step, reason: str) -> None:
         if self.failed is None and self.final_model is None:
             self.failed = reason
             log.error("trial %s failed: %s", self.setup.trial_id, reason)
-            step.events.append(Event("failed", body=reason))
+            step.events.append(Failed(reason))
 
-    def _send(self, dst: str, kind: str, body: dict[str, Any], now: float) -> Outgoing:
+    def _send(self, dst: str, kind: MessageType, body: dict[str, Any], now: float) -> Outgoing:
         env = Envelope(kind, ME, dst, body, trial_id=self.setup.trial_id, created_at=now)
+        return Outgoing(topics.inbox(dst), encode(env))
+
+    def _error(self, dst: str, code: str, message: str, now: float) -> Outgoing:
+        error = {"code": code, "message": message}
+        env = Envelope(MessageType.ERROR, ME, dst, trial_id=self.setup.trial_id, created_at=now, error=error)
         return Outgoing(topics.inbox(dst), encode(env))

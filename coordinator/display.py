@@ -1,34 +1,38 @@
-"""Live progress on stderr (rich) and the bookkeeping of events into the run record."""
+"""Live progress on stderr (rich) and log lines, from controller events. Display only: the run record
+(``coordinator.results``) keeps the figures."""
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from coordinator.controller import Event
-from coordinator.plan import Plan
-from coordinator.results import RunRecord
+from coordinator.events import (
+    Event,
+    Finished,
+    HopBegan,
+    HopFinished,
+    HopMoved,
+    Joined,
+    Planned,
+    RoundEvaluated,
+    Warned,
+)
 
 log = logging.getLogger(__name__)
 
 
 class TrialDisplay:
-    """Turns controller events into a progress bar, log lines and run-record entries."""
+    """Turns controller events into a progress bar and log lines."""
 
-    def __init__(self, record: RunRecord, enabled: bool = True) -> None:
-        self.record = record
+    def __init__(self, enabled: bool = True) -> None:
         self.console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("hops"),
             TimeElapsedColumn(), console=self.console, disable=not enabled,
         )  # fmt: skip
         self.task = self.progress.add_task("waiting for agents", total=None)
-        self.started: dict[int, float] = {}
-        self.last_line: dict[str, Any] | None = None
 
     def __enter__(self) -> TrialDisplay:
         self.progress.start()
@@ -41,41 +45,35 @@ class TrialDisplay:
         self.progress.update(self.task, description=text)
 
     def __call__(self, event: Event) -> None:
-        body = event.body
-        if event.kind == "joined":
-            self.record.joined(body)
-            log.info("%s joined (%s, %s, %d train samples)", event.agent, body.backend, body.arch, body.num_train)
-        elif event.kind == "planned":
-            plan: Plan = body
-            for line in plan.describe():
+        if isinstance(event, Joined):
+            h = event.hello
+            log.info("%s joined (%s, %s, %d train samples)", event.agent, h.backend, h.arch, h.num_train)
+        elif isinstance(event, Planned):
+            for line in event.plan.describe():
                 log.info("plan: %s", line)
-            self.progress.update(self.task, total=len(plan.hops), completed=0)
-        elif event.kind == "excluded":
-            self.record.excluded[event.agent] = body
-        elif event.kind == "hop_started":
-            self.started[body.hop] = time.monotonic()
-            self.status(f"round {body.round} hop {body.hop} {event.agent} seg {body.segment}: training")
-        elif event.kind == "hop_progress":
-            self.status(
-                f"round {body.round} hop {body.hop} {event.agent}: step {body.step}/{body.total_steps} loss {body.loss:.3f}"
-            )
-        elif event.kind == "hop_done":
+            self.progress.update(self.task, total=len(event.plan.hops), completed=0)
+            self.status("building the plan's artifacts")
+        elif isinstance(event, HopBegan):
+            b = event.report
+            self.status(f"round {b.round} hop {b.hop} {event.agent} seg {b.segment}: training")
+        elif isinstance(event, HopMoved):
+            m = event.report
+            self.status(f"round {m.round} hop {m.hop} {event.agent}: step {m.step}/{m.total_steps} loss {m.loss:.3f}")
+        elif isinstance(event, HopFinished):
             self._hop_done(event)
-        elif event.kind == "bye":
-            self.record.bye(event.agent, body)
-        elif event.kind == "warning":
-            log.warning("%s: %s", event.agent or "trial", body)
-        elif event.kind == "finished":
+        elif isinstance(event, RoundEvaluated):
+            log.info("round %d: test accuracy %.4f (loss %.4f), %.1f MB so far",
+                     event.round, event.accuracy, event.loss, event.bytes_so_far / 1e6)  # fmt: skip
+        elif isinstance(event, Warned):
+            log.warning("%s: %s", event.agent or "trial", event.text)
+        elif isinstance(event, Finished):
             self.status("final model received")
 
-    def _hop_done(self, event: Event) -> None:
-        body = event.body
-        hop_s = time.monotonic() - self.started.get(body.hop, time.monotonic())
-        line = self.record.hop_done(event.agent, body, hop_s)
-        self.last_line = line
+    def _hop_done(self, event: HopFinished) -> None:
+        r = event.report
         self.progress.advance(self.task)
         log.info(
             "hop %d round %d %s seg %d: loss %.4f, local val acc %s, %.1f s, %d bytes out",
-            body.hop, body.round, event.agent, body.segment, body.train_loss,
-            "n/a" if body.val_accuracy is None else f"{body.val_accuracy:.4f}", hop_s, body.model_bytes,
+            r.hop, r.round, event.agent, r.segment, r.train_loss,
+            "n/a" if r.val_accuracy is None else f"{r.val_accuracy:.4f}", event.hop_s, r.model_bytes,
         )  # fmt: skip

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.events import Event, Excluded, HopFinished, Joined, RoundEvaluated, SaidBye
 from edge_agent.protocol.messages import Bye, Hello, HopDone
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,19 @@ class RunRecord:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "metrics.jsonl").write_text("")
         (self.out / "rounds.jsonl").unlink(missing_ok=True)
+
+    def record(self, event: Event) -> None:
+        """Keep what a controller event says about the run (display is elsewhere)."""
+        if isinstance(event, Joined):
+            self.joined(event.hello)
+        elif isinstance(event, Excluded):
+            self.excluded[event.agent] = event.reason
+        elif isinstance(event, HopFinished):
+            self.hop_done(event.agent, event.report, event.hop_s)
+        elif isinstance(event, SaidBye):
+            self.bye(event.agent, event.bye)
+        elif isinstance(event, RoundEvaluated):
+            self.round_done(event.round, event.accuracy, event.loss, event.bytes_so_far)
 
     def joined(self, hello: Hello) -> None:
         self.agents[hello.agent_id] = AgentFigures(

@@ -2,9 +2,9 @@
 
 The model is cut after a layer group: agents train the **front**, the coordinator the **back**.
 Each round the agents take turns in route order. The agent holding the front sends, per batch,
-its activations and labels; :meth:`SplitStrategy.on_activations` runs the back's forward, loss,
-backward and optimizer step (a :class:`Back`; torch in :mod:`coordinator.split_back`) and answers
-with dL/dA. After its epoch the agent returns the front, which goes to the next agent. At the end
+its activations and labels; :meth:`SplitStrategy.on_activations` asks the shell for a back step (a
+``BackStep`` job: the back's forward, loss, backward and optimizer step, run by a :class:`Back`; torch
+in :mod:`coordinator.split_back`) and :meth:`SplitStrategy.on_stepped` answers with dL/dA. After its epoch the agent returns the front, which goes to the next agent. At the end
 of every round the coordinator assembles front + back for the usual evaluation and results.
 
 Idempotent by batch: a batch (hop, seq) is trained once; a repeat of the batch last answered gets
@@ -19,11 +19,13 @@ from typing import Protocol
 
 import numpy as np
 
+from coordinator.events import BackStep, Stepped
 from coordinator.plan import Plan
 from coordinator.strategy import Decision, ModelSend
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.errors import ProtocolError
-from edge_agent.protocol.split import GRADIENTS, batch_meta, decode_activations, encode_gradient, parse_batch
+from edge_agent.protocol.kinds import Purpose
+from edge_agent.protocol.split import batch_meta, decode_activations, encode_gradient, parse_batch
 from edge_agent.protocol.transfer import Completed
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,15 @@ class Back(Protocol):
 
 
 class SplitStrategy:
+    """Reads the back's tensors at the end of a round; never steps it (the shell does, as a job)."""
+
     def __init__(self, back: Back, compression: str = "none") -> None:
         self.back = back
         self.compression = compression
         self.front: dict[str, np.ndarray] = {}
         self.current = 0  # the hop training the front now
         self.answered: dict[int, tuple[int, ModelSend]] = {}  # hop -> (last seq answered, its answer)
+        self.stepping: dict[int, int] = {}  # hop -> the latest seq sent to a back step
         self.batches = 0
 
     def start(self, plan: Plan, initial: bytes, samples: Mapping[str, int]) -> list[ModelSend]:
@@ -73,8 +78,11 @@ class SplitStrategy:
             return Decision(final=model, checkpoint=checkpoint)
         return Decision([ModelSend(plan.hops[hop].agent, dict(done.meta), done.data)], checkpoint=checkpoint)
 
+    def on_request(self, plan: Plan, agent: str, hop: int) -> list[ModelSend]:
+        raise ProtocolError("unknown_hop", "split learning sends whole fronts; there is nothing to complete")
+
     def on_activations(self, plan: Plan, done: Completed) -> Decision:
-        """One batch of the hop in progress: train the back on it and answer with dL/dA."""
+        """One batch of the hop in progress: ask for a back step on it (its gradient is the answer)."""
         hop, seq = parse_batch(done.meta)
         if hop != self.current or hop >= len(plan.hops) or plan.hops[hop].agent != done.src:
             log.warning("activations for hop %d batch %d from %s: hop %d is training; dropped",
@@ -87,13 +95,16 @@ class SplitStrategy:
                 return Decision([last[1]])
             log.warning("batch %d of hop %d from %s is older than batch %d; dropped", seq, hop, done.src, last[0])
             return Decision()
+        if self.stepping.get(hop, -1) >= seq:  # a duplicate while its step runs: the step's answer will do
+            return Decision()
         activations, labels = decode_activations(done.data)
-        try:
-            gradient, loss = self.back.step(activations, labels)
-        except (RuntimeError, ValueError, IndexError) as exc:  # shapes or labels that do not fit the back
-            raise ProtocolError("malformed", f"batch {seq} of hop {hop} does not fit the back: {exc}") from exc
-        meta = batch_meta(hop, seq, loss=loss)
-        send = ModelSend(done.src, meta, encode_gradient(gradient, self.compression), purpose=GRADIENTS)
-        self.answered[hop] = (seq, send)
+        self.stepping[hop] = seq
+        return Decision(jobs=[BackStep(hop, seq, done.src, activations, labels)])
+
+    def on_stepped(self, plan: Plan, job: BackStep, result: Stepped) -> Decision:
+        """The back trained on batch ``job.seq``: answer with dL/dA."""
+        meta = batch_meta(job.hop, job.seq, loss=result.loss)
+        send = ModelSend(job.src, meta, encode_gradient(result.gradient, self.compression), purpose=Purpose.GRADIENTS)
+        self.answered[job.hop] = (job.seq, send)
         self.batches += 1
         return Decision([send])

@@ -1,7 +1,8 @@
 """Algorithms as strategies of the pure controller: where models go, and what the coordinator does
 with a model that reaches it. Snake Learning (P2P or client-server) and FedAvg share the agents, the
 broker, the transfers and the accounting; only these decisions differ. Split learning
-(:mod:`coordinator.split`) also answers per-batch activations (``on_activations``).
+(:mod:`coordinator.split`) also answers per-batch activations (``on_activations``): it asks for a
+back step (a job the shell runs) and answers with its gradient once the step is done (``on_stepped``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from coordinator.events import BackStep, Job, Stepped
 from coordinator.plan import Plan
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.delta import Base, BaseMismatch, assemble, decode_model, digests_of, encode_model, newer
 from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.kinds import Purpose
 from edge_agent.protocol.transfer import Completed
 
 log = logging.getLogger(__name__)
@@ -27,7 +30,7 @@ class ModelSend:
     dst: str
     meta: dict[str, Any]  # "hop" names the receiver's task
     data: bytes
-    purpose: str = "model"  # the transfer's purpose ("gradients" for split learning's per-batch answers)
+    purpose: Purpose = Purpose.MODEL  # GRADIENTS for split learning's per-batch answers
 
 
 @dataclass(frozen=True)
@@ -36,17 +39,39 @@ class Decision:
     final: bytes | None = None  # the finished model, when the trial is over
     checkpoint: tuple[int, bytes] | None = None  # (round, model) when a round's model is complete
     request: tuple[str, int, str] | None = None  # (agent, hop, reason): ask the agent for its whole model
+    jobs: list[Job] = field(default_factory=list)  # slow work for the shell (a split-learning back step)
 
 
 class Strategy(Protocol):
-    def start(self, plan: Plan, initial: bytes, samples: Mapping[str, int]) -> list[ModelSend]: ...
+    def start(self, plan: Plan, initial: bytes, samples: Mapping[str, int]) -> list[ModelSend]:
+        """The first model(s) to send once every hop is assigned."""
 
-    def on_model(self, plan: Plan, done: Completed) -> Decision: ...
+    def on_model(self, plan: Plan, done: Completed) -> Decision:
+        """A model reached the coordinator."""
 
-    def on_request(self, plan: Plan, agent: str, hop: int) -> list[ModelSend]: ...
+    def on_request(self, plan: Plan, agent: str, hop: int) -> list[ModelSend]:
+        """An agent asks for the whole model of ``hop`` (its cached copy could not complete a delta)."""
+
+    def on_activations(self, plan: Plan, done: Completed) -> Decision:
+        """Split learning: one batch of activations arrived."""
+
+    def on_stepped(self, plan: Plan, job: BackStep, result: Stepped) -> Decision:
+        """Split learning: the back step asked for by ``on_activations`` is done."""
 
 
-class SnakeStrategy:
+class WholeModels:
+    """For strategies whose agents train whole segments: activations are not expected."""
+
+    def on_activations(self, plan: Plan, done: Completed) -> Decision:
+        log.warning("activations transfer %s from %s: this algorithm trains no split; dropped",
+                    done.transfer_id, done.src)  # fmt: skip
+        return Decision()
+
+    def on_stepped(self, plan: Plan, job: BackStep, result: Stepped) -> Decision:
+        return Decision()
+
+
+class SnakeStrategy(WholeModels):
     """The model goes hop to hop. P2P: agents send to each other and the coordinator receives only
     the final model. Client-server: every hop's model comes back and is forwarded to the next hop.
 
@@ -110,7 +135,7 @@ class SnakeStrategy:
         return encode_model(self.model, plan.groups(), self.versions, self.digests, send, compression)
 
 
-class FedAvgStrategy:
+class FedAvgStrategy(WholeModels):
     """Every agent trains the whole model each round from the same global model; the coordinator
     averages the results weighted by each agent's training samples (McMahan et al. 2017)."""
 

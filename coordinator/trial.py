@@ -6,20 +6,20 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from coordinator.config import TrialConfig
-from coordinator.controller import Event, TrialSetup
+from coordinator.controller import TrialSetup
 from coordinator.display import TrialDisplay
 from coordinator.errors import TrialError
 from coordinator.evaluate import evaluate_onnx, finalize
+from coordinator.events import BackStep, BuildArtifacts, Built, EvaluateRound, Evaluation, Event, Stepped
 from coordinator.prepare import Prepared, prepare
 from coordinator.results import RunRecord
 from coordinator.scheduler import HopSettings
-from coordinator.service import TrialService
-from coordinator.split import SplitStrategy
+from coordinator.service import TrialService, mqtt_link
+from coordinator.split import Back, SplitStrategy
 from coordinator.split_back import TorchBack
 from coordinator.strategy import FedAvgStrategy, SnakeStrategy, Strategy
 from edge_agent.data import Dataset, to_float
@@ -34,7 +34,7 @@ def input_spec(ds: Dataset) -> InputSpec:
     return InputSpec(c, h, w, ds.num_classes)
 
 
-def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
+def trial_setup(config: TrialConfig, prepared: Prepared, back: Back | None = None) -> TrialSetup:
     t = config.train
     strategy: Strategy = (
         FedAvgStrategy(config.transfer.compression)
@@ -42,14 +42,12 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
         else SnakeStrategy(config.transfer.compression)
     )
     if config.algorithm == "split":
-        back = TorchBack(prepared.model, prepared.cut, t.optimizer, t.lr)
+        assert back is not None, "split learning needs the coordinator's back"
         strategy = SplitStrategy(back, config.transfer.compression)
     return TrialSetup(
         trial_id=f"{config.name}-{uuid.uuid4().hex[:8]}",
         expected_agents=config.agents,
         plan_for=prepared.plan_for(config),
-        artifacts={},
-        blobs={},
         initial_model=encode_tensors(prepared.forward.tensors),
         settings=HopSettings(
             t.epochs,
@@ -67,50 +65,41 @@ def trial_setup(config: TrialConfig, prepared: Prepared) -> TrialSetup:
         join_timeout_s=config.timeouts.join_s,
         hop_timeout_s=config.timeouts.hop_s,
         strategy=strategy,
-        build_artifacts=prepared.artifacts_for,
     )
 
 
-class RoundEvaluator:
-    """Turns each round's model (a checkpoint event) into a test-set evaluation in the run record.
+def make_back(config: TrialConfig, prepared: Prepared) -> Back | None:
+    """Split learning's back (torch), trained by the coordinator; None for the other algorithms."""
+    if config.algorithm != "split":
+        return None
+    return TorchBack(prepared.model, prepared.cut, config.train.optimizer, config.train.lr)
 
-    Evaluation runs in a worker thread: the coordinator's message loop must keep acknowledging
-    transfers while a large model is exported and evaluated."""
 
-    def __init__(self, prepared: Prepared, dataset: Dataset, record: RunRecord, work: Path) -> None:
-        self.prepared, self.record, self.work = prepared, record, work
+class TrialJobs:
+    """The controller's slow work for a real trial: artifacts, split back steps, round evaluations."""
+
+    def __init__(self, prepared: Prepared, dataset: Dataset, work: Path, back: Back | None) -> None:
+        self.prepared, self.work, self.back = prepared, work, back
         self.x, self.y = to_float(dataset.x_test), dataset.y_test
-        self.service: TrialService | None = None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
-        self.pending: list[Future[None]] = []
-        self.seen: set[int] = set()
 
-    def __call__(self, event: Event) -> None:
-        if event.kind != "checkpoint" or self.service is None or event.body[0] in self.seen:
-            return
-        round_, data = event.body
-        self.seen.add(round_)
-        # what the algorithm moved so far: everything the coordinator sent + the model each hop handed on
-        # (+ split learning's activations, which agents send batch by batch)
-        ctl = self.service.controller
-        sent = self.service.link.bytes_sent + sum(int(h["model_bytes"]) for h in self.record.hops)
-        sent += ctl.activation_bytes if ctl is not None else 0
-        self.pending.append(self.pool.submit(self._evaluate, round_, data, sent))
+    def build(self, job: BuildArtifacts) -> Built:
+        return Built(*self.prepared.artifacts_for(job.plan))
 
-    def wait(self) -> None:
-        for future in self.pending:
-            future.result()
-        self.pool.shutdown()
+    def back_step(self, job: BackStep) -> Stepped:
+        if self.back is None:
+            raise TrialError("no back to train: this trial is not split learning")
+        try:
+            gradient, loss = self.back.step(job.activations, job.labels)
+        except (RuntimeError, ValueError, IndexError) as exc:  # shapes or labels that do not fit the back
+            raise TrialError(str(exc)) from exc
+        return Stepped(gradient, loss)
 
-    def _evaluate(self, round_: int, data: bytes, sent: int) -> None:
-        path = self.work / f"round_model_{round_}.onnx"
-        onnx_path = finalize(self.prepared.model, decode_tensors(data), self.prepared.forward.input_shape, path)
+    def evaluate(self, job: EvaluateRound) -> Evaluation:
+        path = self.work / f"round_model_{job.round}.onnx"
+        onnx_path = finalize(self.prepared.model, decode_tensors(job.model), self.prepared.forward.input_shape, path)
         test = evaluate_onnx(onnx_path, self.x, self.y)
         onnx_path.unlink(missing_ok=True)
-        self.record.round_done(round_, test.accuracy, test.loss, sent)
-        log.info(
-            "round %d: test accuracy %.4f (loss %.4f), %.1f MB so far", round_, test.accuracy, test.loss, sent / 1e6
-        )
+        return Evaluation(test.accuracy, test.loss)
 
 
 def run_trial(
@@ -126,18 +115,20 @@ def run_trial(
     """Run a whole trial against agents on ``broker``; returns (and writes) the summary."""
     started = time.monotonic()
     record = RunRecord(out)
-    with TrialDisplay(record, enabled=show_progress) as display:
+    with TrialDisplay(enabled=show_progress) as display:
         display.status(f"exporting {config.model} and measuring its layer groups")
         prepared = prepare(config, input_spec(dataset), out / "work")
-        setup = trial_setup(config, prepared)
+        back = make_back(config, prepared)
+        setup = trial_setup(config, prepared, back)
         display.status(f"trial {setup.trial_id}: waiting for {config.agents} agent(s)")
-        rounds = RoundEvaluator(prepared, dataset, record, out / "work")
-        service = TrialService(broker, setup, lambda e: (display(e), rounds(e)))
-        rounds.service = service
-        try:
-            outcome = service.run(exit_agents, stop)
-        finally:
-            rounds.wait()
+        jobs = TrialJobs(prepared, dataset, out / "work", back)
+
+        def on_event(event: Event) -> None:
+            record.record(event)
+            display(event)
+
+        service = TrialService(mqtt_link(broker, setup.trial_id), setup, jobs, on_event)
+        outcome = service.run(exit_agents, stop)
         if outcome.failed is not None or outcome.final_model is None:
             record.write_summary(
                 record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)
@@ -146,7 +137,7 @@ def run_trial(
         display.status("evaluating the final model on the test set")
         tensors = decode_tensors(outcome.final_model)
         onnx_path = finalize(prepared.model, tensors, prepared.forward.input_shape, out / "final_model.onnx")
-        test = evaluate_onnx(onnx_path, to_float(dataset.x_test), dataset.y_test)
+        test = evaluate_onnx(onnx_path, jobs.x, jobs.y)
     base = _base(config, setup.trial_id, extra) | {
         "final_test_accuracy": round(test.accuracy, 6),
         "final_test_loss": round(test.loss, 6),
@@ -158,8 +149,8 @@ def run_trial(
         "final_model": str(onnx_path),
     }
     ctl = service.controller
-    summary = record.summary(base, outcome.bytes_sent, ctl.checkpoint_bytes if ctl else 0, outcome.bytes_received)
-    if config.algorithm == "split" and ctl is not None:
+    summary = record.summary(base, outcome.bytes_sent, ctl.checkpoint_bytes, outcome.bytes_received)
+    if config.algorithm == "split":
         summary |= {"split_cut": prepared.cut, "bytes_activations": ctl.activation_bytes,
                     "bytes_gradients": ctl.gradient_bytes}  # fmt: skip
     record.write_summary(summary)

@@ -25,6 +25,7 @@ class Received:
     hop: int
     size: int
     data: bytes | None
+    trial_id: str | None = None  # the trial the sender named (a model may arrive before its assignment)
 
     def take(self) -> bytes:
         data, self.data = self.data, None

@@ -240,8 +240,9 @@ class Agent:
         assign = body_of(Assign, env.body)
         if self.busy is not None and env.trial_id != self.trial_id:
             raise ProtocolError("busy", f"training hop {self.busy} of trial {self.trial_id!r}")
-        if env.trial_id != self.trial_id:
-            self.tasks, self.models, self.finished, self.awaiting = {}, {}, set(), {}
+        if env.trial_id != self.trial_id:  # a new trial: forget the old one, keep its models that came early
+            self.models = {hop: r for hop, r in self.models.items() if r.trial_id == env.trial_id}
+            self.tasks, self.finished, self.awaiting = {}, set(), {}
         self.trial_id, self.compression, self.layout = env.trial_id, assign.compression, assign.groups
         self.chunk_bytes = assign.chunk_bytes
         self.tasks.update({t.hop: t for t in assign.tasks})
@@ -324,7 +325,7 @@ class Agent:
             log.warning("model transfer %s for unassigned hop %d dropped (buffer full)", done.transfer_id, hop)
             return Effects()
         self.awaiting.pop(hop, None)
-        self.models[hop] = Received(done.src, hop, len(done.data), done.data)  # an early model waits here too
+        self.models[hop] = Received(done.src, hop, len(done.data), done.data, done.trial_id)  # early ones wait too
         log.info("hop %d: model received from %s (%d bytes)", hop, done.src, len(done.data))
         return self._maybe_train(now)
 

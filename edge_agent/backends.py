@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent.errors import EdgeAgentError
-from edge_agent.trainer import Trainer
+from edge_agent.trainer import Trainer, TrainerError
+
+if TYPE_CHECKING:
+    from edge_agent.hop import FrontTrainer
 
 BACKENDS = ("ort", "portable")
 
@@ -57,3 +61,21 @@ def make_trainer(name: str, threads: int = 0) -> Trainer:
 
         return PortableTrainer(threads=threads)
     raise BackendError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+
+
+class BackendTrainers:
+    """Fresh trainers of one installed backend, one per hop (``edge_agent.hop.Trainers``)."""
+
+    def __init__(self, name: str, threads: int = 0) -> None:
+        self.threads = threads
+        self.backend = make_trainer(name, threads).backend  # resolves "auto"; fails early if none is installed
+
+    def make(self) -> Trainer:
+        return make_trainer(self.backend, self.threads)
+
+    def make_front(self) -> FrontTrainer:
+        if self.backend != "ort":
+            raise TrainerError(f"split learning needs the ort backend; this agent runs {self.backend}")
+        from edge_agent.split_trainer import OrtFrontTrainer
+
+        return OrtFrontTrainer(self.threads)

@@ -1,4 +1,4 @@
-"""The one paho-mqtt adapter: a threaded MQTT 3.1.1 link with a receive queue.
+"""The one paho-mqtt adapter: a threaded MQTT 3.1.1 ``Link`` (edge_agent.link) with a receive queue.
 
 paho's network thread only enqueues (callbacks never do work, never raise into the loop), so a slow
 consumer cannot stall keepalive. Publishes are QoS 1 and never block the caller: paho queues them
@@ -23,6 +23,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.link import Incoming, LinkCounters
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +100,6 @@ def _redact(text: str) -> str:
     return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
-@dataclass(frozen=True)
-class Incoming:
-    """One received message."""
-
-    topic: str
-    payload: bytes
-
-
 class MqttLink:
     """A connected MQTT client: ``start``, ``publish``, ``get``, ``wait_published``, ``stop``."""
 
@@ -164,8 +157,23 @@ class MqttLink:
     # ------------------------------------------------------------ lifecycle
 
     @property
+    def name(self) -> str:
+        return str(self.url)
+
+    @property
     def connected(self) -> bool:
         return self._client.is_connected()
+
+    def counters(self) -> LinkCounters:
+        return LinkCounters(self.bytes_sent, self.bytes_received, self.dropped)
+
+    def subscribe(self, pattern: str) -> None:
+        """Subscribe now if connected; every reconnect subscribes again."""
+        if pattern in self._subscriptions:
+            return
+        self._subscriptions = (*self._subscriptions, pattern)
+        if self.connected:
+            self._client.subscribe(pattern, qos=1)
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect (retrying in the background), wait for the first CONNACK and SUBACK; LinkError if none comes."""

@@ -6,7 +6,7 @@ pure ``Controller`` produce what an agent receives for its first hop (the assign
 frames of the whole model, for a snake hop on each segment of round 0 and for a FedAvg hop; a
 snake hop after the first gets the initial model from its predecessor, re-chunked as that agent
 would send it). Each measurement
-is a fresh agent process (the real ``AgentService`` with a recording stand-in for the MQTT link)
+is a fresh agent process (the real ``AgentService`` on an in-memory link)
 that is fed those messages one by one, trains the hop, hands the model on and prints its peak RSS.
 A snake agent's peak is the worst segment (the agent that trains it); FedAvg trains everything.
 
@@ -51,6 +51,7 @@ def build_case(args: argparse.Namespace, work: Path, algorithm: str, segment: in
     """A directory with the agent's data, artifact store and the messages of its first hop."""
     from coordinator.config import load_trial
     from coordinator.controller import Controller
+    from coordinator.events import BuildArtifacts, Built
     from coordinator.prepare import prepare
     from coordinator.simulate import write_partitions
     from coordinator.trial import input_spec, trial_setup
@@ -82,7 +83,11 @@ def build_case(args: argparse.Namespace, work: Path, algorithm: str, segment: in
             list(ds.input_shape), [0] * ds.num_classes,
         )  # fmt: skip
         env = Envelope("hello", hello.agent_id, topics.COORDINATOR, to_body(hello), created_at=time.time())
-        out += ctl.handle(topics.coordinator_inbox(), encode(env), time.time()).out
+        step = ctl.handle(topics.coordinator_inbox(), encode(env), time.time())
+        out += step.out
+        for job in step.jobs:  # the plan's artifacts, built here as the coordinator's worker would
+            assert isinstance(job, BuildArtifacts)
+            out += ctl.job_done(job, Built(*prepared.artifacts_for(job.plan)), time.time()).out
     case = work / f"case-{algorithm}-{segment}-{backend}"
     case.mkdir(parents=True, exist_ok=True)
     assert ctl.plan is not None
@@ -115,53 +120,40 @@ def measure(case: Path, python: str, run: int) -> dict[str, Any]:
 
 
 # -- child: one agent process, one hop -----------------------------------------------------------
-class RecordingLink:
-    """Stands in for MqttLink: counts what the agent publishes, delivers nothing."""
-
-    def __init__(self) -> None:
-        self.bytes_sent = self.bytes_received = 0
-        self.connected = True
-        self.published: list[str] = []
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.bytes_sent += len(payload)
-        if payload[:1] == b"{":
-            self.published.append(json.loads(payload)["type"])
-
-    def wait_published(self, timeout: float) -> bool:
-        return True
-
-    def stop(self) -> None:
-        pass
-
-
 def child(case: Path, run: int, backend: str) -> None:
     from edge_agent import profile
     from edge_agent.bundle import ArtifactStore
     from edge_agent.config import AgentConfig
+    from edge_agent.link import SystemClock
     from edge_agent.localdata import load_local
+    from edge_agent.memlink import MemoryBroker, MemoryLink
+    from edge_agent.protocol import topics
     from edge_agent.service import AgentService
 
     info = json.loads((case / "case.json").read_text())
     cache = case / f"run-{run}-{os.getpid()}"
     ArtifactStore(cache / "artifacts").put(info["sha256"], (case / "blob").read_bytes())
     config = AgentConfig(info["agent"], "mqtt://127.0.0.1:1", f"npz:{info['npz']}", cache_dir=cache, backend=backend)
-    service = AgentService(config, load_local(config))
-    link = RecordingLink()
-    service.link = link  # type: ignore[assignment]
+    broker = MemoryBroker(SystemClock(), record=False)
+    link = MemoryLink(broker, info["agent"], [topics.agent_inbox(info["agent"])])
+    watcher = MemoryLink(broker, "watcher", [topics.coordinator_inbox()])
+    watcher.start()
+    service = AgentService(config, load_local(config), link)
+    service.start()
     idle_mb = profile.peak_rss_mb()
     started = time.monotonic()
     for topic, payload in read_messages(case / "messages.bin"):
-        service._apply(service.agent.handle(topic, payload, time.time()))
-        link.bytes_received += len(payload)
-    while "hop_done" not in link.published:
-        time.sleep(0.02)
-        service._collect_training()
-        service._flush_progress()
+        broker.publish(topic, payload)
+    done = False
+    while not done:
+        service.poll(timeout=0.02)
+        while (msg := watcher.get(timeout=0)) is not None:
+            done |= msg.payload[:1] == b"{" and json.loads(msg.payload)["type"] == "hop_done"
     peak = profile.peak_rss_mb()
     service.pool.shutdown(wait=True)
     print(json.dumps({"peak_rss_mb": round(peak, 1), "before_hop_mb": round(idle_mb, 1),
-                      "hop_s": round(time.monotonic() - started, 1), "bytes_sent": link.bytes_sent}))  # fmt: skip
+                      "hop_s": round(time.monotonic() - started, 1),
+                      "bytes_sent": link.counters().bytes_sent}))  # fmt: skip
 
 
 def main() -> int:

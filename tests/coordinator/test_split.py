@@ -4,7 +4,6 @@ setting, and the agent's bounded wait for a gradient."""
 from __future__ import annotations
 
 import dataclasses
-import queue
 import time
 from pathlib import Path
 
@@ -105,20 +104,22 @@ def test_one_front_step_on_the_coordinators_gradient_equals_torch(tmp_path: Path
 
 def test_a_gradient_that_never_comes_fails_the_hop_in_bounded_time() -> None:
     from edge_agent.actions import Gradient
-    from edge_agent.service import AgentService
+    from edge_agent.hop import GradientChannel
 
-    service = AgentService.__new__(AgentService)  # only the worker's wait: no broker, no data
-    service.gradients = queue.Queue()
+    channel = GradientChannel()  # the worker's side of a split hop: no broker, no data
     task = HopTask(0, 4, 0, ["conv0"], [], "sha", 1, "coordinator", "coordinator", 1, 8, 0.1, 0, split=True,
                    gradient_timeout_s=0.3)  # fmt: skip
-    service.gradients.put(Gradient(3, 0, np.zeros(1), 1.0))  # a stale answer for another hop is skipped
+    exchange = channel.exchange_for(task, "none")
+    channel.deliver(Gradient(3, 0, np.zeros(1), 1.0))  # a stale answer for another hop is skipped
     started = time.monotonic()
     with pytest.raises(TrainerError, match="no gradient for batch 0 of hop 4 from the coordinator within 0.3 s"):
-        service._await_gradient(task, 0)
+        exchange(0, np.zeros((1, 2), np.float32), np.array([1]))
     assert 0.25 < time.monotonic() - started < 2.0
-    service.gradients.put(Gradient(4, 1, np.ones(2), 0.5))
-    grad, loss = service._await_gradient(dataclasses.replace(task, gradient_timeout_s=5.0), 1)
+    assert [(hop, seq) for hop, seq, _ in channel.outgoing()] == [(4, 0)]  # the batch went out to the loop
+    exchange = channel.exchange_for(dataclasses.replace(task, gradient_timeout_s=5.0), "none")
+    channel.deliver(Gradient(4, 1, np.ones(2), 0.5))
+    grad, loss = exchange(1, np.zeros((1, 2), np.float32), np.array([1]))
     assert loss == 0.5 and grad.tolist() == [1.0, 1.0]
-    service.gradients.put(None)  # the agent is closing: the worker stops at once
+    channel.stop()  # the agent is closing: the worker stops at once
     with pytest.raises(TrainerError, match="stopping"):
-        service._await_gradient(task, 2)
+        exchange(2, np.zeros((1, 2), np.float32), np.array([1]))

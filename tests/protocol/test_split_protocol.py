@@ -8,8 +8,11 @@ import hashlib
 import numpy as np
 import pytest
 
+from coordinator.events import Stepped
+from coordinator.plan import Plan
 from coordinator.scheduler import cut_segments, split_plan
 from coordinator.split import SplitStrategy
+from coordinator.strategy import ModelSend
 from edge_agent.actions import Gradient, Train
 from edge_agent.agent import Agent
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
@@ -27,7 +30,7 @@ from edge_agent.protocol.split import (
 )
 from edge_agent.protocol.transfer import Completed, Outbox, Reassembler
 from tests.fakes import CountingBack
-from tests.protocol.test_trial_in_memory import GROUPS, hello
+from tests.protocol.trial_bed import GROUPS, hello
 
 A = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2) / 7
 LABELS = np.array([3, 9])
@@ -95,6 +98,16 @@ def batch(hop: int, seq: int, src: str = "a", data: bytes | None = None) -> Comp
     return Completed(f"t{hop}-{seq}-{src}", src, "t1", ACTIVATIONS, {"hop": hop, "seq": seq, "round": 0}, payload, "")
 
 
+def answered(strategy: SplitStrategy, plan: Plan, back: CountingBack, done: Completed) -> list[ModelSend]:
+    """What the coordinator sends for one batch: the strategy asks for a back step, the shell runs it."""
+    decision = strategy.on_activations(plan, done)
+    sends = list(decision.sends)
+    for job in decision.jobs:
+        gradient, loss = back.step(job.activations, job.labels)
+        sends += strategy.on_stepped(plan, job, Stepped(gradient, loss)).sends
+    return sends
+
+
 def test_the_back_steps_once_per_batch_whatever_arrives() -> None:
     plan = split_plan(["a", "b"], GROUPS, 1, "g0")
     back = CountingBack(GROUPS[1:])
@@ -102,16 +115,16 @@ def test_the_back_steps_once_per_batch_whatever_arrives() -> None:
     strategy.start(
         plan, encode_tensors({t: np.zeros(3, np.float32) for g in GROUPS for t in (*g.params, *g.buffers)}), {}
     )
-    first = strategy.on_activations(plan, batch(0, 0)).sends
+    first = answered(strategy, plan, back, batch(0, 0))
     assert len(first) == 1 and first[0].purpose == GRADIENTS and first[0].dst == "a"
     assert first[0].meta == {"hop": 0, "seq": 0, "loss": 6.0}
     np.testing.assert_array_equal(decode_gradient(first[0].data), -A)
-    again = strategy.on_activations(plan, batch(0, 0)).sends  # the agent asked again: same answer, no second step
+    again = answered(strategy, plan, back, batch(0, 0))  # the agent asked again: same answer, no second step
     assert again == first and back.steps == 1
-    strategy.on_activations(plan, batch(0, 1))
-    assert strategy.on_activations(plan, batch(0, 0)).sends == [] and back.steps == 2  # older than the last: dropped
-    assert strategy.on_activations(plan, batch(1, 0, "b")).sends == []  # hop 1 has not started
-    assert strategy.on_activations(plan, batch(0, 2, "b")).sends == []  # not hop 0's agent
+    answered(strategy, plan, back, batch(0, 1))
+    assert answered(strategy, plan, back, batch(0, 0)) == [] and back.steps == 2  # older than the last: dropped
+    assert answered(strategy, plan, back, batch(1, 0, "b")) == []  # hop 1 has not started
+    assert answered(strategy, plan, back, batch(0, 2, "b")) == []  # not hop 0's agent
     with pytest.raises(ProtocolError):
         strategy.on_activations(plan, batch(0, 3, data=b"garbage"))
     assert back.steps == 2
@@ -124,7 +137,7 @@ def test_a_round_ends_with_front_and_back_assembled() -> None:
     initial = {t: np.full(3, 5, np.float32) for g in GROUPS for t in (*g.params, *g.buffers)}
     (send,) = strategy.start(plan, encode_tensors(initial), {})
     assert set(decode_tensors(send.data)) == {"g0.w", "g0.stat"}  # only the front travels to agents
-    strategy.on_activations(plan, batch(0, 0))
+    answered(strategy, plan, back, batch(0, 0))
     front = {"g0.w": np.full(3, 7, np.float32), "g0.stat": np.full(3, 8, np.float32)}
     done = Completed("m", "a", "t1", "model", {"hop": 1, "from_hop": 0, "round": 0}, encode_tensors(front), "")
     decision = strategy.on_model(plan, done)

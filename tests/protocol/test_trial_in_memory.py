@@ -1,225 +1,35 @@
-"""A whole trial, agents and coordinator state machines, in one thread over the in-memory broker."""
+"""Whole trials with the real agent and coordinator services over the in-memory broker (tests/protocol/
+trial_bed.py): fake trainers and jobs, everything else as deployed, faults injected by the broker."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from coordinator.controller import Controller, TrialSetup
-from coordinator.plan import GroupInfo, Plan
-from coordinator.scheduler import HopSettings, fedavg_plan, snake_plan, split_plan
-from coordinator.split import SplitStrategy
-from coordinator.strategy import FedAvgStrategy, SnakeStrategy, Strategy
-from edge_agent.actions import Counters, Gradient, HopResult, ResendFull, SayBye, StoreArtifact, Train
-from edge_agent.agent import Agent
-from edge_agent.handover import full_model, hand_on, load_model
+from coordinator.controller import Controller
+from coordinator.events import BuildArtifacts, Joined, Warned
+from coordinator.strategy import FedAvgStrategy
+from edge_agent.memlink import Delivery, Faults
 from edge_agent.protocol import topics
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
-from edge_agent.protocol.delta import BaseMismatch, decode_model, newer
+from edge_agent.protocol.delta import decode_model, newer
 from edge_agent.protocol.envelope import Envelope, decode, encode
-from edge_agent.protocol.messages import Hello, to_body
+from edge_agent.protocol.messages import to_body
 from edge_agent.protocol.split import encode_activations
-from edge_agent.trainer import EvalStats, TrainStats
-from tests.fakes import CountingBack, MemoryBroker, MemoryModelCache
-
-GROUPS = [GroupInfo(f"g{i}", (f"g{i}.w",), (f"g{i}.stat",), 10 * (i + 1)) for i in range(4)]
-SIZE = 1024  # floats per tensor: parameters dominate the bytes, as in a real model
-COUNTERS = Counters(0, 0, 1.0)
-SPLIT_BATCHES = 3  # batches per split-learning hop in the harness
-
-
-def hello(agent_id: str) -> Hello:
-    return Hello(agent_id, "fake", {}, "x86_64", "Linux", "3.11", 2, 1024, 512, 100, 10, 10, [1, 28, 28], [10] * 10)
-
-
-def fake_bundles(plan: Plan) -> tuple[dict[tuple[int, str], tuple[str, int]], dict[str, bytes]]:
-    """One made-up bundle per segment of the plan, as the coordinator builds them once it has planned."""
-    arts, blobs = {}, {}
-    for seg in plan.segments:
-        blob = f"bundle-{','.join(seg.groups)}".encode() * 1000
-        sha = hashlib.sha256(blob).hexdigest()
-        arts[seg.index, "ort"], blobs[sha] = (sha, len(blob)), blob
-    return arts, blobs
-
-
-@dataclass
-class Harness:
-    agents: int = 3
-    rounds: int = 2
-    mode: str = "p2p"
-    algorithm: str = "snake"
-    checkpoints: bool = False
-    backends: tuple[str, ...] = ("fake",)
-    compression: str = "none"
-    broker: MemoryBroker = field(default_factory=MemoryBroker)
-    history: list[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], list[str]]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.initial = {
-            name: np.full(SIZE if name.endswith(".w") else 2, i, np.float32)
-            for i, g in enumerate(GROUPS)
-            for name in (*g.params, *g.buffers)
-        }
-        self.back = CountingBack(GROUPS[1:])
-        plans = {
-            "fedavg": lambda hellos: fedavg_plan(sorted(hellos), GROUPS, self.rounds),
-            "split": lambda hellos: split_plan(sorted(hellos), GROUPS, self.rounds, "g0"),
-            "snake": lambda hellos: snake_plan(sorted(hellos), GROUPS, self.rounds, self.mode),
-        }
-        strategies: dict[str, Strategy] = {
-            "fedavg": FedAvgStrategy(self.compression),
-            "split": SplitStrategy(self.back, self.compression),
-            "snake": SnakeStrategy(self.compression),
-        }
-        setup = TrialSetup(
-            "t1", self.agents, plans[self.algorithm], {}, {}, encode_tensors(self.initial),
-            HopSettings(1, 8, 0.1, 0, None, self.checkpoints), 1 << 16, self.compression, 60.0, 60.0,
-            strategies[self.algorithm], fake_bundles,
-        )  # fmt: skip
-        self.ctl = Controller(setup, 0.0)
-        self.broker.subscribe("coordinator", topics.coordinator_inbox())
-        self.broker.subscribe("coordinator", topics.ALL_AGENT_STATUS)
-        self.machines = {
-            f"a{i}": Agent(
-                dataclasses.replace(hello(f"a{i}"), backend=self.backends[i % len(self.backends)]), set(), 1 << 16
-            )
-            for i in range(self.agents)
-        }
-        self.split_work: dict[str, tuple[Train, int]] = {}  # agent -> (its split hop, next batch)
-        self.gradients: list[tuple[int, int, float]] = []  # (hop, seq, loss) as the agents received them
-        self.caches = {name: MemoryModelCache() for name in self.machines}
-        self.wipe_before: dict[int, str] = {}  # hop -> agent whose cached model is lost just before it
-        for name in self.machines:
-            self.broker.subscribe(name, topics.agent_inbox(name))
-        self.events: list[str] = []
-        self.round_models: list[tuple[int, bytes]] = []
-        self.exited: set[str] = set()  # agents that obeyed a shutdown: they read nothing more
-
-    def run(self, steps: int = 10_000) -> None:
-        now = 0.0
-        for name, machine in self.machines.items():
-            self._apply(name, machine.start(now), now)
-        for _ in range(steps):
-            now += 0.01
-            moved = False
-            for client, queue in self.broker.queues.items():
-                while queue:
-                    moved = True
-                    topic, payload = queue.popleft()
-                    if client in self.exited:
-                        continue
-                    if client == "coordinator":
-                        step = self.ctl.handle(topic, payload, now)
-                        self._publish(step.out)
-                        self.events += [e.kind for e in step.events]
-                        self.round_models += [e.body for e in step.events if e.kind == "checkpoint"]
-                    else:
-                        self._apply(client, self.machines[client].handle(topic, payload, now), now)
-            if self.ctl.final_model is not None or self.ctl.failed:
-                return
-            if not moved:
-                now += 5.0
-                self._publish(self.ctl.tick(now).out)
-                for name, machine in self.machines.items():
-                    self._apply(name, machine.tick(now, COUNTERS), now)
-
-    def _publish(self, out: list) -> None:
-        for o in out:
-            self.broker.publish(o.topic, o.payload, o.retain)
-
-    def _apply(self, name: str, fx, now: float) -> None:
-        self._publish(fx.out)
-        for action in fx.actions:
-            machine = self.machines[name]
-            if isinstance(action, StoreArtifact):
-                self._apply(name, machine.artifact_stored(action.sha256, True, now), now)
-            elif isinstance(action, Train) and action.task.split:
-                self.split_work[name] = (action, 0)
-                self._send_batch(name, now)
-            elif isinstance(action, Gradient):
-                self._on_gradient(name, action, now)
-            elif isinstance(action, Train):
-                self._train(name, action, now)
-            elif isinstance(action, ResendFull):
-                try:  # as AgentService._resend
-                    data = full_model(
-                        self.caches[name], action.trial_id, action.hop - 1, action.layout, action.compression
-                    )
-                except BaseMismatch as exc:
-                    self._apply(name, machine.resend(action.dst, action.hop, None, exc.message, now), now)
-                else:
-                    self._apply(name, machine.resend(action.dst, action.hop, data, "", now), now)
-            elif isinstance(action, SayBye):
-                self._publish([machine.bye(COUNTERS, now)])
-                if action.exit:
-                    self.exited.add(name)
-
-    # -- a split-learning worker: sends SPLIT_BATCHES batches, adds 1 to the front per gradient ------
-    def _send_batch(self, name: str, now: float) -> None:
-        action, seq = self.split_work[name]
-        activations = np.full((2, 3), seq + 10 * action.task.hop, np.float32)
-        data = encode_activations(activations, np.array([1, 3]))
-        self._apply(name, self.machines[name].send_activations(action.task.hop, seq, data, now), now)
-
-    def _on_gradient(self, name: str, grad: Gradient, now: float) -> None:
-        action, seq = self.split_work[name]
-        assert (grad.hop, grad.seq) == (action.task.hop, seq)  # exactly the batch the worker waits for
-        np.testing.assert_array_equal(grad.gradient, -np.full((2, 3), seq + 10 * grad.hop, np.float32))
-        self.gradients.append((grad.hop, grad.seq, grad.loss))
-        if seq + 1 < SPLIT_BATCHES:
-            self.split_work[name] = (action, seq + 1)
-            self._send_batch(name, now)
-            return
-        del self.split_work[name]
-        task, cache = action.task, self.caches[name]
-        loaded = load_model(action.received.take(), task, action.layout, cache, action.trial_id)
-        after = {k: v + SPLIT_BATCHES for k, v in loaded.tensors.items()}
-        out = hand_on(
-            task, after, loaded.versions, loaded.digests, action.layout, action.compression, cache, action.trial_id
-        )
-        res = HopResult(task, out.data, out.checkpoint, TrainStats(grad.loss, SPLIT_BATCHES, 6, 0.0),
-                        EvalStats(float("nan"), float("nan"), 0), 3)  # fmt: skip
-        self.history.append((task.hop, dict(loaded.tensors), after, task.tensors))
-        self._apply(name, self.machines[name].hop_trained(res, COUNTERS, now), now)
-
-    def _train(self, name: str, action: Train, now: float) -> None:
-        """What AgentService does, with a fake training step: the segment and running statistics move by 1."""
-        task, machine, cache = action.task, self.machines[name], self.caches[name]
-        if self.wipe_before.get(task.hop) == name:
-            cache.wipe()
-        try:
-            loaded = load_model(action.received.take(), task, action.layout, cache, action.trial_id)
-        except BaseMismatch as exc:
-            self._apply(name, machine.base_missing(task.hop, action.received.src, exc.message, now), now)
-            return
-        after = {k: v + 1.0 if k in task.tensors or k.endswith(".stat") else v for k, v in loaded.tensors.items()}
-        out = hand_on(
-            task, after, loaded.versions, loaded.digests, action.layout, action.compression, cache, action.trial_id
-        )
-        res = HopResult(task, out.data, out.checkpoint, TrainStats(0.5, 1, 8, 0.0), EvalStats(0.4, 0.9, 2), 3)
-        self.history.append((task.hop, dict(loaded.tensors), after, task.tensors))
-        self._apply(name, machine.hop_trained(res, COUNTERS, now), now)
-
-    def model_transfers(self) -> list[tuple[str, dict, int]]:
-        """(receiver, meta, payload size) of every model transfer, in order."""
-        out = []
-        for _topic, payload in self.broker.published:
-            env = decode(payload) if payload[:4] == b"SNK1" else None
-            if env and env.body["purpose"] == "model" and env.body["seq"] == 0:
-                out.append((env.dst, env.body["meta"], env.body["size"]))
-        return out
+from tests.fakes import SPLIT_BATCHES
+from tests.protocol.trial_bed import TrialBed, hello
 
 
 @pytest.mark.parametrize("mode", ["p2p", "cs"])
-def test_every_segment_trains_once_per_agent_and_round(mode: str) -> None:
-    h = Harness(agents=3, rounds=2, mode=mode)
+def test_every_segment_trains_once_per_agent_and_round(tmp_path: Path, mode: str) -> None:
+    h = TrialBed(tmp_path, agents=3, rounds=2, mode=mode)
     h.run()
     assert h.ctl.failed is None
-    final = decode_tensors(h.ctl.final_model or b"")
+    final = h.final
     assert len(h.ctl.done_hops) == 6
     # every hop bumped exactly its segment's tensors by 1: the final model is initial + per-segment hop count
     plan = h.ctl.plan
@@ -234,61 +44,140 @@ def test_every_segment_trains_once_per_agent_and_round(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["p2p", "cs"])
-def test_each_model_handed_on_differs_from_the_received_one_only_in_the_segment(mode: str) -> None:
+def test_each_model_handed_on_differs_from_the_received_one_only_in_the_segment(tmp_path: Path, mode: str) -> None:
     """Whatever travelled (a delta or the whole model), each hop starts from exactly the model the previous
     hop produced, and changes only its own segment and the running statistics."""
-    h = Harness(agents=3, rounds=2, mode=mode)
+    h = TrialBed(tmp_path, agents=3, rounds=2, mode=mode)
     h.run()
     assert h.ctl.failed is None
     plan = h.ctl.plan
     assert plan is not None
-    history = sorted(h.history, key=lambda entry: entry[0])
-    assert [hop for hop, *_ in history] == [hop.hop for hop in plan.hops]
-    previous = decode_tensors(h.ctl.setup.initial_model)
-    for hop, (_, before, after, _) in zip(plan.hops, history, strict=True):
+    assert len(h.log) == len(plan.hops)  # snake hops run one after another: the log is in hop order
+    previous = h.initial
+    for hop, trained in zip(plan.hops, h.log, strict=True):
+        before, after = trained.before, trained.after
         assert before.keys() == previous.keys() and all(np.array_equal(before[k], previous[k]) for k in before), hop
-        owned = set(plan.segments[hop.segment].tensors)
+        owned = set(plan.segments[hop.segment].params)
+        assert set(trained.trainable) == owned
         for name in before:
             same = np.array_equal(before[name], after[name])
             assert same != (name in owned or name.endswith(".stat")), (hop, name)
         previous = after
-    final = decode_tensors(h.ctl.final_model or b"")
-    assert all(np.array_equal(final[k], previous[k]) for k in previous)
+    assert all(np.array_equal(h.final[k], previous[k]) for k in previous)
 
 
-def test_a_corrupted_chunk_is_requested_again_and_the_trial_completes() -> None:
-    h = Harness(agents=2, rounds=1)
+def test_services_report_joins_and_agents_say_bye(tmp_path: Path) -> None:
+    h = TrialBed(tmp_path, agents=2, rounds=1)
+    h.run()
+    h.finish()
+    assert sorted(e.agent for e in h.events if isinstance(e, Joined)) == ["a0", "a1"]
+    assert set(h.ctl.byes) == {"a0", "a1"} and all(s.exit_reason for s in h.services.values())
+    assert sum(b.hops for b in h.ctl.byes.values()) == 2
+
+
+def test_a_corrupted_chunk_is_requested_again_and_the_trial_completes(tmp_path: Path) -> None:
     state = {"done": False}
 
-    def corrupt(topic: str, payload: bytes) -> list[bytes]:
+    def corrupt(topic: str, payload: bytes) -> list[Delivery]:
         if payload[:4] == b"SNK1" and "agents/a1" in topic and not state["done"]:
             env = decode(payload)
             if env.body.get("purpose") == "model":
                 state["done"] = True
-                return [payload[:-1] + bytes([payload[-1] ^ 0xFF])]
-        return [payload]
+                return [Delivery(payload[:-1] + bytes([payload[-1] ^ 0xFF]))]
+        return [Delivery(payload)]
 
-    h.broker.tamper = corrupt
+    h = TrialBed(tmp_path, agents=2, rounds=1, tamper=corrupt)
     h.run()
     assert state["done"] and h.ctl.failed is None and h.ctl.final_model is not None
-    nacks = [decode(p) for t, p in h.broker.published if p[:1] == b"{" and decode(p).type == "transfer_nack"]
+    nacks = h.sent("transfer_nack")
     assert len(nacks) == 1 and nacks[0].src == "a1"
 
 
-def test_duplicated_messages_change_nothing() -> None:
-    ref = Harness(agents=2, rounds=2)
+def drop_first(match: Callable[[Envelope], bool]) -> tuple[Callable[[str, bytes], list[Delivery]], list[Envelope]]:
+    """A tamper that drops the first message ``match`` accepts (and records it)."""
+    dropped: list[Envelope] = []
+
+    def tamper(topic: str, payload: bytes) -> list[Delivery]:
+        if not dropped and payload[:1] in (b"{", b"S"):
+            env = decode(payload)
+            if match(env):
+                dropped.append(env)
+                return []
+        return [Delivery(payload)]
+
+    return tamper, dropped
+
+
+def test_a_dropped_chunk_stalls_the_transfer_then_a_nack_names_it_and_it_is_resent(tmp_path: Path) -> None:
+    ref = TrialBed(tmp_path / "ref", agents=2, rounds=1, chunk_bytes=4096)
     ref.run()
-    h = Harness(agents=2, rounds=2)
-    h.broker.tamper = lambda topic, payload: [payload, payload]  # every publish delivered twice (QoS 1)
+    tamper, dropped = drop_first(
+        lambda e: e.type == "chunk" and e.dst == "a1" and e.body["purpose"] == "model" and e.body["seq"] == 2
+    )
+    h = TrialBed(tmp_path / "h", agents=2, rounds=1, chunk_bytes=4096, tamper=tamper)
+    h.run()
+    assert dropped and h.ctl.failed is None
+    nacks = [n for n in h.sent("transfer_nack") if n.body["transfer_id"] == dropped[0].body["transfer_id"]]
+    assert [(n.src, n.body["missing"], n.body["reason"]) for n in nacks] == [("a1", [2], "chunks missing")]
+    resent = [f for f in h.frames("model") if f.body["transfer_id"] == dropped[0].body["transfer_id"]]
+    assert [f.body["seq"] for f in resent].count(2) == 2  # sent, dropped, asked for, sent again
+    assert all(np.array_equal(h.final[k], ref.final[k]) for k in ref.final)
+
+
+def test_a_dropped_ack_makes_the_sender_resend_and_the_receiver_acknowledge_again(tmp_path: Path) -> None:
+    tamper, dropped = drop_first(lambda e: e.type == "transfer_ack" and (e.src, e.dst) == ("a1", "a0"))
+    h = TrialBed(tmp_path, agents=2, rounds=1, tamper=tamper)
+    h.run()
+    assert dropped and h.ctl.failed is None
+    ended = h.clock.now
+    tid = dropped[0].body["transfer_id"]
+    h.run(until=lambda: h.clock.now > ended + 120)  # a0 still waits for its ack
+    frames = [f for f in h.frames("model") if f.body["transfer_id"] == tid]
+    assert len(frames) == 2 * frames[0].body["count"]  # the whole transfer went twice
+    acks = [a for a in h.sent("transfer_ack") if a.body["transfer_id"] == tid]
+    assert len(acks) == 2  # the duplicate was acknowledged again, not delivered twice
+    assert len(h.log) == 2 and not h.services["a0"].agent.outbox.pending  # nothing trained twice; a0 is done
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_drops_delays_and_reordering_change_nothing(tmp_path: Path, seed: int) -> None:
+    ref = TrialBed(tmp_path / "ref", agents=3, rounds=2, chunk_bytes=4096)
+    ref.run()
+    faults = Faults(seed=seed, drop=0.03, duplicate=0.05, delay_s=(0.0, 0.3), reorder=0.2, reorder_s=1.0)
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, chunk_bytes=4096, tamper=faults)
+    h.run()
+    assert h.ctl.failed is None, h.ctl.failed
+    assert faults.counts.get("dropped", 0) >= 3 and faults.counts.get("reordered", 0) >= 10, faults.counts
+    assert len(h.log) == len(ref.log) == 6  # no hop trained twice
+    assert all(np.array_equal(h.final[k], ref.final[k]) for k in ref.final)
+
+
+@pytest.mark.expect_errors
+def test_a_transfer_that_never_completes_fails_the_trial_with_the_reason(tmp_path: Path) -> None:
+    def black_hole(topic: str, payload: bytes) -> list[Delivery]:  # a1 never gets a model
+        if payload[:4] == b"SNK1" and topic == topics.agent_inbox("a1") and decode(payload).body["purpose"] == "model":
+            return []
+        return [Delivery(payload)]
+
+    h = TrialBed(tmp_path, agents=2, rounds=1, hop_timeout_s=3600.0, tamper=black_hole)
+    h.run()
+    assert h.ctl.failed is not None and h.ctl.final_model is None
+    assert "a1" in h.ctl.failed and "acknowledged model transfer" in h.ctl.failed, h.ctl.failed
+    assert 150 < h.clock.now - 1_000 < 600  # it retried for minutes (simulated), then gave up
+
+
+def test_duplicated_messages_change_nothing(tmp_path: Path) -> None:
+    ref = TrialBed(tmp_path / "ref", agents=2, rounds=2)
+    ref.run()
+    h = TrialBed(tmp_path / "h", agents=2, rounds=2, tamper=lambda t, p: [Delivery(p), Delivery(p)])
     h.run()
     assert h.ctl.failed is None
-    assert len(h.history) == len(ref.history) == 4  # no hop trained twice
-    a, b = decode_tensors(h.ctl.final_model or b""), decode_tensors(ref.ctl.final_model or b"")
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert len(h.log) == len(ref.log) == 4  # no hop trained twice
+    assert all(np.array_equal(h.final[k], ref.final[k]) for k in ref.final)
 
 
-def test_garbage_in_every_inbox_is_dropped_and_answered() -> None:
-    h = Harness(agents=2, rounds=1)
+def test_garbage_in_every_inbox_is_dropped_and_answered(tmp_path: Path) -> None:
+    h = TrialBed(tmp_path, agents=2, rounds=1)
     garbage = [
         b"",
         b"\x00\xff",
@@ -298,6 +187,9 @@ def test_garbage_in_every_inbox_is_dropped_and_answered() -> None:
         b"SNK1\x00\x00\x00\x05{}",
         b"SNK1\xff\xff\xff\xff",
     ]
+    h.coordinator.start()
+    for service in h.services.values():
+        service.start()
     for payload in garbage:
         for topic in [topics.coordinator_inbox(), topics.agent_inbox("a0"), topics.agent_inbox("a1")]:
             h.broker.publish(topic, payload)
@@ -305,15 +197,13 @@ def test_garbage_in_every_inbox_is_dropped_and_answered() -> None:
     assert h.ctl.failed is None and h.ctl.final_model is not None
 
 
-def test_fedavg_trains_everything_everywhere_and_averages_by_samples() -> None:
-    h = Harness(agents=3, rounds=2, algorithm="fedavg")
-    for i, machine in enumerate(h.machines.values()):  # unequal data: 100, 200, 300 samples
-        machine.hello = dataclasses.replace(machine.hello, num_train=100 * (i + 1))
+def test_fedavg_trains_everything_everywhere_and_averages_by_samples(tmp_path: Path) -> None:
+    h = TrialBed(tmp_path, agents=3, rounds=2, algorithm="fedavg", samples=(100, 200, 300))
     h.run()
     assert h.ctl.failed is None and len(h.ctl.done_hops) == 6
-    final = decode_tensors(h.ctl.final_model or b"")
-    for name in final:  # each round every agent adds 1 to every tensor: the average adds 1 per round
-        np.testing.assert_allclose(final[name], h.initial[name] + 2, rtol=1e-6)
+    assert [h.ctl.hellos[a].num_train for a in ("a0", "a1", "a2")] == [100, 200, 300]
+    for name, value in h.final.items():  # each round every agent adds 1 to every tensor: the average adds 1 per round
+        np.testing.assert_allclose(value, h.initial[name] + 2, rtol=1e-6)
 
 
 def test_fedavg_average_is_weighted_by_training_samples() -> None:
@@ -323,76 +213,76 @@ def test_fedavg_average_is_weighted_by_training_samples() -> None:
     np.testing.assert_allclose(merged["w"], [3.0, 3.0])
 
 
-def test_a_stale_shutdown_from_another_trial_does_not_stop_a_fresh_agent() -> None:
-    h = Harness(agents=2, rounds=1)
+def test_a_stale_shutdown_from_another_trial_does_not_stop_a_fresh_agent(tmp_path: Path) -> None:
+    h = TrialBed(tmp_path, agents=2, rounds=1)
     stale = Envelope("shutdown", "coordinator", "a0", {"reason": "old", "exit": True}, trial_id="old-trial")
-    h.broker.publish(topics.agent_inbox("a0"), encode(stale))  # queued in a0's persistent session
+    h.broker.connect("agent-a0", clean=False, will=None)  # a0's persistent session holds it while a0 is down
+    h.broker.subscribe("agent-a0", topics.agent_inbox("a0"))
+    h.broker.disconnect("agent-a0")
+    h.broker.publish(topics.agent_inbox("a0"), encode(stale))
     h.run()
     assert h.ctl.failed is None and h.ctl.final_model is not None  # a0 did not exit
+    assert h.services["a0"].exit_reason is None
 
 
 @pytest.mark.parametrize(("algorithm", "mode"), [("snake", "p2p"), ("snake", "cs"), ("fedavg", "cs")])
-def test_every_round_yields_one_checkpoint_for_evaluation(algorithm: str, mode: str) -> None:
-    h = Harness(agents=2, rounds=3, mode=mode, algorithm=algorithm, checkpoints=True)
+def test_every_round_yields_one_model_for_evaluation(tmp_path: Path, algorithm: str, mode: str) -> None:
+    h = TrialBed(tmp_path, agents=2, rounds=3, mode=mode, algorithm=algorithm, checkpoints=True)
     h.run()
     assert h.ctl.failed is None
-    assert sorted(r for r, _ in h.round_models) == [0, 1, 2]
+    assert sorted(h.round_models()) == [0, 1, 2] and sorted(h.jobs.evaluated) == [0, 1, 2]
     # only P2P needs extra copies (the last hop of rounds 0 and 1); the final model is the last round's
     assert (h.ctl.checkpoint_bytes > 0) == (mode == "p2p")
 
 
 @pytest.mark.parametrize("duplicate", [False, True])
-def test_split_learning_trains_the_front_on_agents_and_the_back_per_batch(duplicate: bool) -> None:
-    h = Harness(agents=2, rounds=2, algorithm="split", checkpoints=True)
-    if duplicate:
-        h.broker.tamper = lambda topic, payload: [payload, payload]  # every publish delivered twice (QoS 1)
+def test_split_learning_trains_the_front_on_agents_and_the_back_per_batch(tmp_path: Path, duplicate: bool) -> None:
+    tamper = (lambda t, p: [Delivery(p), Delivery(p)]) if duplicate else None  # every publish delivered twice
+    h = TrialBed(tmp_path, agents=2, rounds=2, algorithm="split", checkpoints=True, tamper=tamper)
     h.run()
     assert h.ctl.failed is None and len(h.ctl.done_hops) == 4
     total = 4 * SPLIT_BATCHES
     assert h.back.steps == total  # one back step per batch, duplicates or not
-    assert [(hop, seq) for hop, seq, _ in h.gradients] == [(hop, s) for hop in range(4) for s in range(SPLIT_BATCHES)]
-    assert all(loss == 2.0 for _, _, loss in h.gradients)  # the coordinator's loss reached the agent
-    final = decode_tensors(h.ctl.final_model or b"")
+    gradients = [(f.body["meta"]["hop"], f.body["meta"]["seq"]) for f in h.frames("gradients") if f.body["seq"] == 0]
+    assert sorted(set(gradients)) == [(hop, s) for hop in range(4) for s in range(SPLIT_BATCHES)]
+    assert h.losses == [2.0] * total  # the coordinator's loss reached the agent, once per batch
+    final = h.final
     assert set(final) == set(h.initial)  # front + back assembled
     for name in ("g0.w", "g0.stat"):  # the front: +1 per batch on every hop, carried agent to agent
         np.testing.assert_array_equal(final[name], h.initial[name] + total)
     for name in ("g1.w", "g3.stat"):  # the back: the coordinator's, +1 per batch
         np.testing.assert_array_equal(final[name], np.full(3, total, np.float32))
-    assert sorted(r for r, _ in h.round_models) == [0, 1]  # one assembled model per round for evaluation
-    # only the front travels to agents; activations and gradients were counted
-    for _topic, payload in h.broker.published:
-        env = decode(payload) if payload[:4] == b"SNK1" else None
-        if env and env.body["purpose"] == "model":
-            assert set(decode_tensors(env.data or b"")) == {"g0.w", "g0.stat"}
+    assert sorted(h.round_models()) == [0, 1]  # one assembled model per round for evaluation
+    for env in h.frames("model"):  # only the front travels to agents
+        assert set(decode_tensors(env.data or b"")) == {"g0.w", "g0.stat"}
     assert h.ctl.activation_bytes == total * len(encode_activations(np.zeros((2, 3), np.float32), np.array([1, 3])))
     assert h.ctl.gradient_bytes > 0
 
 
 @pytest.mark.expect_errors
-def test_split_learning_refuses_a_portable_agent_by_name() -> None:
-    h = Harness(agents=2, rounds=1, algorithm="split", backends=("fake", "portable"))
+def test_split_learning_refuses_a_portable_agent_by_name(tmp_path: Path) -> None:
+    h = TrialBed(tmp_path, agents=2, rounds=1, algorithm="split", backends=("fake", "portable"))
     h.run()
     assert h.ctl.failed is not None
     assert "a1 (portable)" in h.ctl.failed and "needs the ort backend" in h.ctl.failed
 
 
-def full_size(h: Harness) -> int:
+def full_size(h: TrialBed) -> int:
     return len(encode_tensors(h.initial))
 
 
-def headers_sent(h: Harness) -> list[tuple[str, int, tuple[str, ...]]]:
+def headers_sent(h: TrialBed) -> list[tuple[str, int, tuple[str, ...]]]:
     """(receiver, hop, groups sent) of every model transfer, in order."""
     out = []
-    for _topic, payload in h.broker.published:
-        env = decode(payload) if payload[:4] == b"SNK1" else None
-        if env and env.body["purpose"] == "model" and env.body["seq"] == 0:
-            _, header = decode_model(env.data or b"")  # one chunk: the harness's chunks hold a whole model
+    for env in h.frames("model"):
+        if env.body["seq"] == 0:
+            _, header = decode_model(env.data or b"")  # one chunk: the bed's chunks hold a whole model
             assert header is not None
             out.append((env.dst, env.body["meta"]["hop"], header.sent))
     return out
 
 
-def first_delta(h: Harness, from_itself: bool = False) -> tuple[int, str]:
+def first_delta(h: TrialBed, from_itself: bool = False) -> tuple[int, str]:
     """The first hop (and its agent) whose model arrives as a delta against the agent's cached copy,
     sent by another agent (or, with ``from_itself``, by the same agent: it trains twice in a row)."""
     plan = h.ctl.plan
@@ -404,8 +294,8 @@ def first_delta(h: Harness, from_itself: bool = False) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("mode", ["p2p", "cs"])
-def test_later_hops_carry_only_the_groups_the_receiver_lacks(mode: str) -> None:
-    h = Harness(agents=4, rounds=3, mode=mode)
+def test_later_hops_carry_only_the_groups_the_receiver_lacks(tmp_path: Path, mode: str) -> None:
+    h = TrialBed(tmp_path / "h", agents=4, rounds=3, mode=mode)
     h.run()
     assert h.ctl.failed is None
     plan = h.ctl.plan
@@ -422,78 +312,87 @@ def test_later_hops_carry_only_the_groups_the_receiver_lacks(mode: str) -> None:
     full = full_size(h)
     sizes = [size for dst, _, size in h.model_transfers() if dst != "coordinator"]
     assert sum(size < 0.9 * full for size in sizes) >= 4  # this plan: 6 of 12 hops need at most half the model
-    ref = Harness(agents=4, rounds=3, mode=mode)
+    ref = TrialBed(tmp_path / "ref", agents=4, rounds=3, mode=mode)
     ref.run()
-    final, expected = decode_tensors(h.ctl.final_model or b""), decode_tensors(ref.ctl.final_model or b"")
-    assert all(np.array_equal(final[k], expected[k]) for k in expected)
+    assert all(np.array_equal(h.final[k], ref.final[k]) for k in ref.final)
+
+
+def wipe_when_model_arrives(h: TrialBed, hop: int, agent: str) -> None:
+    """``agent``'s cached copy is lost while the model for ``hop`` is on its way to it."""
+
+    def tamper(topic: str, payload: bytes) -> list[Delivery]:
+        if payload[:4] == b"SNK1" and topic == topics.agent_inbox(agent):
+            body = decode(payload).body
+            if body["purpose"] == "model" and body["meta"].get("hop") == hop and body["seq"] == 0:
+                h.caches[agent].wipe()
+        return [Delivery(payload)]
+
+    h.broker.tamper = tamper
 
 
 @pytest.mark.parametrize("mode", ["p2p", "cs"])
-def test_a_lost_cached_copy_is_replaced_by_the_whole_model(mode: str) -> None:
-    ref = Harness(agents=3, rounds=2, mode=mode)
+def test_a_lost_cached_copy_is_replaced_by_the_whole_model(tmp_path: Path, mode: str) -> None:
+    ref = TrialBed(tmp_path / "ref", agents=3, rounds=2, mode=mode)
     ref.run()
     hop, agent = first_delta(ref)
-    h = Harness(agents=3, rounds=2, mode=mode)
-    h.wipe_before = {hop: agent}  # the agent's cached copy is gone when the delta for ``hop`` arrives
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, mode=mode)
+    wipe_when_model_arrives(h, hop, agent)
     h.run()
     assert h.ctl.failed is None
-    requests = [decode(p) for _, p in h.broker.published if p[:1] == b"{" and decode(p).type == "model_request"]
-    assert [(r.src, r.body["hop"]) for r in requests] == [(agent, hop)]
+    assert [(r.src, r.body["hop"]) for r in h.sent("model_request")] == [(agent, hop)]
     to_agent = [(meta["hop"], size) for dst, meta, size in h.model_transfers() if dst == agent]
-    assert [size for h_, size in to_agent if h_ == hop][0] < [size for h_, size in to_agent if h_ == hop][1]
-    assert len([h_ for h_, _ in to_agent if h_ == hop]) == 2  # the delta, then the whole model
-    final, expected = decode_tensors(h.ctl.final_model or b""), decode_tensors(ref.ctl.final_model or b"")
-    assert all(np.array_equal(final[k], expected[k]) for k in expected)
+    sizes = [size for h_, size in to_agent if h_ == hop]
+    assert len(sizes) == 2 and sizes[0] < sizes[1]  # the delta, then the whole model
+    assert all(np.array_equal(h.final[k], ref.final[k]) for k in ref.final)
 
 
-def tamper_cache(h: Harness, agent: str) -> None:
+def tamper_cache(h: TrialBed, agent: str) -> None:
     """``agent``'s cache keeps something other than the model it handed on."""
-    original = h.caches[agent].save
+    cache = h.caches[agent]
+    original = cache.save
 
-    def save_tampered(trial_id: str, hop: int, versions: dict, tensors: dict, digest: str) -> None:
+    def save_tampered(trial_id: str, hop: int, versions: dict, tensors: dict, digest: str) -> None:  # type: ignore[type-arg]
         original(
             trial_id, hop, versions, {k: v + (0.5 if k.endswith(".w") else 0.0) for k, v in tensors.items()}, digest
         )
 
-    h.caches[agent].save = save_tampered  # type: ignore[method-assign]
+    cache.save = save_tampered  # type: ignore[method-assign]
 
 
-def test_a_cached_copy_that_differs_is_never_used() -> None:
-    ref = Harness(agents=3, rounds=2)
+def test_a_cached_copy_that_differs_is_never_used(tmp_path: Path) -> None:
+    ref = TrialBed(tmp_path / "ref", agents=3, rounds=2)
     ref.run()
     hop, agent = first_delta(ref)
-    h = Harness(agents=3, rounds=2)
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2)
     tamper_cache(h, agent)
     h.run()
     assert h.ctl.failed is None
-    requests = [decode(p) for _, p in h.broker.published if p[:1] == b"{" and decode(p).type == "model_request"]
+    requests = h.sent("model_request")
     assert [(r.src, r.body["hop"]) for r in requests] == [(agent, hop)]
     assert "digest" in requests[0].body["reason"]  # it fetched the whole model
-    final = decode_tensors(h.ctl.final_model or b"")
-    expected = decode_tensors(ref.ctl.final_model or b"")
-    assert all(np.array_equal(final[k], expected[k]) for k in expected)
+    assert all(np.array_equal(h.final[k], ref.final[k]) for k in ref.final)
 
 
 @pytest.mark.expect_errors
-def test_a_damaged_copy_is_never_resent() -> None:
+def test_a_damaged_copy_is_never_resent(tmp_path: Path) -> None:
     """An agent that trains twice in a row is its own sender: with its only copy damaged, the trial fails
     with the reason instead of training on a model nobody trained."""
-    ref = Harness(agents=2, rounds=2)
+    ref = TrialBed(tmp_path / "ref", agents=2, rounds=2)
     ref.run()
     hop, agent = first_delta(ref, from_itself=True)
-    h = Harness(agents=2, rounds=2)
+    h = TrialBed(tmp_path / "h", agents=2, rounds=2)
     tamper_cache(h, agent)
     h.run()
     assert h.ctl.failed is not None
     assert f"cannot resend the model for hop {hop}" in h.ctl.failed and "damaged" in h.ctl.failed
-    assert len(h.history) == hop  # nothing trained on the damaged copy
+    assert len(h.log) == hop  # nothing trained on the damaged copy
 
 
-def test_fp16_compression_works_with_deltas() -> None:
-    h = Harness(agents=3, rounds=2, compression="fp16")
+def test_fp16_compression_works_with_deltas(tmp_path: Path) -> None:
+    h = TrialBed(tmp_path, agents=3, rounds=2, compression="fp16")
     h.run()
     assert h.ctl.failed is None
-    final = decode_tensors(h.ctl.final_model or b"")
+    final = h.final
     plan = h.ctl.plan
     assert plan is not None
     for seg in plan.segments:  # small integers survive fp16 exactly
@@ -509,26 +408,47 @@ def test_fp16_compression_works_with_deltas() -> None:
     assert deltas and all(size < 0.4 * full for size in deltas)  # fp16 and only the groups that changed
 
 
-def test_fedavg_keeps_whole_transfers() -> None:
-    h = Harness(agents=2, rounds=2, algorithm="fedavg")
+def test_fedavg_keeps_whole_transfers(tmp_path: Path) -> None:
+    h = TrialBed(tmp_path, agents=2, rounds=2, algorithm="fedavg")
     h.run()
     sizes = [size for _, _, size in h.model_transfers()]
     assert len(sizes) == 8 and all(size > 0.95 * full_size(h) for size in sizes)
 
 
-def test_a_repeated_hello_is_answered_quietly_and_a_restarted_agent_is_reported() -> None:
-    h = Harness(agents=2)
+def test_a_repeated_hello_is_answered_quietly_and_a_restarted_agent_is_reported(tmp_path: Path) -> None:
+    h = TrialBed(tmp_path, agents=2)
+    ctl: Controller = h.ctl
 
-    def say_hello(agent: str, instance: str, now: float) -> tuple[list[str], list[str]]:
+    def say_hello(agent: str, instance: str, now: float) -> tuple[list[str], list[type]]:
         body = to_body(dataclasses.replace(hello(agent), instance=instance))
-        step = h.ctl.handle(topics.coordinator_inbox(), encode(Envelope("hello", agent, topics.COORDINATOR, body)), now)
-        return [decode(o.payload).type for o in step.out], [e.kind for e in step.events]
+        step = ctl.handle(topics.coordinator_inbox(), encode(Envelope("hello", agent, topics.COORDINATOR, body)), now)
+        return [decode(o.payload).type for o in step.out], [type(e) for e in step.events]
 
     say_hello("a0", "first-a0", 0.0)
     say_hello("a1", "first-a1", 0.1)
-    assert h.ctl.plan is not None
-    # agents repeat their hello every few seconds until the assignment arrives (artifacts take a while)
+    assert ctl.plan is not None
+    # agents repeat their hello every few seconds while the artifacts build: nothing to say yet
+    assert say_hello("a0", "first-a0", 1.0) == ([], [])
+    job = BuildArtifacts(ctl.plan)
+    ctl.job_done(job, h.jobs.build(job), 2.0)
+    # once assigned, a repeated hello (the assignment crossed it) gets the assignment again, quietly
     sent, events = say_hello("a0", "first-a0", 3.0)
-    assert "assign" in sent and "warning" not in events
+    assert "assign" in sent and Warned not in events
     sent, events = say_hello("a0", "second-a0", 9.0)  # the agent process restarted
-    assert "assign" in sent and "warning" in events
+    assert "assign" in sent and Warned in events
+
+
+@pytest.mark.expect_errors
+def test_the_controller_stays_responsive_while_the_artifacts_build(tmp_path: Path) -> None:
+    """Planning asks for a build job and returns at once; nothing is assigned until the build is back."""
+    h = TrialBed(tmp_path, agents=2)
+    ctl = h.ctl
+    for i, agent in enumerate(("a0", "a1")):
+        env = Envelope("hello", agent, topics.COORDINATOR, to_body(hello(agent)))
+        step = ctl.handle(topics.coordinator_inbox(), encode(env), float(i))
+    assert ctl.plan is not None and [type(j) for j in step.jobs] == [BuildArtifacts] and not step.out
+    assert not ctl.tasks and not ctl.tick(500.0).events  # a long build is no hop timeout
+    job = step.jobs[0]
+    assert isinstance(job, BuildArtifacts)
+    step = ctl.job_done(job, RuntimeError("export failed: out of memory"), 501.0)
+    assert ctl.failed == "cannot build the plan's artifacts: export failed: out of memory"
