@@ -16,7 +16,6 @@ segment never change.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import Inputs
-from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, teacher_logits
+from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.ort_training import ort_errors, training_module
-from edge_agent.segment_checks import batch_order, check_data, check_tensors, plan_steps
-from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
+from edge_agent.segment_checks import check_data, check_tensors
+from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats, plan_steps, run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -134,31 +133,23 @@ class OrtTrainer:
         """Train; with ``spec.kd_alpha > 0`` distil from ``teacher`` (default: the current weights' logits)."""
         session = self._require_session()
         x, y = self._check_data(x, y)
-        batch, _, total = plan_steps(spec, len(x))
+        batch, _, _ = plan_steps(spec, len(x))
         kd = check_kd(self.manifest, spec)
         if kd and teacher is None:
             teacher = self.teacher_logits(x, y, batch)
         import onnxruntime
 
+        def step(_: int, idx: np.ndarray) -> float:
+            extras = step_extras(self.manifest, spec, teacher if kd else None, idx)
+            return self._step(session, x[idx], y[idx], extras)
+
         onnxruntime.set_seed(spec.seed)  # dropout masks
-        started, steps, losses = time.perf_counter(), 0, [float("nan")]
         try:
             session.optimizer.set_learning_rate(spec.lr)
             session.module.train()
-            for idx, new_epoch in batch_order(spec, len(x)):
-                if new_epoch:
-                    losses = []  # the reported loss is the last epoch's mean
-                extras = kd_extras(
-                    self.manifest, len(idx), *((teacher[idx], spec.kd_alpha, spec.kd_temperature) if kd else ())
-                )
-                losses.append(self._step(session, x[idx], y[idx], extras))
-                steps += 1
-                if on_step is not None:
-                    on_step(steps, total, losses[-1])
+            return run_steps(len(x), spec, step, on_step)
         except ort_errors() as exc:
             raise TrainerError(f"training step failed: {exc}") from exc
-        seconds = time.perf_counter() - started
-        return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
 
     def evaluate(self, x: Inputs, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         session = self._require_session()

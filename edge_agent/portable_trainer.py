@@ -18,7 +18,6 @@ dropout masks come from ``onnxruntime.set_seed(spec.seed)``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import Inputs
-from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, teacher_logits
+from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
 from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.optim import Optimizer, make_optimizer
 from edge_agent.ort_training import import_onnxruntime
-from edge_agent.segment_checks import batch_order, check_data, check_tensors, plan_steps
-from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
+from edge_agent.segment_checks import check_data, check_tensors
+from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats, plan_steps, run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -130,27 +129,21 @@ class PortableTrainer:
         tensors = self._require_weights()
         manifest = self.manifest
         x, y = check_data(manifest, x, y)
-        batch, _, total = plan_steps(spec, len(x))
+        batch, _, _ = plan_steps(spec, len(x))
         kd = check_kd(manifest, spec)
         if kd and teacher is None:
             teacher = self.teacher_logits(x, y, batch)
         import_onnxruntime().set_seed(spec.seed)  # dropout masks
-        started, steps, losses = time.perf_counter(), 0, [float("nan")]
         try:
             graph = self._train_graph()
-            for idx, new_epoch in batch_order(spec, len(x)):
-                if new_epoch:
-                    losses = []  # the reported loss is the last epoch's mean
-                kd_args = (teacher[idx], spec.kd_alpha, spec.kd_temperature) if kd else ()
-                extras = kd_extras(manifest, len(idx), *kd_args)
-                losses.append(self._step(graph, tensors, x[idx], y[idx], spec.lr, extras))
-                steps += 1
-                if on_step is not None:
-                    on_step(steps, total, losses[-1])
+
+            def step(_: int, idx: np.ndarray) -> float:
+                extras = step_extras(manifest, spec, teacher if kd else None, idx)
+                return self._step(graph, tensors, x[idx], y[idx], spec.lr, extras)
+
+            return run_steps(len(x), spec, step, on_step)
         except ort_errors() as exc:
             raise TrainerError(f"training step failed: {exc}") from exc
-        seconds = time.perf_counter() - started
-        return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
 
     def evaluate(self, x: Inputs, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         tensors = self._require_weights()

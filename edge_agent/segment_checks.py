@@ -1,4 +1,4 @@
-"""Checks every trainer backend applies to weights, data and train specs (numpy only).
+"""Checks every trainer backend applies to weights and data (numpy only).
 
 Same rules and messages as :class:`edge_agent.ort_trainer.OrtTrainer`, so the
 backends accept and refuse the same things.
@@ -6,13 +6,13 @@ backends accept and refuse the same things.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from edge_agent.data import Images, Inputs
 from edge_agent.manifest import SegmentManifest
-from edge_agent.trainer import TrainerError, TrainSpec
+from edge_agent.trainer import TrainerError
 
 
 def check_tensors(
@@ -53,26 +53,3 @@ def check_data(manifest: SegmentManifest, x: Inputs, y: np.ndarray) -> tuple[Inp
     if labels.min() < 0 or labels.max() >= manifest.num_classes:
         raise TrainerError(f"labels must lie in [0, {manifest.num_classes})")
     return x, np.ascontiguousarray(labels, dtype=np.int64)
-
-
-def plan_steps(spec: TrainSpec, samples: int) -> tuple[int, int, int]:
-    """(batch size, steps per epoch, total steps); the incomplete last batch of an epoch is dropped."""
-    if spec.batch_size < 1 or spec.epochs < 1 or (spec.max_steps is not None and spec.max_steps < 0):
-        raise TrainerError(f"bad train spec: {spec}")
-    batch = min(spec.batch_size, samples)
-    per_epoch = samples // batch  # a batch of 1 upsets BatchNorm, so no ragged batches
-    total = per_epoch * spec.epochs if spec.max_steps is None else min(per_epoch * spec.epochs, spec.max_steps)
-    return batch, per_epoch, total
-
-
-def batch_order(spec: TrainSpec, samples: int) -> Iterator[tuple[np.ndarray, bool]]:
-    """The hop's batches as (sample indices, first batch of an epoch), reshuffled every epoch from
-    ``spec.seed``; every trainer walks its data in this same order."""
-    batch, per_epoch, total = plan_steps(spec, samples)
-    rng = np.random.default_rng(spec.seed)
-    steps = 0
-    while steps < total:
-        order, count = rng.permutation(samples), min(per_epoch, total - steps)
-        for k in range(count):
-            yield order[k * batch : (k + 1) * batch], k == 0
-        steps += count
