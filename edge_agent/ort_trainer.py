@@ -24,10 +24,19 @@ import numpy as np
 
 from edge_agent.data import Inputs
 from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
-from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
+from edge_agent.manifest import SegmentManifest
 from edge_agent.ort_training import ort_errors, training_module
-from edge_agent.segment_checks import check_data, check_tensors
-from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats, plan_steps, run_steps
+from edge_agent.segment_checks import check_data, check_tensors, open_manifest
+from edge_agent.trainer import (
+    EvalStats,
+    StepCallback,
+    TrainerError,
+    TrainSpec,
+    TrainStats,
+    plan_steps,
+    run_eval,
+    run_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +99,7 @@ class OrtTrainer:
         missing = [name for name in ARTIFACT_FILES if not (directory / name).is_file()]
         if missing:
             raise TrainerError(f"artifact directory {directory} lacks {', '.join(missing)}")
-        try:
-            manifest = read_manifest(directory)
-        except ManifestError as exc:
-            raise TrainerError(str(exc)) from exc
+        manifest = open_manifest(directory)
         self._dir, self._manifest, self._session = directory, manifest, None
         logger.info(
             "opened %s segment: %d trainable of %d tensors",
@@ -154,35 +160,22 @@ class OrtTrainer:
     def evaluate(self, x: Inputs, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         session = self._require_session()
         x, y = self._check_data(x, y)
-        manifest = self.manifest
-        total_loss, correct, size = 0.0, 0, max(1, batch_size)
         try:
             session.module.eval()
-            for start in range(0, len(x), size):
-                xb, yb = x[start : start + size], y[start : start + size]
-                extras = kd_extras(manifest, len(xb))  # alpha 0: plain cross-entropy
-                loss, logits = self._outputs(session.module(xb, yb, *extras.values()), manifest)
-                total_loss += float(loss) * len(xb)
-                correct += int(np.count_nonzero(np.argmax(logits, axis=1) == yb))
+            return run_eval(x, y, batch_size, lambda xb, yb: self._forward(session, xb, yb))
         except ort_errors() as exc:
             raise TrainerError(f"evaluation failed: {exc}") from exc
         finally:
             session.module.train()
-        return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
 
     def teacher_logits(self, x: Inputs, y: np.ndarray, batch_size: int = TEACHER_BATCH) -> np.ndarray:
         """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode), in
         batches of ``batch_size`` rows."""
         session = self._require_session()
         x, y = self._check_data(x, y)
-        manifest = self.manifest
-
-        def logits_of(xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
-            return self._outputs(session.module(xb, yb, *kd_extras(manifest, len(xb)).values()), manifest)[1]
-
         try:
             session.module.eval()
-            return teacher_logits(logits_of, x, y, batch_size)
+            return teacher_logits(lambda xb, yb: self._forward(session, xb, yb)[1], x, y, batch_size)
         except ort_errors() as exc:
             raise TrainerError(f"teacher pass failed: {exc}") from exc
         finally:
@@ -210,6 +203,10 @@ class OrtTrainer:
     def _outputs(outputs: Any, manifest: SegmentManifest) -> tuple[float, np.ndarray]:
         loss, logits = outputs[0], outputs[1]  # graph outputs: (loss, logits)
         return float(loss), np.asarray(logits).reshape(len(logits), manifest.num_classes)
+
+    def _forward(self, session: _Session, xb: np.ndarray, yb: np.ndarray) -> tuple[float, np.ndarray]:
+        """(loss, logits) of a batch; the module's mode is the caller's (eval: plain cross-entropy, alpha 0)."""
+        return self._outputs(session.module(xb, yb, *kd_extras(self.manifest, len(xb)).values()), self.manifest)
 
     def _step(self, session: _Session, xb: np.ndarray, yb: np.ndarray, extras: Mapping[str, np.ndarray]) -> float:
         loss, _ = self._outputs(session.module(xb, yb, *extras.values()), self.manifest)

@@ -26,11 +26,20 @@ import numpy as np
 
 from edge_agent.data import Inputs
 from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
-from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
+from edge_agent.manifest import SegmentManifest
 from edge_agent.optim import Optimizer, make_optimizer
 from edge_agent.ort_training import import_onnxruntime
-from edge_agent.segment_checks import check_data, check_tensors
-from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats, plan_steps, run_steps
+from edge_agent.segment_checks import check_data, check_tensors, open_manifest
+from edge_agent.trainer import (
+    EvalStats,
+    StepCallback,
+    TrainerError,
+    TrainSpec,
+    TrainStats,
+    plan_steps,
+    run_eval,
+    run_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +91,7 @@ class PortableTrainer:
 
     def open(self, artifact_dir: Path) -> None:
         directory = Path(artifact_dir)
-        try:
-            manifest = read_manifest(directory)
-        except ManifestError as exc:
-            raise TrainerError(str(exc)) from exc
+        manifest = open_manifest(directory)
         if manifest.kind != "portable":
             raise TrainerError(f"{directory} holds {manifest.kind!r} artifacts; this backend needs a portable bundle")
         missing = [name for name in (manifest.train_graph, manifest.eval_graph) if not (directory / name).is_file()]
@@ -147,38 +153,28 @@ class PortableTrainer:
 
     def evaluate(self, x: Inputs, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         tensors = self._require_weights()
-        manifest = self.manifest
-        x, y = check_data(manifest, x, y)
-        total_loss, correct, size = 0.0, 0, max(1, batch_size)
+        x, y = check_data(self.manifest, x, y)
         try:
-            graph = self._eval_graph()
-            for start in range(0, len(x), size):
-                xb, yb = x[start : start + size], y[start : start + size]
-                loss, logits = graph.run(self._feeds(tensors, xb, yb))
-                total_loss += float(loss) * len(xb)
-                predicted = np.argmax(np.asarray(logits).reshape(len(xb), manifest.num_classes), axis=1)
-                correct += int(np.count_nonzero(predicted == yb))
+            return run_eval(x, y, batch_size, lambda xb, yb: self._forward(tensors, xb, yb))
         except ort_errors() as exc:
             raise TrainerError(f"evaluation failed: {exc}") from exc
-        return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
-
-    # -- helpers ---------------------------------------------------------------------------------
 
     def teacher_logits(self, x: Inputs, y: np.ndarray, batch_size: int = TEACHER_BATCH) -> np.ndarray:
         """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode), in
         batches of ``batch_size`` rows."""
         tensors = self._require_weights()
-        manifest = self.manifest
-        x, y = check_data(manifest, x, y)
-
-        def logits_of(xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
-            logits = self._eval_graph().run(self._feeds(tensors, xb, yb))[1]
-            return np.asarray(logits).reshape(len(xb), manifest.num_classes)
-
+        x, y = check_data(self.manifest, x, y)
         try:
-            return teacher_logits(logits_of, x, y, batch_size)
+            return teacher_logits(lambda xb, yb: self._forward(tensors, xb, yb)[1], x, y, batch_size)
         except ort_errors() as exc:
             raise TrainerError(f"teacher pass failed: {exc}") from exc
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _forward(self, tensors: Mapping[str, np.ndarray], xb: np.ndarray, yb: np.ndarray) -> tuple[float, np.ndarray]:
+        """(loss, logits) of a batch from the eval graph (BatchNorm in inference mode, plain cross-entropy)."""
+        loss, logits = self._eval_graph().run(self._feeds(tensors, xb, yb))
+        return float(loss), np.asarray(logits).reshape(len(xb), self.manifest.num_classes)
 
     def _step(
         self,

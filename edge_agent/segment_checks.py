@@ -7,11 +7,12 @@ backends accept and refuse the same things.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
 from edge_agent.data import Images, Inputs
-from edge_agent.manifest import SegmentManifest
+from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.trainer import TrainerError
 
 
@@ -38,9 +39,17 @@ def check_tensors(
     return out
 
 
+def open_manifest(directory: Path) -> SegmentManifest:
+    """The manifest of the bundle in ``directory``; TrainerError when it is missing or malformed."""
+    try:
+        return read_manifest(directory)
+    except ManifestError as exc:
+        raise TrainerError(str(exc)) from exc
+
+
 def check_data(manifest: SegmentManifest, x: Inputs, y: np.ndarray) -> tuple[Inputs, np.ndarray]:
     """Inputs as contiguous float32 [N, *input_shape] (or images converted per batch), labels as int64
-    [N] in [0, num_classes)."""
+    [N] in [0, num_classes) (a split front has no classes: the coordinator's back checks its labels)."""
     if not isinstance(x, Images):
         x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 1 + len(manifest.input_shape) or x.shape[1:] != manifest.input_shape:
@@ -50,6 +59,6 @@ def check_data(manifest: SegmentManifest, x: Inputs, y: np.ndarray) -> tuple[Inp
         raise TrainerError(f"labels must be integers of shape ({len(x)},), got {labels.dtype} {labels.shape}")
     if len(x) == 0:
         raise TrainerError("no samples")
-    if labels.min() < 0 or labels.max() >= manifest.num_classes:
+    if manifest.num_classes and (labels.min() < 0 or labels.max() >= manifest.num_classes):
         raise TrainerError(f"labels must lie in [0, {manifest.num_classes})")
     return x, np.ascontiguousarray(labels, dtype=np.int64)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.data import Images, Inputs
+from edge_agent.data import Inputs
 from edge_agent.manifest import PROBE_FILE
 from edge_agent.ort_trainer import OrtTrainer, _Session
 from edge_agent.ort_training import ort_errors
@@ -64,7 +64,7 @@ class OrtFrontTrainer(OrtTrainer):
     ) -> TrainStats:
         """Train the front for ``spec``'s epochs/steps; the loss reported is the coordinator's (cross-entropy)."""
         session = self._require_session()
-        x, y = self._check_inputs(x, y)
+        x, y = self._check_data(x, y)  # no label range: the front has no classes
         import onnxruntime
 
         timing = {"probe": 0.0, "wait": 0.0, "step": 0.0}
@@ -109,14 +109,3 @@ class OrtFrontTrainer(OrtTrainer):
         feed = self._split(session.flat()) | {self.manifest.input_name: xb}
         (activations,) = self._probe_session.run([self.manifest.logits_name], feed)
         return np.asarray(activations, dtype=np.float32)
-
-    def _check_inputs(self, x: Inputs, y: np.ndarray) -> tuple[Inputs, np.ndarray]:
-        if not isinstance(x, Images):
-            x = np.ascontiguousarray(x, dtype=np.float32)
-        shape = self.manifest.input_shape
-        if x.ndim != 1 + len(shape) or x.shape[1:] != shape or len(x) == 0:
-            raise TrainerError(f"inputs have shape {x.shape}, expected [N, {', '.join(map(str, shape))}]")
-        labels = np.asarray(y)
-        if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
-            raise TrainerError(f"labels must be integers of shape ({len(x)},), got {labels.dtype} {labels.shape}")
-        return x, np.ascontiguousarray(labels, dtype=np.int64)

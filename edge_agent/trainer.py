@@ -26,6 +26,9 @@ StepCallback = Callable[[int, int, float], None]
 BatchStep = Callable[[int, np.ndarray], float]
 """One optimizer step: (step number from 0, the batch's sample indices) -> the batch's loss."""
 
+Forward = Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]
+"""(inputs, labels) of a batch -> (mean loss, logits [rows, num_classes]) in inference mode."""
+
 
 class TrainerError(EdgeAgentError):
     """A trainer cannot run: missing artifacts or weights, a tensor's name or shape, bad data."""
@@ -124,3 +127,14 @@ def run_steps(samples: int, spec: TrainSpec, step: BatchStep, on_step: StepCallb
             on_step(steps, total, losses[-1])
     seconds = time.perf_counter() - started
     return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
+
+
+def run_eval(x: Inputs, y: np.ndarray, batch_size: int, forward: Forward) -> EvalStats:
+    """Mean loss and accuracy of ``forward`` over (x, y), in batches of ``batch_size`` rows."""
+    total_loss, correct, size = 0.0, 0, max(1, batch_size)
+    for start in range(0, len(x), size):
+        xb, yb = x[start : start + size], y[start : start + size]
+        loss, logits = forward(xb, yb)
+        total_loss += loss * len(xb)
+        correct += int(np.count_nonzero(np.argmax(logits, axis=1) == yb))
+    return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
