@@ -28,7 +28,7 @@ from edge_agent.data import Inputs
 from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
 from edge_agent.manifest import SegmentManifest
 from edge_agent.optim import Optimizer, make_optimizer
-from edge_agent.ort_training import import_onnxruntime
+from edge_agent.ort_training import import_onnxruntime, ort_errors
 from edge_agent.segment_checks import check_data, check_tensors, open_manifest
 from edge_agent.trainer import (
     EvalStats,
@@ -42,17 +42,6 @@ from edge_agent.trainer import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def ort_errors() -> tuple[type[Exception], ...]:
-    """The exception types plain onnxruntime raises (its pybind errors do not derive from RuntimeError)."""
-    import_onnxruntime()
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    names = "Fail InvalidArgument NoSuchFile NoModel EngineError RuntimeException InvalidProtobuf".split()
-    names += ["ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail"]
-    found = [getattr(state, name) for name in names if isinstance(getattr(state, name, None), type)]
-    return (RuntimeError, *found)
 
 
 class _Graph:
