@@ -10,14 +10,15 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from edge_agent.optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
 from models.split import split_model
 
 log = logging.getLogger(__name__)
-ADAMW_EPS, ADAMW_WEIGHT_DECAY = 1e-8, 0.01  # as the agents' ORT AdamW (torch defaults)
 
 
 class TorchBack:
-    """Layer groups after ``cut`` of a private copy of ``model``; one optimizer for the whole trial."""
+    """Layer groups after ``cut`` of a private copy of ``model``; one optimizer for the whole trial
+    (AdamW with the agents' defaults, :mod:`edge_agent.optim`)."""
 
     def __init__(self, model: nn.Module, cut: str, optimizer: str, lr: float) -> None:
         self.model = copy.deepcopy(model)
@@ -25,7 +26,7 @@ class TorchBack:
         _, self.part = split_model(self.model, cut)
         params = [p for name, p in self.part.named_parameters() if self.part.owns(name)]
         self.optimizer: torch.optim.Optimizer = (
-            torch.optim.AdamW(params, lr=lr, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY)
+            torch.optim.AdamW(params, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY)
             if optimizer == "adamw"
             else torch.optim.SGD(params, lr=lr)
         )

@@ -55,6 +55,16 @@ def kd_extras(
     }
 
 
+def step_extras(
+    manifest: SegmentManifest, spec: TrainSpec, teacher: np.ndarray | None, idx: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The KD inputs of the training step over the batch ``idx``: the teacher's rows with ``spec``'s alpha
+    and temperature, or plain cross-entropy when ``teacher`` is None."""
+    if teacher is None:
+        return kd_extras(manifest, len(idx))
+    return kd_extras(manifest, len(idx), teacher[idx], spec.kd_alpha, spec.kd_temperature)
+
+
 def teacher_logits(
     logits_of: Callable[[np.ndarray, np.ndarray], np.ndarray], x: Inputs, y: np.ndarray, batch: int = TEACHER_BATCH
 ) -> np.ndarray:

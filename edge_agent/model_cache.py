@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.protocol.codec import decode_views
+from edge_agent.protocol.codec import decode_views, tensor_parts
 from edge_agent.protocol.delta import Base
 from edge_agent.protocol.errors import ProtocolError
 
@@ -50,7 +50,8 @@ class ModelCache:
         tmp = self.path.with_name(f".{_FILE}.{os.getpid()}.tmp")
         try:
             with tmp.open("wb") as fh:
-                _write_safetensors(fh, tensors, meta)
+                for part in tensor_parts(tensors, "none", meta):  # streamed: no whole file in memory
+                    fh.write(part)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
@@ -79,23 +80,6 @@ class ModelCache:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
-
-
-def _write_safetensors(fh: object, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
-    """Stream float32 safetensors to ``fh`` without building the whole file in memory."""
-    header: dict[str, object] = {"__metadata__": {"compression": "none", **meta}}
-    arrays = {name: np.ascontiguousarray(t, dtype="<f4") for name, t in tensors.items()}
-    offset = 0
-    for name, arr in arrays.items():
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    write = fh.write  # type: ignore[attr-defined]
-    write(len(text).to_bytes(8, "little") + text)
-    for arr in arrays.values():
-        if arr.nbytes:
-            write(arr.data.cast("B"))
 
 
 def _fsync_dir(path: Path) -> None:

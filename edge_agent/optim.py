@@ -8,7 +8,9 @@ portable hop lands where an ``OrtTrainer`` hop lands:
   eps 1e-8, weight decay 0.01 applied to the weight before the step, bias correction
   of both moments.
 
-Updates happen in place on the arrays passed in.
+Updates happen in place on the arrays passed in. ``ADAMW_*`` are the AdamW defaults of the
+whole toolkit: the artifact builder bakes them into ORT's optimizer graph and the coordinator's
+torch back of split learning uses them, so every backend steps alike.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from typing import Protocol
 
 import numpy as np
 
-BETA1 = 0.9
-BETA2 = 0.999
-EPS = 1e-8  # torch.optim.AdamW default (ORT's default is 1e-6)
-WEIGHT_DECAY = 0.01  # torch.optim.AdamW default (ORT's default is 0)
+ADAMW_BETAS = (0.9, 0.999)  # the defaults of torch.optim.AdamW and of ORT
+ADAMW_EPS = 1e-8  # torch.optim.AdamW default (ORT's default is 1e-6)
+ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW default (ORT's default is 0)
 
 
 class Optimizer(Protocol):
@@ -46,9 +47,12 @@ class AdamW:
     name = "adamw"
 
     def __init__(
-        self, beta1: float = BETA1, beta2: float = BETA2, eps: float = EPS, weight_decay: float = WEIGHT_DECAY
+        self,
+        betas: tuple[float, float] = ADAMW_BETAS,
+        eps: float = ADAMW_EPS,
+        weight_decay: float = ADAMW_WEIGHT_DECAY,
     ) -> None:
-        self.beta1, self.beta2 = np.float32(beta1), np.float32(beta2)
+        self.beta1, self.beta2 = np.float32(betas[0]), np.float32(betas[1])
         self.eps, self.weight_decay = np.float32(eps), np.float32(weight_decay)
         self.steps = 0
         self._m: dict[str, np.ndarray] = {}

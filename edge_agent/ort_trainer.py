@@ -16,7 +16,6 @@ segment never change.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,20 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import Inputs
-from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, teacher_logits
-from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
+from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
+from edge_agent.manifest import SegmentManifest
 from edge_agent.ort_training import ort_errors, training_module
-from edge_agent.segment_checks import batch_order, check_data, check_tensors, plan_steps
-from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
+from edge_agent.segment_checks import check_data, check_tensors, open_manifest
+from edge_agent.trainer import (
+    EvalStats,
+    StepCallback,
+    TrainerError,
+    TrainSpec,
+    TrainStats,
+    plan_steps,
+    run_eval,
+    run_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +99,7 @@ class OrtTrainer:
         missing = [name for name in ARTIFACT_FILES if not (directory / name).is_file()]
         if missing:
             raise TrainerError(f"artifact directory {directory} lacks {', '.join(missing)}")
-        try:
-            manifest = read_manifest(directory)
-        except ManifestError as exc:
-            raise TrainerError(str(exc)) from exc
+        manifest = open_manifest(directory)
         self._dir, self._manifest, self._session = directory, manifest, None
         logger.info(
             "opened %s segment: %d trainable of %d tensors",
@@ -134,64 +139,43 @@ class OrtTrainer:
         """Train; with ``spec.kd_alpha > 0`` distil from ``teacher`` (default: the current weights' logits)."""
         session = self._require_session()
         x, y = self._check_data(x, y)
-        batch, _, total = plan_steps(spec, len(x))
+        batch, _, _ = plan_steps(spec, len(x))
         kd = check_kd(self.manifest, spec)
         if kd and teacher is None:
             teacher = self.teacher_logits(x, y, batch)
         import onnxruntime
 
+        def step(_: int, idx: np.ndarray) -> float:
+            extras = step_extras(self.manifest, spec, teacher if kd else None, idx)
+            return self._step(session, x[idx], y[idx], extras)
+
         onnxruntime.set_seed(spec.seed)  # dropout masks
-        started, steps, losses = time.perf_counter(), 0, [float("nan")]
         try:
             session.optimizer.set_learning_rate(spec.lr)
             session.module.train()
-            for idx, new_epoch in batch_order(spec, len(x)):
-                if new_epoch:
-                    losses = []  # the reported loss is the last epoch's mean
-                extras = kd_extras(
-                    self.manifest, len(idx), *((teacher[idx], spec.kd_alpha, spec.kd_temperature) if kd else ())
-                )
-                losses.append(self._step(session, x[idx], y[idx], extras))
-                steps += 1
-                if on_step is not None:
-                    on_step(steps, total, losses[-1])
+            return run_steps(len(x), spec, step, on_step)
         except ort_errors() as exc:
             raise TrainerError(f"training step failed: {exc}") from exc
-        seconds = time.perf_counter() - started
-        return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
 
     def evaluate(self, x: Inputs, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         session = self._require_session()
         x, y = self._check_data(x, y)
-        manifest = self.manifest
-        total_loss, correct, size = 0.0, 0, max(1, batch_size)
         try:
             session.module.eval()
-            for start in range(0, len(x), size):
-                xb, yb = x[start : start + size], y[start : start + size]
-                extras = kd_extras(manifest, len(xb))  # alpha 0: plain cross-entropy
-                loss, logits = self._outputs(session.module(xb, yb, *extras.values()), manifest)
-                total_loss += float(loss) * len(xb)
-                correct += int(np.count_nonzero(np.argmax(logits, axis=1) == yb))
+            return run_eval(x, y, batch_size, lambda xb, yb: self._forward(session, xb, yb))
         except ort_errors() as exc:
             raise TrainerError(f"evaluation failed: {exc}") from exc
         finally:
             session.module.train()
-        return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
 
     def teacher_logits(self, x: Inputs, y: np.ndarray, batch_size: int = TEACHER_BATCH) -> np.ndarray:
         """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode), in
         batches of ``batch_size`` rows."""
         session = self._require_session()
         x, y = self._check_data(x, y)
-        manifest = self.manifest
-
-        def logits_of(xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
-            return self._outputs(session.module(xb, yb, *kd_extras(manifest, len(xb)).values()), manifest)[1]
-
         try:
             session.module.eval()
-            return teacher_logits(logits_of, x, y, batch_size)
+            return teacher_logits(lambda xb, yb: self._forward(session, xb, yb)[1], x, y, batch_size)
         except ort_errors() as exc:
             raise TrainerError(f"teacher pass failed: {exc}") from exc
         finally:
@@ -219,6 +203,10 @@ class OrtTrainer:
     def _outputs(outputs: Any, manifest: SegmentManifest) -> tuple[float, np.ndarray]:
         loss, logits = outputs[0], outputs[1]  # graph outputs: (loss, logits)
         return float(loss), np.asarray(logits).reshape(len(logits), manifest.num_classes)
+
+    def _forward(self, session: _Session, xb: np.ndarray, yb: np.ndarray) -> tuple[float, np.ndarray]:
+        """(loss, logits) of a batch; the module's mode is the caller's (eval: plain cross-entropy, alpha 0)."""
+        return self._outputs(session.module(xb, yb, *kd_extras(self.manifest, len(xb)).values()), self.manifest)
 
     def _step(self, session: _Session, xb: np.ndarray, yb: np.ndarray, extras: Mapping[str, np.ndarray]) -> float:
         loss, _ = self._outputs(session.module(xb, yb, *extras.values()), self.manifest)

@@ -102,8 +102,9 @@ def _link_parents() -> None:
 
 
 def ort_errors() -> tuple[type[Exception], ...]:
-    """The exception types onnxruntime raises (its pybind errors do not derive from RuntimeError)."""
-    _register_bare_packages()
+    """The exception types onnxruntime raises (its pybind errors do not derive from RuntimeError); for
+    plain onnxruntime and the training build alike."""
+    import_onnxruntime()
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
     names = (

@@ -18,7 +18,6 @@ dropout masks come from ``onnxruntime.set_seed(spec.seed)``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,25 +25,23 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import Inputs
-from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, teacher_logits
-from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
+from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
+from edge_agent.manifest import SegmentManifest
 from edge_agent.optim import Optimizer, make_optimizer
-from edge_agent.ort_training import import_onnxruntime
-from edge_agent.segment_checks import batch_order, check_data, check_tensors, plan_steps
-from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
+from edge_agent.ort_training import import_onnxruntime, ort_errors
+from edge_agent.segment_checks import check_data, check_tensors, open_manifest
+from edge_agent.trainer import (
+    EvalStats,
+    StepCallback,
+    TrainerError,
+    TrainSpec,
+    TrainStats,
+    plan_steps,
+    run_eval,
+    run_steps,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def ort_errors() -> tuple[type[Exception], ...]:
-    """The exception types plain onnxruntime raises (its pybind errors do not derive from RuntimeError)."""
-    import_onnxruntime()
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    names = "Fail InvalidArgument NoSuchFile NoModel EngineError RuntimeException InvalidProtobuf".split()
-    names += ["ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail"]
-    found = [getattr(state, name) for name in names if isinstance(getattr(state, name, None), type)]
-    return (RuntimeError, *found)
 
 
 class _Graph:
@@ -83,10 +80,7 @@ class PortableTrainer:
 
     def open(self, artifact_dir: Path) -> None:
         directory = Path(artifact_dir)
-        try:
-            manifest = read_manifest(directory)
-        except ManifestError as exc:
-            raise TrainerError(str(exc)) from exc
+        manifest = open_manifest(directory)
         if manifest.kind != "portable":
             raise TrainerError(f"{directory} holds {manifest.kind!r} artifacts; this backend needs a portable bundle")
         missing = [name for name in (manifest.train_graph, manifest.eval_graph) if not (directory / name).is_file()]
@@ -130,62 +124,46 @@ class PortableTrainer:
         tensors = self._require_weights()
         manifest = self.manifest
         x, y = check_data(manifest, x, y)
-        batch, _, total = plan_steps(spec, len(x))
+        batch, _, _ = plan_steps(spec, len(x))
         kd = check_kd(manifest, spec)
         if kd and teacher is None:
             teacher = self.teacher_logits(x, y, batch)
         import_onnxruntime().set_seed(spec.seed)  # dropout masks
-        started, steps, losses = time.perf_counter(), 0, [float("nan")]
         try:
             graph = self._train_graph()
-            for idx, new_epoch in batch_order(spec, len(x)):
-                if new_epoch:
-                    losses = []  # the reported loss is the last epoch's mean
-                kd_args = (teacher[idx], spec.kd_alpha, spec.kd_temperature) if kd else ()
-                extras = kd_extras(manifest, len(idx), *kd_args)
-                losses.append(self._step(graph, tensors, x[idx], y[idx], spec.lr, extras))
-                steps += 1
-                if on_step is not None:
-                    on_step(steps, total, losses[-1])
+
+            def step(_: int, idx: np.ndarray) -> float:
+                extras = step_extras(manifest, spec, teacher if kd else None, idx)
+                return self._step(graph, tensors, x[idx], y[idx], spec.lr, extras)
+
+            return run_steps(len(x), spec, step, on_step)
         except ort_errors() as exc:
             raise TrainerError(f"training step failed: {exc}") from exc
-        seconds = time.perf_counter() - started
-        return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
 
     def evaluate(self, x: Inputs, y: np.ndarray, batch_size: int = 256) -> EvalStats:
         tensors = self._require_weights()
-        manifest = self.manifest
-        x, y = check_data(manifest, x, y)
-        total_loss, correct, size = 0.0, 0, max(1, batch_size)
+        x, y = check_data(self.manifest, x, y)
         try:
-            graph = self._eval_graph()
-            for start in range(0, len(x), size):
-                xb, yb = x[start : start + size], y[start : start + size]
-                loss, logits = graph.run(self._feeds(tensors, xb, yb))
-                total_loss += float(loss) * len(xb)
-                predicted = np.argmax(np.asarray(logits).reshape(len(xb), manifest.num_classes), axis=1)
-                correct += int(np.count_nonzero(predicted == yb))
+            return run_eval(x, y, batch_size, lambda xb, yb: self._forward(tensors, xb, yb))
         except ort_errors() as exc:
             raise TrainerError(f"evaluation failed: {exc}") from exc
-        return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
-
-    # -- helpers ---------------------------------------------------------------------------------
 
     def teacher_logits(self, x: Inputs, y: np.ndarray, batch_size: int = TEACHER_BATCH) -> np.ndarray:
         """Logits [N, num_classes] of the current weights (eval graph: BatchNorm in inference mode), in
         batches of ``batch_size`` rows."""
         tensors = self._require_weights()
-        manifest = self.manifest
-        x, y = check_data(manifest, x, y)
-
-        def logits_of(xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
-            logits = self._eval_graph().run(self._feeds(tensors, xb, yb))[1]
-            return np.asarray(logits).reshape(len(xb), manifest.num_classes)
-
+        x, y = check_data(self.manifest, x, y)
         try:
-            return teacher_logits(logits_of, x, y, batch_size)
+            return teacher_logits(lambda xb, yb: self._forward(tensors, xb, yb)[1], x, y, batch_size)
         except ort_errors() as exc:
             raise TrainerError(f"teacher pass failed: {exc}") from exc
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _forward(self, tensors: Mapping[str, np.ndarray], xb: np.ndarray, yb: np.ndarray) -> tuple[float, np.ndarray]:
+        """(loss, logits) of a batch from the eval graph (BatchNorm in inference mode, plain cross-entropy)."""
+        loss, logits = self._eval_graph().run(self._feeds(tensors, xb, yb))
+        return float(loss), np.asarray(logits).reshape(len(xb), self.manifest.num_classes)
 
     def _step(
         self,

@@ -1,4 +1,4 @@
-"""Checks every trainer backend applies to weights, data and train specs (numpy only).
+"""Checks every trainer backend applies to weights and data (numpy only).
 
 Same rules and messages as :class:`edge_agent.ort_trainer.OrtTrainer`, so the
 backends accept and refuse the same things.
@@ -6,13 +6,14 @@ backends accept and refuse the same things.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
 from edge_agent.data import Images, Inputs
-from edge_agent.manifest import SegmentManifest
-from edge_agent.trainer import TrainerError, TrainSpec
+from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
+from edge_agent.trainer import TrainerError
 
 
 def check_tensors(
@@ -38,9 +39,17 @@ def check_tensors(
     return out
 
 
+def open_manifest(directory: Path) -> SegmentManifest:
+    """The manifest of the bundle in ``directory``; TrainerError when it is missing or malformed."""
+    try:
+        return read_manifest(directory)
+    except ManifestError as exc:
+        raise TrainerError(str(exc)) from exc
+
+
 def check_data(manifest: SegmentManifest, x: Inputs, y: np.ndarray) -> tuple[Inputs, np.ndarray]:
     """Inputs as contiguous float32 [N, *input_shape] (or images converted per batch), labels as int64
-    [N] in [0, num_classes)."""
+    [N] in [0, num_classes) (a split front has no classes: the coordinator's back checks its labels)."""
     if not isinstance(x, Images):
         x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 1 + len(manifest.input_shape) or x.shape[1:] != manifest.input_shape:
@@ -50,29 +59,6 @@ def check_data(manifest: SegmentManifest, x: Inputs, y: np.ndarray) -> tuple[Inp
         raise TrainerError(f"labels must be integers of shape ({len(x)},), got {labels.dtype} {labels.shape}")
     if len(x) == 0:
         raise TrainerError("no samples")
-    if labels.min() < 0 or labels.max() >= manifest.num_classes:
+    if manifest.num_classes and (labels.min() < 0 or labels.max() >= manifest.num_classes):
         raise TrainerError(f"labels must lie in [0, {manifest.num_classes})")
     return x, np.ascontiguousarray(labels, dtype=np.int64)
-
-
-def plan_steps(spec: TrainSpec, samples: int) -> tuple[int, int, int]:
-    """(batch size, steps per epoch, total steps); the incomplete last batch of an epoch is dropped."""
-    if spec.batch_size < 1 or spec.epochs < 1 or (spec.max_steps is not None and spec.max_steps < 0):
-        raise TrainerError(f"bad train spec: {spec}")
-    batch = min(spec.batch_size, samples)
-    per_epoch = samples // batch  # a batch of 1 upsets BatchNorm, so no ragged batches
-    total = per_epoch * spec.epochs if spec.max_steps is None else min(per_epoch * spec.epochs, spec.max_steps)
-    return batch, per_epoch, total
-
-
-def batch_order(spec: TrainSpec, samples: int) -> Iterator[tuple[np.ndarray, bool]]:
-    """The hop's batches as (sample indices, first batch of an epoch), reshuffled every epoch from
-    ``spec.seed``; every trainer walks its data in this same order."""
-    batch, per_epoch, total = plan_steps(spec, samples)
-    rng = np.random.default_rng(spec.seed)
-    steps = 0
-    while steps < total:
-        order, count = rng.permutation(samples), min(per_epoch, total - steps)
-        for k in range(count):
-            yield order[k * batch : (k + 1) * batch], k == 0
-        steps += count

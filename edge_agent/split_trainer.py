@@ -22,12 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.data import Images, Inputs
+from edge_agent.data import Inputs
 from edge_agent.manifest import PROBE_FILE
 from edge_agent.ort_trainer import OrtTrainer, _Session
 from edge_agent.ort_training import ort_errors
-from edge_agent.segment_checks import batch_order, plan_steps
-from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
+from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats, run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -65,30 +64,25 @@ class OrtFrontTrainer(OrtTrainer):
     ) -> TrainStats:
         """Train the front for ``spec``'s epochs/steps; the loss reported is the coordinator's (cross-entropy)."""
         session = self._require_session()
-        x, y = self._check_inputs(x, y)
-        batch, _, total = plan_steps(spec, len(x))
+        x, y = self._check_data(x, y)  # no label range: the front has no classes
         import onnxruntime
 
-        onnxruntime.set_seed(spec.seed)
         timing = {"probe": 0.0, "wait": 0.0, "step": 0.0}
-        started, steps, losses = time.perf_counter(), 0, [float("nan")]
+
+        def step(seq: int, idx: np.ndarray) -> float:
+            return self._batch(session, seq, x[idx], y[idx], exchange, timing)
+
+        onnxruntime.set_seed(spec.seed)
         try:
             session.optimizer.set_learning_rate(spec.lr)
             session.module.train()
-            for idx, new_epoch in batch_order(spec, len(x)):
-                if new_epoch:
-                    losses = []  # the reported loss is the last epoch's mean
-                losses.append(self._batch(session, steps, x[idx], y[idx], exchange, timing))
-                steps += 1
-                if on_step is not None:
-                    on_step(steps, total, losses[-1])
+            stats = run_steps(len(x), spec, step, on_step)
         except ort_errors() as exc:
             raise TrainerError(f"front training step failed: {exc}") from exc
-        seconds = time.perf_counter() - started
-        per = {k: 1000 * v / max(steps, 1) for k, v in timing.items()}
+        per = {k: 1000 * v / max(stats.steps, 1) for k, v in timing.items()}
         logger.info("front: %d batches, per batch %.1f ms probe, %.1f ms step, %.1f ms waiting for gradients",
-                    steps, per["probe"], per["step"], per["wait"])  # fmt: skip
-        return TrainStats(loss=float(np.mean(losses)), steps=steps, samples=steps * batch, seconds=seconds)
+                    stats.steps, per["probe"], per["step"], per["wait"])  # fmt: skip
+        return stats
 
     def _batch(
         self, session: _Session, seq: int, xb: np.ndarray, yb: np.ndarray, exchange: Exchange, timing: dict[str, float]
@@ -115,14 +109,3 @@ class OrtFrontTrainer(OrtTrainer):
         feed = self._split(session.flat()) | {self.manifest.input_name: xb}
         (activations,) = self._probe_session.run([self.manifest.logits_name], feed)
         return np.asarray(activations, dtype=np.float32)
-
-    def _check_inputs(self, x: Inputs, y: np.ndarray) -> tuple[Inputs, np.ndarray]:
-        if not isinstance(x, Images):
-            x = np.ascontiguousarray(x, dtype=np.float32)
-        shape = self.manifest.input_shape
-        if x.ndim != 1 + len(shape) or x.shape[1:] != shape or len(x) == 0:
-            raise TrainerError(f"inputs have shape {x.shape}, expected [N, {', '.join(map(str, shape))}]")
-        labels = np.asarray(y)
-        if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
-            raise TrainerError(f"labels must be integers of shape ({len(x)},), got {labels.dtype} {labels.shape}")
-        return x, np.ascontiguousarray(labels, dtype=np.int64)

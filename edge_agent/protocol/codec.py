@@ -1,9 +1,10 @@
 """Named tensors <-> safetensors bytes, optionally fp16 on the wire.
 
-``encode_tensors`` writes the safetensors format itself (8-byte header length, JSON header, raw
-little-endian data) so that a model is serialised with one copy, straight from the arrays;
-``decode_views`` reads it back without copying (read-only views into the payload, fp16 widened).
-The bytes are plain safetensors: any safetensors reader loads them.
+``tensor_parts`` is the toolkit's one safetensors writer (8-byte header length, JSON header, raw
+little-endian data): ``encode_tensors`` joins its parts into a payload with one copy, straight from
+the arrays, and a file writer streams them without building the file in memory. ``decode_views``
+reads the bytes back without copying (read-only views into the payload, fp16 widened). The bytes
+are plain safetensors: any safetensors reader loads them.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def as_received(t: np.ndarray, compression: str) -> np.ndarray:
     return np.asarray(t, np.float32)
 
 
-def encode_tensors(
+def tensor_parts(
     tensors: Mapping[str, np.ndarray], compression: str = "none", metadata: Mapping[str, str] | None = None
-) -> bytes:
-    """Serialise float tensors; ``fp16`` halves the bytes at a precision cost."""
+) -> list[bytes | memoryview]:
+    """The safetensors form of float tensors as consecutive parts: header length and header, then each
+    tensor's data (views of the converted arrays, in the mapping's order); ``fp16`` halves the bytes."""
     wire = wire_dtype(compression)
     arrays = {name: np.ascontiguousarray(t, dtype=wire) for name, t in tensors.items()}
     header: dict[str, object] = {"__metadata__": {"compression": compression, **(metadata or {})}}
@@ -50,7 +52,14 @@ def encode_tensors(
     text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
     parts: list[bytes | memoryview] = [struct.pack("<Q", len(text)), text]
     parts += [arr.data.cast("B") for arr in arrays.values() if arr.nbytes]
-    return b"".join(parts)
+    return parts
+
+
+def encode_tensors(
+    tensors: Mapping[str, np.ndarray], compression: str = "none", metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Serialise float tensors; ``fp16`` halves the bytes at a precision cost."""
+    return b"".join(tensor_parts(tensors, compression, metadata))
 
 
 def decode_views(data: bytes | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -47,7 +47,8 @@ class ModelHeader:
         return set(self.sent) >= set(self.versions)
 
     def metadata(self) -> dict[str, str]:
-        return {_KEY: json.dumps({"versions": self.versions, "digests": self.digests, "sent": list(self.sent)})}
+        header = {"versions": self.versions, "digests": self.digests, "sent": list(self.sent)}
+        return {_KEY: json.dumps(header, sort_keys=True)}  # canonical: the same header, the same bytes
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str]) -> ModelHeader | None:

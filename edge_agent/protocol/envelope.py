@@ -37,7 +37,7 @@ def new_id() -> str:
 
 @dataclass(frozen=True)
 class Envelope:
-    type: str
+    type: str  # a MessageType when built; decoded as read (a receiver refuses types it does not handle)
     src: str
     dst: str
     body: dict[str, Any] = field(default_factory=dict)
@@ -67,9 +67,14 @@ class Envelope:
         return out
 
 
+def canonical_json(obj: dict[str, Any]) -> bytes:
+    """The JSON form on the wire: compact, keys sorted (the same message, the same bytes), no NaN."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
 def encode(env: Envelope) -> bytes:
     """Envelope -> wire bytes (JSON, or a binary frame when it carries data)."""
-    head = json.dumps(env.header(), separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    head = canonical_json(env.header())
     if env.data is None:
         return head
     return FRAME_MAGIC + struct.pack(">I", len(head)) + head + env.data

@@ -1,9 +1,10 @@
-"""Typed message bodies, one frozen dataclass per message type.
+"""Typed message bodies, one frozen dataclass per message type (:class:`~edge_agent.protocol.kinds.MessageType`).
 
 Commands are imperative (``assign``, ``artifact_request``, ``abort``,
 ``shutdown``); reports are facts (``hello``, ``hop_started``, ``hop_progress``,
 ``hop_done``, ``transfer_ack``); ``chunk`` is the body of a binary frame.
-``body_of`` turns an envelope's body into its dataclass, checking every field.
+``body_of`` turns an envelope's body into its dataclass, checking every field
+(a ``StrEnum`` field accepts only its members' values).
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar, Union
+from enum import StrEnum
+from typing import Any, TypeVar, Union
 
 from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.kinds import Purpose
 
 
 @dataclass(frozen=True)
 class Status:
-    TYPE: ClassVar[str] = "status"
     state: str  # "online" | "offline"
 
 
@@ -27,7 +29,6 @@ class Status:
 class Hello:
     """An agent's profile: what the planner needs, never the data itself."""
 
-    TYPE: ClassVar[str] = "hello"
     agent_id: str
     backend: str  # "ort" | "portable" | "fake"
     versions: dict[str, str]  # package -> version
@@ -77,7 +78,6 @@ class HopTask:
 
 @dataclass(frozen=True)
 class Assign:
-    TYPE: ClassVar[str] = "assign"
     tasks: list[HopTask]
     chunk_bytes: int
     compression: str = "none"  # "none" | "fp16"
@@ -88,14 +88,12 @@ class Assign:
 class ModelRequest:
     """Send me the whole model for ``hop``: my cached copy cannot complete the delta you sent."""
 
-    TYPE: ClassVar[str] = "model_request"
     hop: int
     reason: str
 
 
 @dataclass(frozen=True)
 class ArtifactRequest:
-    TYPE: ClassVar[str] = "artifact_request"
     sha256: str
 
 
@@ -103,9 +101,8 @@ class ArtifactRequest:
 class Chunk:
     """Header body of a binary frame carrying ``data[offset:offset+len]`` of a transfer."""
 
-    TYPE: ClassVar[str] = "chunk"
     transfer_id: str
-    purpose: str  # "model" | "artifact" | "checkpoint" | "activations" | "gradients"
+    purpose: Purpose
     seq: int
     count: int
     size: int  # whole transfer, bytes
@@ -116,7 +113,6 @@ class Chunk:
 
 @dataclass(frozen=True)
 class TransferAck:
-    TYPE: ClassVar[str] = "transfer_ack"
     transfer_id: str
     sha256: str
 
@@ -125,7 +121,6 @@ class TransferAck:
 class TransferNack:
     """Resend these chunks (all of them when ``missing`` is empty)."""
 
-    TYPE: ClassVar[str] = "transfer_nack"
     transfer_id: str
     missing: list[int]
     reason: str
@@ -133,7 +128,6 @@ class TransferNack:
 
 @dataclass(frozen=True)
 class HopStarted:
-    TYPE: ClassVar[str] = "hop_started"
     round: int
     hop: int
     segment: int
@@ -142,7 +136,6 @@ class HopStarted:
 
 @dataclass(frozen=True)
 class HopProgress:
-    TYPE: ClassVar[str] = "hop_progress"
     round: int
     hop: int
     step: int
@@ -152,7 +145,6 @@ class HopProgress:
 
 @dataclass(frozen=True)
 class HopDone:
-    TYPE: ClassVar[str] = "hop_done"
     round: int
     hop: int
     segment: int
@@ -175,7 +167,6 @@ class HopDone:
 class Bye:
     """Final figures an agent sends when told to shut down."""
 
-    TYPE: ClassVar[str] = "bye"
     bytes_sent: int
     bytes_received: int
     peak_rss_mb: float
@@ -184,33 +175,15 @@ class Bye:
 
 @dataclass(frozen=True)
 class Abort:
-    TYPE: ClassVar[str] = "abort"
     reason: str
 
 
 @dataclass(frozen=True)
 class Shutdown:
-    TYPE: ClassVar[str] = "shutdown"
     reason: str = "trial finished"
     exit: bool = True  # False: say bye but stay up for the next trial
 
 
-MESSAGE_TYPES: dict[str, type] = {
-    cls.TYPE: cls
-    for cls in (
-        Status,
-        Hello,
-        Assign,
-        ModelRequest,
-        ArtifactRequest,
-        Chunk,
-        TransferAck,
-        TransferNack,
-        HopStarted,
-        HopProgress,
-    )
-    + (HopDone, Bye, Abort, Shutdown)
-}
 T = TypeVar("T")
 
 
@@ -262,6 +235,11 @@ def _check(hint: Any, value: Any, where: str) -> Any:
 def _scalar(hint: Any, value: Any, where: str) -> Any:
     if hint is Any:
         return value
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        known = [member.value for member in hint]
+        if isinstance(value, str) and value in known:
+            return hint(value)
+        raise ProtocolError("malformed", f"{where} is {value!r}, not one of {', '.join(known)}")
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):

@@ -19,9 +19,10 @@ import numpy as np
 
 from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.kinds import Purpose
 
-ACTIVATIONS = "activations"  # transfer purpose
-GRADIENTS = "gradients"  # transfer purpose
+ACTIVATIONS = Purpose.ACTIVATIONS  # transfer purpose
+GRADIENTS = Purpose.GRADIENTS  # transfer purpose
 MAX_LABEL = 2048  # labels travel as floats: exact up to here even in fp16
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, encode, new_id
 from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.kinds import MessageType, Purpose
 from edge_agent.protocol.messages import Chunk, TransferAck, TransferNack, body_of, to_body
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,14 @@ class Outgoing:
     retain: bool = False
 
 
-def reply(to: Envelope, me: str, kind: str, body: dict[str, Any], now: float) -> Outgoing:
+def reply(to: Envelope, me: str, kind: MessageType, body: dict[str, Any], now: float) -> Outgoing:
     env = Envelope(kind, me, to.src, body, reply_to=to.id, trial_id=to.trial_id, created_at=now)
     return Outgoing(topics.inbox(to.src), encode(env))
 
 
 def error_reply(to: Envelope, me: str, code: str, message: str, now: float) -> Outgoing:
     env = Envelope(
-        "error",
+        MessageType.ERROR,
         me,
         to.src,
         reply_to=to.id,
@@ -60,7 +61,7 @@ def sha256_hex(data: bytes) -> str:
 class PendingTransfer:
     transfer_id: str
     dst: str
-    purpose: str
+    purpose: Purpose
     meta: dict[str, Any]
     sha256: str
     size: int
@@ -74,7 +75,7 @@ class Completed:
     transfer_id: str
     src: str
     trial_id: str | None
-    purpose: str
+    purpose: Purpose
     meta: dict[str, Any]
     data: bytes
     sha256: str
@@ -93,7 +94,7 @@ class Outbox:
         self,
         dst: str,
         trial_id: str | None,
-        purpose: str,
+        purpose: Purpose | str,
         meta: dict[str, Any],
         data: bytes,
         chunk_bytes: int,
@@ -101,6 +102,7 @@ class Outbox:
     ) -> tuple[PendingTransfer, list[Outgoing]]:
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
+        purpose = Purpose(purpose)  # ValueError for a purpose the protocol does not know
         tid, digest = new_id(), sha256_hex(data)
         count = max(1, -(-len(data) // chunk_bytes))
         frames = []
@@ -108,7 +110,11 @@ class Outbox:
             part = data[seq * chunk_bytes : (seq + 1) * chunk_bytes]
             body = Chunk(tid, purpose, seq, count, len(data), digest, sha256_hex(part), meta)
             frames.append(
-                encode(Envelope("chunk", self.me, dst, to_body(body), trial_id=trial_id, created_at=now, data=part))
+                encode(
+                    Envelope(
+                        MessageType.CHUNK, self.me, dst, to_body(body), trial_id=trial_id, created_at=now, data=part
+                    )
+                )
             )
         pending = PendingTransfer(tid, dst, purpose, meta, digest, len(data), frames, now)
         self.pending[tid] = pending
@@ -193,7 +199,7 @@ class Reassembler:
         data = env.data or b""
         if chunk.transfer_id in self.done:  # duplicate of a finished transfer: ack again, deliver nothing
             ack = TransferAck(chunk.transfer_id, self.done[chunk.transfer_id])
-            return None, [reply(env, self.me, "transfer_ack", to_body(ack), now)]
+            return None, [reply(env, self.me, MessageType.TRANSFER_ACK, to_body(ack), now)]
         problem = self._refuse(chunk, data)
         if problem is not None:
             code, message = problem
@@ -212,7 +218,7 @@ class Reassembler:
                 env.src,
             )
             nack = TransferNack(chunk.transfer_id, [chunk.seq], "chunk digest mismatch")
-            return None, [reply(env, self.me, "transfer_nack", to_body(nack), now)]
+            return None, [reply(env, self.me, MessageType.TRANSFER_NACK, to_body(nack), now)]
         part.parts[chunk.seq] = data
         if len(part.parts) < chunk.count:
             return None, []
@@ -236,14 +242,14 @@ class Reassembler:
             )
             part.parts.clear()
             nack = TransferNack(first.transfer_id, [], "transfer digest mismatch")
-            return None, [reply(env, self.me, "transfer_nack", to_body(nack), now)]
+            return None, [reply(env, self.me, MessageType.TRANSFER_NACK, to_body(nack), now)]
         del self.partial[first.transfer_id]
         self.done[first.transfer_id] = first.sha256
         while len(self.done) > self.remember:
             self.done.popitem(last=False)
         done = Completed(first.transfer_id, part.src, part.trial_id, first.purpose, first.meta, data, first.sha256)
         ack = TransferAck(first.transfer_id, first.sha256)
-        return done, [reply(env, self.me, "transfer_ack", to_body(ack), now)]
+        return done, [reply(env, self.me, MessageType.TRANSFER_ACK, to_body(ack), now)]
 
     def tick(self, now: float) -> list[Outgoing]:
         """Ask for the missing chunks of transfers that stalled; give up after max_nacks."""
@@ -265,7 +271,9 @@ class Reassembler:
             part.nacks, part.last_seen = part.nacks + 1, now
             missing = [s for s in range(part.first.count) if s not in part.parts]
             nack = TransferNack(tid, missing, "chunks missing")
-            env = Envelope("transfer_nack", self.me, part.src, to_body(nack), trial_id=part.trial_id, created_at=now)
+            env = Envelope(
+                MessageType.TRANSFER_NACK, self.me, part.src, to_body(nack), trial_id=part.trial_id, created_at=now
+            )
             out.append(Outgoing(topics.inbox(part.src), encode(env)))
         return out
 
