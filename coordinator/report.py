@@ -42,7 +42,7 @@ def label(summary: dict[str, Any]) -> str:
     """``snake``, ``snake+kd`` ...: the compared variant, or what the summary says about KD."""
     if "variant" in summary:
         return str(summary["variant"])
-    return summary["algorithm"] + (f" kd={summary['kd_alpha']:g}" if summary.get("kd_alpha") else "")
+    return str(summary["algorithm"]) + (f" kd={summary['kd_alpha']:g}" if summary.get("kd_alpha") else "")
 
 
 def ratios(rows: Sequence[dict[str, Any]], base: str = "fedavg", other: str = "snake") -> list[dict[str, Any]]:

@@ -162,18 +162,6 @@ def load_npz(path: Path | str) -> Dataset:
     return _checked(Dataset(path.stem, x_train, y_train, x_test, y_test, num_classes), str(path))
 
 
-def save_npz(path: Path | str, ds: Dataset) -> None:
-    """Write ``ds`` in the NPZ format (uncompressed; dtypes kept)."""
-    np.savez(
-        Path(path),
-        x_train=ds.x_train,
-        y_train=ds.y_train,
-        x_test=ds.x_test,
-        y_test=ds.y_test,
-        num_classes=np.int64(ds.num_classes),
-    )
-
-
 # ---------------------------------------------------------------- CIFAR-10 (python batches)
 
 

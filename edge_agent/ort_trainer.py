@@ -1,7 +1,7 @@
 """The ONNX Runtime on-device training backend (``backend = "ort"``). Torch-free.
 
 One :class:`OrtTrainer` holds one segment's artifact directory (see
-:mod:`edge_agent.ort_artifacts`). Weights move in and out as one flat float32
+:mod:`coordinator.build.ort_artifacts`). Weights move in and out as one flat float32
 buffer in the manifest's order; ``set_weights`` starts a fresh session and a
 fresh optimizer, so a hop's result depends only on its weights, data and spec.
 
@@ -25,8 +25,8 @@ import numpy as np
 
 from edge_agent.data import Inputs
 from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, teacher_logits
-from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.ort_training import ort_errors, training_module
+from edge_agent.protocol.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.segment_checks import batch_order, check_data, check_tensors, plan_steps
 from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
 

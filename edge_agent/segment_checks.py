@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from edge_agent.data import Images, Inputs
-from edge_agent.manifest import SegmentManifest
+from edge_agent.protocol.manifest import SegmentManifest
 from edge_agent.trainer import TrainerError, TrainSpec
 
 

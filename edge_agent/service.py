@@ -31,12 +31,12 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.handover import Loaded, full_model, hand_on, load_model
 from edge_agent.localdata import LocalData
-from edge_agent.manifest import read_manifest
 from edge_agent.model_cache import ModelCache
 from edge_agent.mqtt import MqttLink, parse_broker_url
 from edge_agent.protocol import topics
 from edge_agent.protocol.delta import BaseMismatch
 from edge_agent.protocol.envelope import Envelope, encode
+from edge_agent.protocol.manifest import read_manifest
 from edge_agent.protocol.messages import Hello, HopProgress, HopStarted, HopTask, Status, to_body
 from edge_agent.protocol.split import encode_activations
 from edge_agent.split_trainer import OrtFrontTrainer

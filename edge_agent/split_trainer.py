@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import Images, Inputs
-from edge_agent.manifest import PROBE_FILE
 from edge_agent.ort_trainer import OrtTrainer, _Session
 from edge_agent.ort_training import ort_errors
+from edge_agent.protocol.manifest import PROBE_FILE
 from edge_agent.segment_checks import batch_order, plan_steps
 from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats
 
@@ -36,7 +36,7 @@ Exchange = Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, float]]
 
 
 class OrtFrontTrainer(OrtTrainer):
-    """Trains a split front bundle (:mod:`edge_agent.split_artifacts`) from the coordinator's gradients."""
+    """Trains a split front bundle (:mod:`coordinator.build.split_artifacts`) from the coordinator's gradients."""
 
     def open(self, artifact_dir: Path) -> None:
         super().open(artifact_dir)
