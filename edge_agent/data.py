@@ -24,11 +24,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.exitcodes import ExitCode
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ _RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array unpickling helper, w
 
 class DataError(EdgeAgentError):
     """A dataset could not be read or split; the message says what to do."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.DATA
 
 
 @dataclass(frozen=True, eq=False)
