@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 from coordinator.errors import CoordinatorError
+from edge_agent.exitcodes import ExitCode
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ _LIVE_LOCK = threading.Lock()
 
 class BrokerError(CoordinatorError):
     """A local broker could not be started."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.BROKER
 
 
 @dataclass(eq=False)

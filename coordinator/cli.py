@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -13,11 +14,10 @@ from typing import Any
 import click
 
 from coordinator.config import TrialConfig, load_trial
-from coordinator.errors import ConfigError, CoordinatorError
-from coordinator.plan import PlanError
-from edge_agent.data import DataError
-from edge_agent.errors import EdgeAgentError
-from edge_agent.exitcodes import ExitCode, terminate_as_interrupt
+from coordinator.errors import TrialError
+from edge_agent.errors import LinkError
+from edge_agent.exitcodes import exit_guard
+from edge_agent.mqtt import parse_broker_url
 
 log = logging.getLogger("coordinator")
 
@@ -123,26 +123,13 @@ def finish(summary: dict[str, Any], out: Path, as_json: bool) -> None:
     click.echo(f"results in {out}/ (summary.json, metrics.jsonl, training.png, final_model.onnx)")
 
 
-def guarded(fn: Callable[[], None]) -> None:
-    """Map errors to clear messages and exit codes."""
-    terminate_as_interrupt()
+def check_broker(url: str) -> None:
+    """Fail in a second, not after minutes of export, when nothing listens where the broker should be."""
+    broker = parse_broker_url(url)
     try:
-        fn()
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        sys.exit(ExitCode.INTERRUPTED)
-    except ConfigError as exc:
-        log.error("configuration: %s", exc)
-        sys.exit(ExitCode.CONFIG)
-    except PlanError as exc:
-        log.error("plan: %s", exc)
-        sys.exit(ExitCode.CONFIG)
-    except DataError as exc:
-        log.error("data: %s", exc)
-        sys.exit(ExitCode.DATA)
-    except (CoordinatorError, EdgeAgentError) as exc:
-        log.error("%s", exc)
-        sys.exit(ExitCode.FAILED)
+        socket.create_connection((broker.host, broker.port), timeout=5.0).close()
+    except OSError as exc:
+        raise LinkError(f"cannot reach the broker at {broker}: {exc}; is it running and reachable?") from exc
 
 
 def default_out(config: TrialConfig) -> Path:
@@ -188,12 +175,15 @@ def simulate(
         from coordinator.simulate import simulate as run_sim
 
         config = build_config(config_path, opts)
+        if broker:
+            check_broker(broker)
         run_dir = out or default_out(config)
         backends = tuple(b.strip() for b in agent_backends.split(",")) if agent_backends else ()
         options = SimOptions(broker, broker_kind, backends, threads, show_progress=sys.stderr.isatty())
         finish(run_sim(config, run_dir, options), run_dir, as_json)
 
-    guarded(go)
+    with exit_guard(log):
+        go()
 
 
 @main.command()
@@ -214,12 +204,14 @@ def run(
         from edge_agent.data import load_dataset
 
         config = build_config(trial_file, opts)
+        check_broker(broker)
         run_dir = out or default_out(config)
         summary = run_trial(config, broker, run_dir, load_dataset(config.dataset), exit_agents=not keep_agents,
                             show_progress=sys.stderr.isatty(), extra={"broker": "external"})  # fmt: skip
         finish(summary, run_dir, as_json)
 
-    guarded(go)
+    with exit_guard(log):
+        go()
 
 
 @main.command()
@@ -283,7 +275,8 @@ def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
                        f"fleet says otherwise)")  # fmt: skip
             click.echo("\n".join(p.describe()))
 
-    guarded(go)
+    with exit_guard(log):
+        go()
 
 
 @main.command()
@@ -325,6 +318,8 @@ def compare(
         opts.pop("algorithm", None)
         opts.pop("partition", None)
         config = build_config(trial_file, opts)
+        if broker:
+            check_broker(broker)
         run_dir = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
         backends = tuple(b.strip() for b in agent_backends.split(",")) if agent_backends else ()
         options = SimOptions(broker, "auto", backends, threads, show_progress=sys.stderr.isatty())
@@ -334,8 +329,14 @@ def compare(
         else:
             click.echo((run_dir / "report.md").read_text())
             click.echo(f"report in {run_dir}/report.md")
+        failed = [f"{r['variant']}/{r['partition']}" for r in result["runs"] if "failed" in r]
+        if failed:  # after the report, which records why
+            raise TrialError(
+                f"{len(failed)} of {len(result['runs'])} runs failed ({', '.join(failed)}); see the report"
+            )
 
-    guarded(go)
+    with exit_guard(log):
+        go()
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def load_trial(path: Path | None, overrides: dict[str, Any] | None = None) -> Tr
     if not isinstance(fleet, list):
         raise ConfigError("fleet must be an array of tables: [[fleet]]")
     members = tuple(_build(FleetAgent, table, f"fleet[{i}]") for i, table in enumerate(fleet))
-    config = dataclasses.replace(top, **sections, fleet=members)
+    config: TrialConfig = dataclasses.replace(top, **sections, fleet=members)
     for key, value in (overrides or {}).items():
         if value is None:
             continue

@@ -62,7 +62,7 @@ from edge_agent.protocol.messages import (
     body_of,
     to_body,
 )
-from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassembler, error_reply
+from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassembler, error_message, error_reply
 
 log = logging.getLogger(__name__)
 ME = topics.COORDINATOR
@@ -418,6 +418,4 @@ class Controller:
         return Outgoing(topics.inbox(dst), encode(env))
 
     def _error(self, dst: str, code: str, message: str, now: float) -> Outgoing:
-        error = {"code": code, "message": message}
-        env = Envelope(MessageType.ERROR, ME, dst, trial_id=self.setup.trial_id, created_at=now, error=error)
-        return Outgoing(topics.inbox(dst), encode(env))
+        return error_message(ME, dst, self.setup.trial_id, code, message, now)

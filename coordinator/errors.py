@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
 
-class CoordinatorError(Exception):
-    """Root of every error raised by coordinator."""
+from edge_agent.exitcodes import ExitCode, ToolError
+
+
+class CoordinatorError(ToolError):
+    """Root of every error raised by coordinator (exit code 1 unless a subclass says otherwise)."""
 
 
 class ConfigError(CoordinatorError):
     """A trial file or flag is wrong; the message says which key and why."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.CONFIG
 
 
 class TrialError(CoordinatorError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from coordinator.errors import ConfigError
 from edge_agent.protocol.delta import INITIAL
 
 
@@ -136,7 +137,7 @@ def _estimates(h: PlannedHop) -> str:
     return "".join(parts)
 
 
-class PlanError(ValueError):
+class PlanError(ConfigError):
     """No plan fits the fleet (every agent left out, or no assignment within the budgets)."""
 
 

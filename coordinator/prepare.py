@@ -9,13 +9,13 @@ from pathlib import Path
 
 from torch import nn
 
-from coordinator.artifacts import SegmentArtifacts, build_front_artifacts, build_segment_artifacts
+from coordinator.build.artifacts import SegmentArtifacts, build_front_artifacts, build_segment_artifacts
+from coordinator.build.portable_artifacts import build_portable_artifacts
 from coordinator.config import TrialConfig
 from coordinator.costs import profile_groups
 from coordinator.errors import ConfigError
 from coordinator.export import ForwardModel, export_forward, export_front
 from coordinator.plan import AgentProfile, GroupInfo, Plan, Segment
-from coordinator.portable_artifacts import build_portable_artifacts
 from coordinator.scheduler import fedavg_plan, snake_plan, split_plan
 from edge_agent.protocol.messages import Hello
 from models import InputSpec, build_model

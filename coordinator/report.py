@@ -42,7 +42,7 @@ def label(summary: dict[str, Any]) -> str:
     """``snake``, ``snake+kd`` ...: the compared variant, or what the summary says about KD."""
     if "variant" in summary:
         return str(summary["variant"])
-    return summary["algorithm"] + (f" kd={summary['kd_alpha']:g}" if summary.get("kd_alpha") else "")
+    return str(summary["algorithm"]) + (f" kd={summary['kd_alpha']:g}" if summary.get("kd_alpha") else "")
 
 
 def ratios(rows: Sequence[dict[str, Any]], base: str = "fedavg", other: str = "snake") -> list[dict[str, Any]]:
@@ -111,7 +111,8 @@ def plots(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             ax.plot(xs, [p["test_accuracy"] for p in pts], marker="o", label=f"{label(s)} / {s['partition']}")
         ax.set(xlabel=xlabel, ylabel="test accuracy", title=f"Test accuracy per {xlabel.split()[-1]}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if done:  # every run failed: no line, no legend
+            ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(out / f"{name}.png")
         fig.savefig(paths[-1], dpi=100)
@@ -125,7 +126,8 @@ def plots(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
                width, label=f"{label(s)} / {s['partition']}")  # fmt: skip
     ax.set_xticks([j + width * (len(done) - 1) / 2 for j in range(len(ids))], ids)
     ax.set(xlabel="agent", ylabel="peak RSS (MiB)", title="Peak memory per agent")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if done:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(out / "peak_memory.png")
     fig.savefig(paths[-1], dpi=100)

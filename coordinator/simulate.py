@@ -15,14 +15,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from coordinator.broker import start_broker
 from coordinator.config import TrialConfig
 from coordinator.errors import ConfigError, TrialError
 from coordinator.memcap import MemoryCap
+from coordinator.partitions import write_partitions
 from coordinator.trial import run_trial
-from edge_agent.data import Dataset, load_dataset, parse_partition, partition, save_npz, split_holdout
+from edge_agent.data import load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +33,6 @@ class SimOptions:
     backends: tuple[str, ...] = ()  # per agent, cycled; empty = "auto"
     threads: int = 0
     show_progress: bool = True
-
-
-def write_partitions(config: TrialConfig, ds: Dataset, root: Path) -> list[Path]:
-    """One NPZ per agent: its share of the training set (capped) and a local validation split."""
-    root.mkdir(parents=True, exist_ok=True)
-    parts = partition(ds.y_train, config.agents, parse_partition(config.partition), seed=config.seed)
-    rng = np.random.default_rng(config.seed)
-    paths = []
-    for i, idx in enumerate(parts):
-        if config.samples_per_agent and len(idx) > config.samples_per_agent:
-            idx = np.sort(rng.permutation(idx)[: config.samples_per_agent])
-        x, y, xv, yv = split_holdout(ds.x_train[idx], ds.y_train[idx], config.val_fraction, seed=config.seed + i)
-        path = root / f"agent-{i}.npz"
-        save_npz(path, Dataset(f"{ds.name}[agent-{i}]", x, y, xv, yv, ds.num_classes))
-        paths.append(path)
-    return paths
 
 
 class AgentProcesses:

@@ -37,6 +37,7 @@ from edge_agent.actions import (
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.kinds import MessageType, Purpose
 from edge_agent.protocol.messages import (
     Abort,
     ArtifactRequest,
@@ -52,8 +53,16 @@ from edge_agent.protocol.messages import (
     body_of,
     to_body,
 )
-from edge_agent.protocol.split import ACTIVATIONS, GRADIENTS, batch_meta, decode_gradient, parse_batch
-from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassembler, error_reply, sha256_hex
+from edge_agent.protocol.split import batch_meta, decode_gradient, parse_batch
+from edge_agent.protocol.transfer import (
+    Completed,
+    Outbox,
+    Outgoing,
+    Reassembler,
+    error_message,
+    error_reply,
+    sha256_hex,
+)
 
 log = logging.getLogger(__name__)
 COORD = topics.COORDINATOR
@@ -85,7 +94,7 @@ class Agent:
     # -- entry points -------------------------------------------------------------------------
     def start(self, now: float) -> Effects:
         self.last_hello = now
-        return Effects([self._send(COORD, "hello", to_body(self.hello), now)])
+        return Effects([self._send(COORD, MessageType.HELLO, to_body(self.hello), now)])
 
     def handle(self, topic: str, payload: bytes, now: float) -> Effects:
         """Any inbound publish. Never raises: bad input is logged (and answered) and dropped."""
@@ -123,11 +132,13 @@ class Agent:
         for hop, (src, asked) in self.awaiting.items():
             if now - asked > ARTIFACT_RETRY_S and hop not in self.models:
                 self.awaiting[hop] = (src, now)
-                fx.out.append(self._send(src, "model_request", to_body(ModelRequest(hop, "no answer yet")), now))
+                fx.out.append(
+                    self._send(src, MessageType.MODEL_REQUEST, to_body(ModelRequest(hop, "no answer yet")), now)
+                )
         for sha, asked in self.requested.items():
             if now - asked > ARTIFACT_RETRY_S and sha not in self.artifacts:
                 self.requested[sha] = now
-                fx.out.append(self._send(COORD, "artifact_request", to_body(ArtifactRequest(sha)), now))
+                fx.out.append(self._send(COORD, MessageType.ARTIFACT_REQUEST, to_body(ArtifactRequest(sha)), now))
         return fx
 
     def artifact_stored(self, sha: str, ok: bool, now: float) -> Effects:
@@ -137,17 +148,17 @@ class Agent:
             self.requested.pop(sha, None)
             return self._maybe_train(now)
         self.requested[sha] = now
-        return Effects([self._send(COORD, "artifact_request", to_body(ArtifactRequest(sha)), now)])
+        return Effects([self._send(COORD, MessageType.ARTIFACT_REQUEST, to_body(ArtifactRequest(sha)), now)])
 
     def hop_trained(self, result: HopResult, counters: Counters, now: float) -> Effects:
         """Training of ``result.task`` finished: hand the model on and report."""
         task, data = result.task, result.data
         meta = {"hop": task.hop + 1, "from_hop": task.hop, "round": task.round}
-        _, out = self.outbox.send(task.next, self.trial_id, "model", meta, data, self.chunk_bytes, now)
+        _, out = self.outbox.send(task.next, self.trial_id, Purpose.MODEL, meta, data, self.chunk_bytes, now)
         if result.checkpoint is not None:  # a copy for the coordinator's per-round evaluation
-            out += self.outbox.send(COORD, self.trial_id, "checkpoint", meta, result.checkpoint, self.chunk_bytes, now)[
-                1
-            ]
+            out += self.outbox.send(
+                COORD, self.trial_id, Purpose.CHECKPOINT, meta, result.checkpoint, self.chunk_bytes, now
+            )[1]
         self.busy, self.gradient_for = None, None
         self.finished.add(task.hop)
         done = HopDone(
@@ -156,7 +167,7 @@ class Agent:
             sha256_hex(data), len(data), counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb,
             self.hello.backend,
         )  # fmt: skip
-        fx = Effects(out + [self._send(COORD, "hop_done", to_body(done), now)])
+        fx = Effects(out + [self._send(COORD, MessageType.HOP_DONE, to_body(done), now)])
         return fx.extend(self._maybe_train(now))
 
     def hop_failed(self, hop: int, reason: str, now: float) -> Effects:
@@ -172,7 +183,7 @@ class Agent:
             return Effects()
         self.gradient_for = (hop, seq)
         meta = batch_meta(hop, seq, round=task.round)
-        _, out = self.outbox.send(COORD, self.trial_id, ACTIVATIONS, meta, data, self.chunk_bytes, now)
+        _, out = self.outbox.send(COORD, self.trial_id, Purpose.ACTIVATIONS, meta, data, self.chunk_bytes, now)
         return Effects(out)
 
     def base_missing(self, hop: int, src: str, reason: str, now: float) -> Effects:
@@ -181,7 +192,7 @@ class Agent:
         self.models.pop(hop, None)
         self.awaiting[hop] = (src, now)
         log.warning("hop %d: %s; asking %s for the whole model", hop, reason, src)
-        return Effects([self._send(src, "model_request", to_body(ModelRequest(hop, reason)), now)])
+        return Effects([self._send(src, MessageType.MODEL_REQUEST, to_body(ModelRequest(hop, reason)), now)])
 
     def resend(self, dst: str, hop: int, data: bytes | None, reason: str, now: float) -> Effects:
         """The service built the whole model a receiver asked for (``data``), or could not (``reason``)."""
@@ -190,17 +201,17 @@ class Agent:
             return Effects([self._error(COORD, "resend_failed", msg, now), self._error(dst, "resend_failed", msg, now)])
         meta = {"hop": hop, "from_hop": hop - 1, "round": self.tasks[hop - 1].round if hop - 1 in self.tasks else -1}
         log.info("hop %d: resending the whole model to %s (%d bytes)", hop, dst, len(data))
-        return Effects(self.outbox.send(dst, self.trial_id, "model", meta, data, self.chunk_bytes, now)[1])
+        return Effects(self.outbox.send(dst, self.trial_id, Purpose.MODEL, meta, data, self.chunk_bytes, now)[1])
 
     def bye(self, counters: Counters, now: float) -> Outgoing:
         body = Bye(counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb, len(self.finished))
-        return self._send(COORD, "bye", to_body(body), now)
+        return self._send(COORD, MessageType.BYE, to_body(body), now)
 
     # -- dispatch -----------------------------------------------------------------------------
     def _dispatch(self, env: Envelope, now: float) -> Effects:
         if env.dst != self.me:
             raise ProtocolError("misrouted", f"message for {env.dst!r} reached {self.me!r}")
-        if env.type == "chunk":
+        if env.type == MessageType.CHUNK:
             return self._on_chunk(env, now)
         if env.id in self.seen:
             log.debug("duplicate %s %s dropped", env.type, env.id)
@@ -210,12 +221,12 @@ class Agent:
             log.warning("error from %s (reply to %s): %s", env.src, env.reply_to, env.error)
             return Effects()
         handler = {
-            "assign": self._on_assign,
-            "transfer_ack": self._on_ack,
-            "transfer_nack": self._on_nack,
-            "model_request": self._on_model_request,
-            "abort": self._on_abort,
-            "shutdown": self._on_shutdown,
+            MessageType.ASSIGN: self._on_assign,
+            MessageType.TRANSFER_ACK: self._on_ack,
+            MessageType.TRANSFER_NACK: self._on_nack,
+            MessageType.MODEL_REQUEST: self._on_model_request,
+            MessageType.ABORT: self._on_abort,
+            MessageType.SHUTDOWN: self._on_shutdown,
         }.get(env.type)
         if handler is None:
             raise ProtocolError("unknown_type", f"agents do not handle {env.type!r} messages")
@@ -225,9 +236,9 @@ class Agent:
     def _check_trial(self, env: Envelope) -> None:
         """Only ``assign`` starts a trial. Commands naming another trial are stale (e.g. queued in this
         agent's persistent session while it was down) and must not stop or disturb a new one."""
-        if env.type == "assign" or env.trial_id in (None, self.trial_id):
+        if env.type == MessageType.ASSIGN or env.trial_id in (None, self.trial_id):
             return
-        if self.trial_id is None and env.type == "chunk":
+        if self.trial_id is None and env.type == MessageType.CHUNK:
             return  # a model may arrive just before its assignment
         raise ProtocolError("wrong_trial", f"message for trial {env.trial_id!r}; this agent runs {self.trial_id!r}")
 
@@ -251,7 +262,7 @@ class Agent:
         for sha in sorted({t.artifact_sha256 for t in assign.tasks} - self.artifacts):
             if sha not in self.requested:
                 self.requested[sha] = now
-                fx.out.append(self._send(COORD, "artifact_request", to_body(ArtifactRequest(sha)), now))
+                fx.out.append(self._send(COORD, MessageType.ARTIFACT_REQUEST, to_body(ArtifactRequest(sha)), now))
         return fx.extend(self._maybe_train(now))
 
     def _on_ack(self, env: Envelope, now: float) -> Effects:
@@ -288,11 +299,11 @@ class Agent:
         fx = Effects(out)
         if done is None:
             return fx
-        if done.purpose == "artifact":
+        if done.purpose == Purpose.ARTIFACT:
             return fx.extend(self._on_artifact(done))
-        if done.purpose == "model":
+        if done.purpose == Purpose.MODEL:
             return fx.extend(self._on_model(done, now))
-        if done.purpose == GRADIENTS:
+        if done.purpose == Purpose.GRADIENTS:
             return fx.extend(self._on_gradient(done))
         log.warning("transfer %s from %s has unknown purpose %r; dropped", done.transfer_id, done.src, done.purpose)
         return fx
@@ -341,15 +352,12 @@ class Agent:
         return Effects()
 
     # -- helpers ------------------------------------------------------------------------------
-    def _send(self, dst: str, kind: str, body: Mapping[str, object], now: float) -> Outgoing:
+    def _send(self, dst: str, kind: MessageType, body: Mapping[str, object], now: float) -> Outgoing:
         env = Envelope(kind, self.me, dst, dict(body), trial_id=self.trial_id, created_at=now)
         return Outgoing(topics.inbox(dst), encode(env))
 
     def _error(self, dst: str, code: str, message: str, now: float) -> Outgoing:
-        env = Envelope(
-            "error", self.me, dst, trial_id=self.trial_id, created_at=now, error={"code": code, "message": message}
-        )
-        return Outgoing(topics.inbox(dst), encode(env))
+        return error_message(self.me, dst, self.trial_id, code, message, now)
 
 
 def _finite(value: float) -> float | None:

@@ -1,78 +1,32 @@
-"""Artifact bundles: a directory packed as a deterministic, uncompressed tar.
+"""Received artifact bundles: verified, unpacked and kept by digest.
 
-The same directory always packs to the same bytes (sorted names, zeroed
-mtime/uid/gid, fixed modes), so a bundle's sha256 names its content. Unpacking
-trusts nothing: absolute paths, ``..`` components, links and device files are
-refused. An :class:`ArtifactStore` keeps unpacked bundles by digest.
+A bundle is a directory packed as a deterministic, uncompressed tar (packed by the coordinator,
+:func:`coordinator.build.bundle.pack_dir`), so its sha256 names its content. Unpacking trusts
+nothing: absolute paths, ``..`` components, links and device files are refused. An
+:class:`ArtifactStore` keeps unpacked bundles by digest.
 
-Stdlib only (the agent imports this before it knows which backend it has).
+Stdlib and the protocol only (the agent imports this before it knows which backend it has).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import logging
 import os
 import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from edge_agent.errors import EdgeAgentError
-
-logger = logging.getLogger(__name__)
+from edge_agent.protocol.transfer import sha256_hex
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_FILE_MODE = 0o644
 _CHUNK = 1 << 20
 
 
 class BundleError(EdgeAgentError):
-    """A bundle cannot be packed, unpacked or stored (bad digest, unsafe member, I/O error)."""
-
-
-def sha256_hex(data: bytes) -> str:
-    """Lower-case hex sha256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def _bundle_files(root: Path) -> list[tuple[str, Path]]:
-    """Every regular file under ``root`` as (posix relative name, path), sorted by name."""
-    files: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        for name in dirnames + filenames:
-            path = here / name
-            if path.is_symlink():
-                raise BundleError(f"refusing to pack symlink {path}")
-        for name in filenames:
-            path = here / name
-            if not path.is_file():
-                raise BundleError(f"refusing to pack non-regular file {path}")
-            files.append((path.relative_to(root).as_posix(), path))
-    return sorted(files)
-
-
-def pack_dir(path: Path) -> bytes:
-    """Pack every regular file under ``path`` into deterministic uncompressed tar bytes."""
-    root = Path(path)
-    if not root.is_dir():
-        raise BundleError(f"not a directory: {root}")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, file_path in _bundle_files(root):
-            info = tarfile.TarInfo(name)
-            info.size = file_path.stat().st_size
-            info.mtime = 0
-            info.mode = _FILE_MODE
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with file_path.open("rb") as handle:
-                tar.addfile(info, handle)
-    return buffer.getvalue()
+    """A bundle cannot be unpacked or stored (bad digest, unsafe member, I/O error)."""
 
 
 def _safe_member_name(member: tarfile.TarInfo) -> PurePosixPath:
@@ -113,27 +67,6 @@ def unpack_bytes(blob: bytes, dest: Path) -> None:
                 shutil.copyfileobj(source, handle, _CHUNK)
 
 
-def fill_atomically(target: Path, fill: Callable[[Path], None]) -> bool:
-    """Let ``fill`` write a directory in private staging next to ``target``, then rename it into place.
-
-    Readers never see a half-written directory. Returns False if a concurrent writer put ``target``
-    there first (same content by construction: directories are named by content hash). Errors of
-    ``fill`` propagate; the staging directory never survives.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
-    try:
-        fill(staging)
-        os.rename(staging, target)
-        return True
-    except OSError:
-        if target.is_dir():
-            return False
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 class ArtifactStore:
     """Unpacked bundles kept by sha256 under ``root`` (``root/<sha>/``)."""
 
@@ -158,9 +91,21 @@ class ArtifactStore:
         if final.is_dir():
             return final
         try:
-            fill_atomically(final, lambda staging: unpack_bytes(blob, staging))
+            _unpack_atomically(blob, final)
         except OSError as exc:
             raise BundleError(f"cannot store bundle {sha}: {exc}") from exc
         return final
-        logger.info("stored bundle %s (%d bytes)", sha, len(blob))
-        return final
+
+
+def _unpack_atomically(blob: bytes, final: Path) -> None:
+    """Unpack into private staging next to ``final``, then rename: readers never see half a bundle."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name[:12]}-", dir=final.parent))
+    try:
+        unpack_bytes(blob, staging)
+        os.rename(staging, final)
+    except OSError:
+        if not final.is_dir():  # else a concurrent put stored the same content first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

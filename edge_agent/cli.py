@@ -12,8 +12,7 @@ import click
 from edge_agent import profile
 from edge_agent.backends import installed
 from edge_agent.config import AgentConfig
-from edge_agent.errors import EdgeAgentError
-from edge_agent.exitcodes import ExitCode, terminate_as_interrupt
+from edge_agent.exitcodes import exit_guard
 from edge_agent.protocol.topics import check_id
 
 log = logging.getLogger("edge_agent")
@@ -125,28 +124,11 @@ def run(data_spec: str, part: str, log_level: str, **opts: object) -> None:
     from edge_agent.localdata import load_local
     from edge_agent.service import AgentService
 
-    terminate_as_interrupt()
-    try:
+    with exit_guard(log):
         config = AgentConfig(data=data_spec, part=_part(part), **opts)  # type: ignore[arg-type]
         data = load_local(config)
         reason = AgentService(config, data).run()
-    except KeyboardInterrupt:
-        sys.exit(ExitCode.INTERRUPTED)
-    except EdgeAgentError as exc:
-        log.error("%s", exc)
-        sys.exit(_code(exc))
     log.info("agent exits: %s", reason)
-
-
-def _code(exc: Exception) -> int:
-    from edge_agent.data import DataError
-    from edge_agent.mqtt import LinkError
-
-    if isinstance(exc, DataError):
-        return ExitCode.DATA
-    if isinstance(exc, LinkError):
-        return ExitCode.BROKER
-    return ExitCode.FAILED
 
 
 @main.command()

@@ -24,11 +24,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.exitcodes import ExitCode
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ _RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array unpickling helper, w
 
 class DataError(EdgeAgentError):
     """A dataset could not be read or split; the message says what to do."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.DATA
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,18 +163,6 @@ def load_npz(path: Path | str) -> Dataset:
     else:
         num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     return _checked(Dataset(path.stem, x_train, y_train, x_test, y_test, num_classes), str(path))
-
-
-def save_npz(path: Path | str, ds: Dataset) -> None:
-    """Write ``ds`` in the NPZ format (uncompressed; dtypes kept)."""
-    np.savez(
-        Path(path),
-        x_train=ds.x_train,
-        y_train=ds.y_train,
-        x_test=ds.x_test,
-        y_test=ds.y_test,
-        num_classes=np.int64(ds.num_classes),
-    )
 
 
 # ---------------------------------------------------------------- CIFAR-10 (python batches)

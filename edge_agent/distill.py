@@ -1,6 +1,6 @@
 """Knowledge-distillation inputs every trainer backend feeds a KD bundle (numpy only).
 
-A KD bundle's graphs (see :mod:`edge_agent.kd_loss`) take three extra inputs after
+A KD bundle's graphs (see :mod:`coordinator.build.kd_loss`) take three extra inputs after
 the batch and labels: teacher logits [N, num_classes], alpha and temperature (float
 scalars). The teacher is the model as received at the start of the hop, evaluated in
 inference mode once over the local training set; each step is fed the teacher rows of
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edge_agent.data import Inputs
-from edge_agent.manifest import SegmentManifest
+from edge_agent.protocol.manifest import SegmentManifest
 from edge_agent.trainer import TrainerError, TrainSpec
 
 logger = logging.getLogger(__name__)

@@ -1,10 +1,17 @@
-"""Process exit codes shared by both command-line tools."""
+"""Process exit codes, the exception root they hang on, and the one guard both command-line tools use."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import logging
 import signal
+import sys
+from collections.abc import Iterator
 from types import FrameType
+from typing import ClassVar
+
+import click
 
 
 class ExitCode(enum.IntEnum):
@@ -17,6 +24,16 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 130  # Ctrl-C, or SIGTERM
 
 
+class ToolError(Exception):
+    """An error a tool raises on purpose: its message is the reason a user reads, its class says the exit code.
+
+    Each tool has one root below this (``EdgeAgentError``, ``CoordinatorError``); a subclass that means
+    something else than "failed" sets ``exit_code``.
+    """
+
+    exit_code: ClassVar[ExitCode] = ExitCode.FAILED
+
+
 def terminate_as_interrupt() -> None:
     """Treat SIGTERM (``kill``, systemd, a supervisor) like Ctrl-C, so the same clean-up runs: brokers and
     agent processes a coordinator started are stopped, an agent says it goes offline."""
@@ -25,3 +42,28 @@ def terminate_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+@contextlib.contextmanager
+def exit_guard(log: logging.Logger) -> Iterator[None]:
+    """Run a command's body and leave the process with the documented exit code.
+
+    SIGTERM acts as Ctrl-C; both exit 130 after the body's clean-up ran. A :class:`ToolError` logs one
+    line (its code's name and its message; the traceback too at DEBUG) and exits with its class's code.
+    Anything else is a bug: it is logged with its traceback and exits 1. Click's usage errors pass
+    through (click exits 2).
+    """
+    terminate_as_interrupt()
+    try:
+        yield
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        sys.exit(ExitCode.INTERRUPTED)
+    except click.ClickException:
+        raise
+    except ToolError as exc:
+        log.error("%s: %s", exc.exit_code.name.lower(), exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        sys.exit(exc.exit_code)
+    except Exception:
+        log.exception("unexpected error (a bug: please report it with this traceback)")
+        sys.exit(ExitCode.FAILED)

@@ -27,8 +27,8 @@ from edge_agent.bundle import ArtifactStore
 from edge_agent.data import Inputs
 from edge_agent.handover import Cache, Loaded, full_model, hand_on, load_model
 from edge_agent.localdata import LocalData
-from edge_agent.manifest import read_manifest
 from edge_agent.protocol.delta import BaseMismatch
+from edge_agent.protocol.manifest import read_manifest
 from edge_agent.protocol.messages import HopTask
 from edge_agent.protocol.split import encode_activations
 from edge_agent.trainer import EvalStats, StepCallback, Trainer, TrainerError, TrainSpec, TrainStats

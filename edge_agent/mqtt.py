@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import LinkError
 from edge_agent.link import Incoming, LinkCounters
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,6 @@ class _PahoLevels(logging.Filter):
 
 _PAHO_LOG = logging.getLogger(f"{__name__}.paho")
 _PAHO_LOG.addFilter(_PahoLevels())
-
-
-class LinkError(EdgeAgentError):
-    """The MQTT link could not be set up (bad URL, broker unreachable or refusing)."""
 
 
 @dataclass(frozen=True, repr=False)

@@ -1,7 +1,7 @@
 """The ONNX Runtime on-device training backend (``backend = "ort"``). Torch-free.
 
 One :class:`OrtTrainer` holds one segment's artifact directory (see
-:mod:`edge_agent.ort_artifacts`). Weights move in and out as one flat float32
+:mod:`coordinator.build.ort_artifacts`). Weights move in and out as one flat float32
 buffer in the manifest's order; ``set_weights`` starts a fresh session and a
 fresh optimizer, so a hop's result depends only on its weights, data and spec.
 
@@ -24,8 +24,8 @@ import numpy as np
 
 from edge_agent.data import Inputs
 from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
-from edge_agent.manifest import SegmentManifest
-from edge_agent.ort_training import ort_errors, training_module
+from edge_agent.ort_training import import_onnxruntime, ort_errors, training_module
+from edge_agent.protocol.manifest import SegmentManifest
 from edge_agent.segment_checks import check_data, check_tensors, open_manifest
 from edge_agent.trainer import (
     EvalStats,
@@ -48,7 +48,7 @@ class _Session:
 
     def __init__(self, directory: Path, options: Any, flat: np.ndarray, manifest: SegmentManifest) -> None:
         api = training_module("api")
-        import onnxruntime
+        onnxruntime = import_onnxruntime()
 
         self.state = api.CheckpointState.load_checkpoint(str(directory / "nominal_checkpoint"))
         self.module = api.Module(
@@ -69,7 +69,7 @@ class _Session:
 
     def flat(self) -> np.ndarray:
         """Every parameter in one float32 buffer we own (copied straight into it: one copy, not three)."""
-        import onnxruntime
+        onnxruntime = import_onnxruntime()
 
         out = np.empty(self.module.get_parameters_size(False), dtype=np.float32)
         self.module._model.copy_parameters_to_buffer(onnxruntime.OrtValue.ortvalue_from_numpy(out)._ortvalue, False)
@@ -143,7 +143,7 @@ class OrtTrainer:
         kd = check_kd(self.manifest, spec)
         if kd and teacher is None:
             teacher = self.teacher_logits(x, y, batch)
-        import onnxruntime
+        onnxruntime = import_onnxruntime()
 
         def step(_: int, idx: np.ndarray) -> float:
             extras = step_extras(self.manifest, spec, teacher if kd else None, idx)
@@ -184,7 +184,7 @@ class OrtTrainer:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _options(self) -> Any:
-        import onnxruntime
+        onnxruntime = import_onnxruntime()
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = self.log_severity

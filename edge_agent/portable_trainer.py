@@ -1,6 +1,6 @@
 """The portable backend (``backend = "portable"``): plain ``onnxruntime`` + numpy. No torch, no ORT training.
 
-A portable bundle (built by :mod:`coordinator.lowering`) holds two standard-ONNX
+A portable bundle (built by :mod:`coordinator.build.lowering`) holds two standard-ONNX
 graphs whose inputs are the batch and every tensor of the model:
 
     train graph: (loss, logits, gradient of each trainable tensor, updated running stats of every BatchNorm)
@@ -26,9 +26,9 @@ import numpy as np
 
 from edge_agent.data import Inputs
 from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
-from edge_agent.manifest import SegmentManifest
 from edge_agent.optim import Optimizer, make_optimizer
 from edge_agent.ort_training import import_onnxruntime, ort_errors
+from edge_agent.protocol.manifest import SegmentManifest
 from edge_agent.segment_checks import check_data, check_tensors, open_manifest
 from edge_agent.trainer import (
     EvalStats,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.data import Images, Inputs
-from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest
+from edge_agent.protocol.manifest import ManifestError, SegmentManifest, read_manifest
 from edge_agent.trainer import TrainerError
 
 

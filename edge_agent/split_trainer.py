@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import Inputs
-from edge_agent.manifest import PROBE_FILE
 from edge_agent.ort_trainer import OrtTrainer, _Session
-from edge_agent.ort_training import ort_errors
+from edge_agent.ort_training import import_onnxruntime, ort_errors
+from edge_agent.protocol.manifest import PROBE_FILE
 from edge_agent.trainer import EvalStats, StepCallback, TrainerError, TrainSpec, TrainStats, run_steps
 
 logger = logging.getLogger(__name__)
@@ -35,14 +35,14 @@ Exchange = Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, float]]
 
 
 class OrtFrontTrainer(OrtTrainer):
-    """Trains a split front bundle (:mod:`edge_agent.split_artifacts`) from the coordinator's gradients."""
+    """Trains a split front bundle (:mod:`coordinator.build.split_artifacts`) from the coordinator's gradients."""
 
     def open(self, artifact_dir: Path) -> None:
         super().open(artifact_dir)
         probe = Path(artifact_dir) / PROBE_FILE
         if not self.manifest.split_front or not probe.is_file():
             raise TrainerError(f"{artifact_dir} is not a split-learning front bundle (no activation shape or probe)")
-        import onnxruntime
+        onnxruntime = import_onnxruntime()
 
         try:
             self._probe_session = onnxruntime.InferenceSession(
@@ -65,7 +65,7 @@ class OrtFrontTrainer(OrtTrainer):
         """Train the front for ``spec``'s epochs/steps; the loss reported is the coordinator's (cross-entropy)."""
         session = self._require_session()
         x, y = self._check_data(x, y)  # no label range: the front has no classes
-        import onnxruntime
+        onnxruntime = import_onnxruntime()
 
         timing = {"probe": 0.0, "wait": 0.0, "step": 0.0}
 

@@ -57,6 +57,7 @@ def layer_groups(model: nn.Module) -> list[str]:
     and buffer name starts with exactly one group prefix followed by a dot.
     """
     groups = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
-    if hasattr(model, "group_names"):
-        groups = list(model.group_names())
+    group_names = getattr(model, "group_names", None)  # a model may name its groups itself
+    if callable(group_names):
+        groups = list(group_names())
     return groups

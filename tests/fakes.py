@@ -16,14 +16,14 @@ from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
+from coordinator.build.bundle import pack_dir, write_manifest
 from coordinator.events import BackStep, BuildArtifacts, Built, EvaluateRound, Evaluation, Stepped
 from coordinator.plan import GroupInfo, Plan
-from edge_agent.bundle import pack_dir
 from edge_agent.data import Inputs
 from edge_agent.hop import Exchange
-from edge_agent.manifest import SegmentManifest, read_manifest, write_manifest
 from edge_agent.model_cache import CachedModel
 from edge_agent.protocol.delta import Base
+from edge_agent.protocol.manifest import SegmentManifest, read_manifest
 from edge_agent.trainer import EvalStats, StepCallback, TrainSpec, TrainStats
 
 P = ParamSpec("P")

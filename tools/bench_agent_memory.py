@@ -52,8 +52,8 @@ def build_case(args: argparse.Namespace, work: Path, algorithm: str, segment: in
     from coordinator.config import load_trial
     from coordinator.controller import Controller
     from coordinator.events import BuildArtifacts, Built
+    from coordinator.partitions import write_partitions
     from coordinator.prepare import prepare
-    from coordinator.simulate import write_partitions
     from coordinator.trial import input_spec, trial_setup
     from edge_agent.data import load_dataset
     from edge_agent.protocol import topics

@@ -91,9 +91,9 @@ def _prepare(name: str, work: Path, cache: Path) -> dict[str, Any]:
     """Export the model, build both bundles, write weights and a data set for the workers."""
     import torch
 
-    from coordinator.artifacts import build_segment_artifacts
+    from coordinator.build.artifacts import build_segment_artifacts
+    from coordinator.build.portable_artifacts import build_portable_artifacts
     from coordinator.export import export_forward
-    from coordinator.portable_artifacts import build_portable_artifacts
     from models import InputSpec, build_model
 
     model_name, groups, batch = SEGMENTS[name]

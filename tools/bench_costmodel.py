@@ -64,9 +64,9 @@ def _model(name: str, work: Path) -> tuple[Any, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from coordinator.artifacts import build_segment_artifacts
+    from coordinator.build.artifacts import build_segment_artifacts
+    from coordinator.build.portable_artifacts import build_portable_artifacts
     from coordinator.costmodel import memory_terms, trainer_memory, within_tolerance
-    from coordinator.portable_artifacts import build_portable_artifacts
 
     report: dict[str, Any] = {
         "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},

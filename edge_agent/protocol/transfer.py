@@ -40,17 +40,17 @@ def reply(to: Envelope, me: str, kind: MessageType, body: dict[str, Any], now: f
     return Outgoing(topics.inbox(to.src), encode(env))
 
 
+def error_message(
+    me: str, dst: str, trial_id: str | None, code: str, message: str, now: float, reply_to: str | None = None
+) -> Outgoing:
+    """An error report (``error`` instead of ``body``): a failed request's reply, or news nobody asked for."""
+    error = {"code": code, "message": message}
+    env = Envelope(MessageType.ERROR, me, dst, reply_to=reply_to, trial_id=trial_id, created_at=now, error=error)
+    return Outgoing(topics.inbox(dst), encode(env))
+
+
 def error_reply(to: Envelope, me: str, code: str, message: str, now: float) -> Outgoing:
-    env = Envelope(
-        MessageType.ERROR,
-        me,
-        to.src,
-        reply_to=to.id,
-        trial_id=to.trial_id,
-        created_at=now,
-        error={"code": code, "message": message},
-    )
-    return Outgoing(topics.inbox(to.src), encode(env))
+    return error_message(me, to.src, to.trial_id, code, message, now, reply_to=to.id)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.edge_agent.conftest import segment, toy  # noqa: F401  (the toy-model fixtures, for the build tests)
+
 if TYPE_CHECKING:
     from torch import nn
 

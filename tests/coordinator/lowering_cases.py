@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from coordinator.lowering import Builder, lower_node, unportable
+from coordinator.build.lowering import Builder, lower_node, unportable
 
 MS = "com.microsoft"
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL

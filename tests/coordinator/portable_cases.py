@@ -78,8 +78,8 @@ def export_models(out: Path) -> Callable[[str], ForwardModel]:
 
 def write_segments(out: Path, forward_of: Callable[[str], ForwardModel], cache: Path) -> int:
     """Each segment case: its portable bundle, start weights, batch and what OrtTrainer made of them."""
-    from coordinator.artifacts import build_segment_artifacts
-    from coordinator.portable_artifacts import build_portable_artifacts
+    from coordinator.build.artifacts import build_segment_artifacts
+    from coordinator.build.portable_artifacts import build_portable_artifacts
     from edge_agent.ort_trainer import OrtTrainer
     from edge_agent.trainer import TrainSpec
 
@@ -113,8 +113,8 @@ def write_segments(out: Path, forward_of: Callable[[str], ForwardModel], cache: 
 
 def write_toy(out: Path) -> int:
     """Toy-model bundles (onnx.helper MLP, optional BatchNorm) and a separable 3-class data set."""
-    from coordinator.lowering import lower_segment
-    from edge_agent.ort_artifacts import generate_segment
+    from coordinator.build.lowering import lower_segment
+    from coordinator.build.ort_artifacts import generate_segment
     from tests.edge_agent.conftest import build_toy_onnx
 
     folder = out / "toy"

@@ -13,9 +13,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-import coordinator.artifacts as artifacts_module  # noqa: E402
-from coordinator.artifacts import SegmentArtifactError, build_segment_artifacts  # noqa: E402
-from edge_agent.bundle import ArtifactStore, pack_dir  # noqa: E402
+import coordinator.build.artifacts as artifacts_module  # noqa: E402
+from coordinator.build.artifacts import SegmentArtifactError, build_segment_artifacts  # noqa: E402
+from coordinator.build.bundle import pack_dir  # noqa: E402
+from edge_agent.bundle import ArtifactStore  # noqa: E402
 from edge_agent.ort_trainer import OrtTrainer  # noqa: E402
 from tests.coordinator.conftest import INPUT_SHAPE, Exported  # noqa: E402
 

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from coordinator.lowering import lower_segment  # noqa: E402
-from edge_agent.ort_artifacts import generate_segment  # noqa: E402
+from coordinator.build.lowering import lower_segment  # noqa: E402
+from coordinator.build.ort_artifacts import generate_segment  # noqa: E402
 from edge_agent.ort_trainer import OrtTrainer  # noqa: E402
 from edge_agent.portable_trainer import PortableTrainer  # noqa: E402
 from edge_agent.trainer import Trainer, TrainSpec  # noqa: E402

@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from coordinator.artifacts import build_segment_artifacts  # noqa: E402
+from coordinator.build.artifacts import build_segment_artifacts  # noqa: E402
+from coordinator.build.portable_artifacts import build_portable_artifacts  # noqa: E402
 from coordinator.export import ForwardModel  # noqa: E402
-from coordinator.portable_artifacts import build_portable_artifacts  # noqa: E402
 from edge_agent.ort_trainer import OrtTrainer  # noqa: E402
 from edge_agent.portable_trainer import PortableTrainer  # noqa: E402
 from edge_agent.trainer import Trainer, TrainSpec  # noqa: E402

@@ -16,13 +16,14 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 from onnx import helper  # noqa: E402
 
-import coordinator.portable_artifacts as portable_module  # noqa: E402
-from coordinator.artifacts import SegmentArtifactError, build_segment_artifacts  # noqa: E402
-from coordinator.lowering import Builder, Interface, LoweringError, lower_node, lower_training_model, unportable  # noqa: E402
-from coordinator.portable_artifacts import build_portable_artifacts  # noqa: E402
-from edge_agent.bundle import ArtifactStore, pack_dir  # noqa: E402
-from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest  # noqa: E402
+import coordinator.build.portable_artifacts as portable_module  # noqa: E402
+from coordinator.build.artifacts import SegmentArtifactError, build_segment_artifacts  # noqa: E402
+from coordinator.build.bundle import pack_dir  # noqa: E402
+from coordinator.build.lowering import Builder, Interface, LoweringError, lower_node, lower_training_model, unportable  # noqa: E402
+from coordinator.build.portable_artifacts import build_portable_artifacts  # noqa: E402
+from edge_agent.bundle import ArtifactStore  # noqa: E402
 from edge_agent.portable_trainer import PortableTrainer  # noqa: E402
+from edge_agent.protocol.manifest import ManifestError, SegmentManifest, read_manifest  # noqa: E402
 from edge_agent.trainer import TrainerError  # noqa: E402
 from tests.coordinator.conftest import INPUT_SHAPE, Exported  # noqa: E402
 

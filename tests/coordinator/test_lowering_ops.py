@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from coordinator.lowering import RULES  # noqa: E402
+from coordinator.build.lowering import RULES  # noqa: E402
 from tests.coordinator.lowering_cases import OpCase, all_cases, lowered_model, original_model, run  # noqa: E402
 
 pytestmark = pytest.mark.ort

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from coordinator.artifacts import build_segment_artifacts  # noqa: E402
+from coordinator.build.artifacts import build_segment_artifacts  # noqa: E402
 from coordinator.export import ForwardModel, load_tensors, model_tensors  # noqa: E402
 from edge_agent.ort_trainer import OrtTrainer  # noqa: E402
 from edge_agent.trainer import TrainSpec  # noqa: E402

@@ -55,8 +55,8 @@ def test_the_cut_is_checked_against_the_model() -> None:
 def test_one_front_step_on_the_coordinators_gradient_equals_torch(tmp_path: Path) -> None:
     """Activations out, dL/dA back, SGD step: the ORT front moves exactly like the front of the whole torch
     model trained on the same batch, and its BatchNorm running statistics move once, not twice."""
+    from coordinator.build.split_artifacts import generate_front
     from coordinator.export import export_front, model_tensors
-    from edge_agent.split_artifacts import generate_front
     from edge_agent.split_trainer import OrtFrontTrainer
     from models import InputSpec, build_model
     from models.split import split_model

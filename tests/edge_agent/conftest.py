@@ -91,7 +91,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Callable[[bool], ToyModel]:
 @pytest.fixture(scope="session")
 def segment(tmp_path_factory: pytest.TempPathFactory, toy: Callable[[bool], ToyModel]) -> Callable[..., Path]:
     """``segment(trainable, optimizer="adamw", batchnorm=False)``: an artifact directory (cached)."""
-    from edge_agent.ort_artifacts import generate_segment
+    from coordinator.build.ort_artifacts import generate_segment
 
     cache: dict[tuple[tuple[str, ...], str, bool], Path] = {}
 

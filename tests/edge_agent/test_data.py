@@ -22,7 +22,6 @@ from edge_agent.data import (
     load_npz,
     parse_partition,
     partition,
-    save_npz,
     split_holdout,
     to_float,
 )
@@ -40,7 +39,7 @@ def fashion() -> Dataset:
     return load_fashion_mnist()
 
 
-def _tiny(num_classes: int = 3) -> Dataset:
+def tiny_dataset(num_classes: int = 3) -> Dataset:
     rng = np.random.default_rng(0)
     return Dataset(
         "tiny",
@@ -112,16 +111,6 @@ def test_unknown_spec_lists_accepted_forms() -> None:
 
 
 # ---------------------------------------------------------------- NPZ and CIFAR-10
-
-
-def test_npz_round_trip_keeps_dtypes(tmp_path: Path) -> None:
-    ds = _tiny(num_classes=5)
-    save_npz(tmp_path / "d.npz", ds)
-    back = load_dataset(str(tmp_path / "d.npz"))
-    assert back.x_train.dtype == np.uint8 and back.num_classes == 5
-    for key in ("x_train", "y_train", "x_test", "y_test"):
-        np.testing.assert_array_equal(getattr(back, key), getattr(ds, key))
-    assert load_dataset(f"npz:{tmp_path / 'd.npz'}").input_shape == (1, 4, 4)
 
 
 def test_npz_grey_images_gain_a_channel_and_classes_default(tmp_path: Path) -> None:

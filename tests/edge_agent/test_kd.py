@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,9 +10,8 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
+from coordinator.build.ort_artifacts import generate_segment  # noqa: E402
 from edge_agent import distill  # noqa: E402
-from edge_agent.manifest import read_manifest  # noqa: E402
-from edge_agent.ort_artifacts import generate_segment  # noqa: E402
 from edge_agent.ort_trainer import OrtTrainer, TrainerError  # noqa: E402
 from edge_agent.trainer import TrainSpec  # noqa: E402
 from tests.edge_agent.conftest import ToyModel  # noqa: E402
@@ -61,17 +59,6 @@ def _first_loss(trainer: OrtTrainer, data: Data, spec: TrainSpec, teacher: np.nd
     losses: list[float] = []
     trainer.train(*data, spec, on_step=lambda _s, _t, loss: losses.append(loss), teacher=teacher)
     return losses[0]
-
-
-def test_kd_manifest_names_the_extra_inputs_and_plain_manifests_do_not(
-    kd_segment: Path, segment: Callable[..., Path]
-) -> None:
-    manifest = read_manifest(kd_segment)
-    assert manifest.kd and manifest.kd_inputs == ("teacher_logits", "kd_alpha", "kd_temperature")
-    data = json.loads((kd_segment / "manifest.json").read_text())
-    assert data["kd"] is True and data["kd_inputs"] == list(manifest.kd_inputs)
-    plain = json.loads((segment(ALL, "sgd") / "manifest.json").read_text())
-    assert "kd" not in plain and "kd_inputs" not in plain and not read_manifest(segment(ALL, "sgd")).kd
 
 
 def test_one_kd_step_loss_is_ce_plus_scaled_kl(kd_segment: Path, toy: Callable[..., ToyModel], blobs: Data) -> None:

@@ -14,8 +14,6 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from edge_agent.bundle import pack_dir, sha256_hex  # noqa: E402
-from edge_agent.ort_artifacts import ArtifactError, generate_segment  # noqa: E402
 from edge_agent.ort_trainer import OrtTrainer, TrainerError  # noqa: E402
 from edge_agent.trainer import TrainSpec  # noqa: E402
 from tests.edge_agent.conftest import ToyModel  # noqa: E402
@@ -165,25 +163,15 @@ def test_corrupt_graph_is_a_trainer_error(
         trainer.get_weights()
 
 
-def test_artifacts_are_deterministic_and_checked(
-    toy: Callable[..., ToyModel], segment: Callable[..., Path], tmp_path: Path
-) -> None:
-    again = generate_segment(toy().onnx_path, tuple(reversed(HEAD)), tmp_path / "again")
-    assert again.trainable == HEAD
-    assert sha256_hex(pack_dir(tmp_path / "again")) == sha256_hex(pack_dir(segment(HEAD)))
-    with pytest.raises(ArtifactError, match="not float initializers"):
-        generate_segment(toy().onnx_path, ("nope",), tmp_path / "bad")
-
-
 _FRESH_INTERPRETER = """
 import sys
 import numpy as np
 import edge_agent.ort_trainer
-import edge_agent.ort_artifacts
+import coordinator.build.ort_artifacts
 from edge_agent.ort_trainer import OrtTrainer
 from edge_agent.trainer import TrainSpec
 assert "torch" not in sys.modules, "importing the modules loaded torch"
-generated = edge_agent.ort_artifacts.generate_segment(sys.argv[1], ["head.weight", "head.bias"], sys.argv[2])
+generated = coordinator.build.ort_artifacts.generate_segment(sys.argv[1], ["head.weight", "head.bias"], sys.argv[2])
 trainer = OrtTrainer(threads=1)
 trainer.open(sys.argv[2])
 trainer.set_weights({n: np.zeros(s, np.float32) for n, s in generated.shapes.items()})

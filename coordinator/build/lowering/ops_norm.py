@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx
 
-from coordinator.lowering.builder import Builder, attr, wanted
+from coordinator.build.lowering.builder import Builder, attr, wanted
 
 _NCL = [0, 0, -1]  # Reshape target: keep N and C, fold the spatial dims
 _CHANNEL_AXES = [0, 2]  # reduce over batch and spatial dims of [N, C, L]

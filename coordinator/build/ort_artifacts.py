@@ -1,15 +1,14 @@
 """Build one segment's ONNX Runtime training artifacts from a forward ONNX, without torch.
 
-Runs on the coordinator and on devices that have onnxruntime-training. The
-trainable set is baked into ``training_model.onnx``, so every segment gets its
-own artifact directory:
+Needs onnx and onnxruntime-training (not torch). The trainable set is baked
+into ``training_model.onnx``, so every segment gets its own artifact directory:
 
     training_model.onnx   forward + CrossEntropy loss + gradients; outputs (loss, logits, ...)
                           (kd=True: CE + distillation loss, inputs teacher logits/alpha/T; see kd_loss)
     eval_model.onnx       forward + loss; outputs (loss, logits)
     optimizer_model.onnx  AdamW (torch defaults) or plain SGD
     nominal_checkpoint    parameter names and shapes only: weights travel separately
-    manifest.json         see :mod:`edge_agent.manifest`
+    manifest.json         see :mod:`edge_agent.protocol.manifest`
 
 The graph fixes and pitfalls this module handles are in ORT-NOTES.md.
 """
@@ -27,24 +26,24 @@ from pathlib import Path
 
 import onnx
 
-from edge_agent.errors import EdgeAgentError
-from edge_agent.kd_loss import ALPHA_NAME, TEACHER_NAME, TEMPERATURE_NAME, kd_loss_block
-from edge_agent.manifest import OPTIMIZERS, SegmentManifest, write_manifest
+from coordinator.build.bundle import write_manifest
+from coordinator.build.kd_loss import ALPHA_NAME, TEACHER_NAME, TEMPERATURE_NAME, kd_loss_block
+from coordinator.errors import CoordinatorError
+from edge_agent.optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
 from edge_agent.ort_training import training_module
+from edge_agent.protocol.manifest import OPTIMIZERS, SegmentManifest
 
 logger = logging.getLogger(__name__)
 
 MAX_IR_VERSION = 10  # onnxruntime 1.19.2 refuses newer IR versions
 LABEL_NAME = "labels"  # the label input onnxblock's CrossEntropyLoss adds
-ADAMW_EPS = 1e-8  # torch.optim.AdamW default (ORT's default is 1e-6)
-ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW default (ORT's default is 0)
-# betas (0.9, 0.999) and bias correction are the defaults of both; the update rule is set by use_torch_adamw.
+# AdamW as torch does it (ORT's own defaults: eps 1e-6, weight decay 0); the update rule is set by use_torch_adamw.
 GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 _FLOAT = onnx.TensorProto.FLOAT
 _GENERATE_LOCK = threading.Lock()  # generate_artifacts uses a process-global name counter
 
 
-class ArtifactError(EdgeAgentError):
+class ArtifactError(CoordinatorError):
     """Training artifacts cannot be generated from the given forward model and segment."""
 
 
@@ -130,7 +129,7 @@ def _default_segment_buffers(model: onnx.ModelProto, trainable: Sequence[str]) -
 def _optimizer_block(optimizer: str) -> object:
     onnxblock = training_module("onnxblock")
     if optimizer == "adamw":
-        return onnxblock.optim.AdamW(eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY)
+        return onnxblock.optim.AdamW(betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY)
     return onnxblock.optim.SGD()
 
 
@@ -144,7 +143,7 @@ def _run_generator(
     kd_classes: int | None = None,
     loss: object | None = None,
 ) -> None:
-    """``kd_classes``: build the knowledge-distillation loss (:mod:`edge_agent.kd_loss`) for that many classes;
+    """``kd_classes``: build the knowledge-distillation loss (:mod:`coordinator.build.kd_loss`) for that many classes;
     ``loss``: an onnxblock loss block that replaces cross-entropy (e.g. the split-learning surrogate)."""
     artifacts = training_module("artifacts")
     graph_utils = training_module("onnxblock._graph_utils")
@@ -305,7 +304,7 @@ def generate_segment(
     stats of every BatchNormalization; ``segment_buffers`` (the buffers this segment owns)
     to those of each BatchNormalization whose scale or bias is trainable.
     ``kd``: the loss is CE + knowledge distillation, with the extra graph inputs teacher
-    logits, alpha and temperature (:mod:`edge_agent.kd_loss`); the manifest names them.
+    logits, alpha and temperature (:mod:`coordinator.build.kd_loss`); the manifest names them.
     """
     model = onnx.load(forward_onnx)
     order = [init.name for init in float_initializers(model)]

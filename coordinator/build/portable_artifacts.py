@@ -1,10 +1,10 @@
 """Per-segment portable bundles (for agents with plain onnxruntime), built once and cached by content.
 
-The same conventions as :mod:`coordinator.artifacts`: one bundle per (forward model,
+The same conventions as :mod:`coordinator.build.artifacts`: one bundle per (forward model,
 trainable set, optimizer), cached under ``cache_dir/<key>/`` with a key distinct from
 the ORT bundle's, deterministic bytes, so a stable sha256. Building one first builds
 (or reuses) the segment's ORT artifacts in the same cache, then lowers them
-(:func:`coordinator.lowering.lower_segment`), which also checks that both graphs load
+(:func:`coordinator.build.lowering.lower_segment`), which also checks that both graphs load
 in onnxruntime.
 """
 
@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator.artifacts import (
+from coordinator.build.artifacts import (
     SegmentArtifactError,
     SegmentArtifacts,
     _check_request,
@@ -23,10 +23,10 @@ from coordinator.artifacts import (
     build_segment_artifacts,
     packed,
 )
+from coordinator.build.bundle import fill_atomically
+from coordinator.build.lowering import LoweringError, lower_segment
 from coordinator.export import ForwardModel
-from coordinator.lowering import LoweringError, lower_segment
-from edge_agent.bundle import fill_atomically
-from edge_agent.manifest import MANIFEST_NAME
+from edge_agent.protocol.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def build_portable_artifacts(
 ) -> SegmentArtifacts:
     """The portable bundle of the segment that trains ``trainable`` (parameter names); cached.
 
-    ``optimizer`` as for :func:`coordinator.artifacts.build_segment_artifacts`; the device
+    ``optimizer`` as for :func:`coordinator.build.artifacts.build_segment_artifacts`; the device
     applies it in numpy (:mod:`edge_agent.optim`); ``kd`` as there too.
     """
     ordered = _check_request(forward, trainable, optimizer)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import onnx
 
-from coordinator.lowering.builder import LoweringError
-from coordinator.lowering.graph import MAX_IR_VERSION, Interface, lower_eval_model, lower_training_model
-from edge_agent.manifest import ManifestError, SegmentManifest, read_manifest, write_manifest
+from coordinator.build.bundle import write_manifest
+from coordinator.build.lowering.builder import LoweringError
+from coordinator.build.lowering.graph import MAX_IR_VERSION, Interface, lower_eval_model, lower_training_model
+from edge_agent.protocol.manifest import ManifestError, SegmentManifest, read_manifest
 
 logger = logging.getLogger(__name__)
 

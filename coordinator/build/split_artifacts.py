@@ -25,8 +25,8 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from edge_agent.manifest import PROBE_FILE, SegmentManifest, write_manifest
-from edge_agent.ort_artifacts import (
+from coordinator.build.bundle import write_manifest
+from coordinator.build.ort_artifacts import (
     ArtifactError,
     _all_buffers,
     _input_shape,
@@ -35,6 +35,7 @@ from edge_agent.ort_artifacts import (
     initializer_shapes,
 )
 from edge_agent.ort_training import training_module
+from edge_agent.protocol.manifest import PROBE_FILE, SegmentManifest
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The segment manifest: what a training-artifact bundle holds, as ``manifest.json``.
 
-Written by whoever builds the artifacts (coordinator or device), read by every
-trainer backend. Stdlib only.
+The contract between the coordinator, which writes it when it builds a bundle
+(:mod:`coordinator.build`), and every trainer backend of the agent, which reads it. Stdlib only.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ class SegmentManifest:
     grad_outputs: Mapping[str, str] = field(default_factory=dict)  # trainable name -> its gradient output
     buffer_outputs: Mapping[str, str] = field(default_factory=dict)  # every buffer -> its updated value output
     # Knowledge-distillation bundles only (absent otherwise): the extra graph inputs (teacher logits
-    # float [N, num_classes], alpha and temperature float scalars), in that order. See edge_agent.kd_loss.
+    # float [N, num_classes], alpha and temperature float scalars), in that order. See coordinator.build.kd_loss.
     kd_inputs: tuple[str, ...] = ()
     # Split-learning front bundles only (absent otherwise): the per-sample shape of the activations the
     # front outputs (``logits_name``); ``label_name`` then names the input taking dL/d(activations) and
-    # the loss is the surrogate sum(activations * gradient). See edge_agent.split_artifacts.
+    # the loss is the surrogate sum(activations * gradient). See coordinator.build.split_artifacts.
     activation_shape: tuple[int, ...] = ()
 
     @property
@@ -163,9 +163,3 @@ def read_manifest(directory: Path) -> SegmentManifest:
     except OSError as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from exc
     return SegmentManifest.from_json(text)
-
-
-def write_manifest(directory: Path, manifest: SegmentManifest) -> Path:
-    path = Path(directory) / MANIFEST_NAME
-    path.write_text(manifest.to_json(), encoding="utf-8")
-    return path

@@ -3,9 +3,9 @@
 A segment's trainable set is baked into its training graph, so each distinct
 (forward model, trainable set, optimizer, KD or not) gets its own bundle. Bundles are cached
 under ``cache_dir/<key>/`` where the key hashes exactly those inputs; generation
-is deterministic, so the bundle's sha256 (of :func:`edge_agent.bundle.pack_dir`)
+is deterministic, so the bundle's sha256 (of :func:`coordinator.build.bundle.pack_dir`)
 is stable across runs too. Generation itself is the torch-free
-:func:`edge_agent.ort_artifacts.generate_segment`, which devices can run as well.
+:func:`coordinator.build.ort_artifacts.generate_segment`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.build.bundle import fill_atomically, pack_dir
+from coordinator.build.ort_artifacts import ArtifactError, generate_segment
+from coordinator.build.split_artifacts import generate_front
 from coordinator.errors import CoordinatorError
 from coordinator.export import ForwardModel
-from edge_agent.bundle import fill_atomically, pack_dir, sha256_hex
 from edge_agent.errors import EdgeAgentError
-from edge_agent.manifest import FORMAT_VERSION, MANIFEST_NAME, OPTIMIZERS, read_manifest
-from edge_agent.ort_artifacts import generate_segment
-from edge_agent.split_artifacts import generate_front
+from edge_agent.protocol.manifest import FORMAT_VERSION, MANIFEST_NAME, OPTIMIZERS, read_manifest
+from edge_agent.protocol.transfer import sha256_hex
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _generate(forward: ForwardModel, trainable: tuple[str, ...], optimizer: str,
 
     try:
         fill_atomically(target, fill)
-    except EdgeAgentError as exc:
+    except (ArtifactError, EdgeAgentError) as exc:
         raise SegmentArtifactError(f"cannot build artifacts: {exc}") from exc
 
 
@@ -106,7 +107,7 @@ def build_segment_artifacts(
 
     ``optimizer``: "adamw" (torch defaults: betas 0.9/0.999, eps 1e-8, weight decay 0.01)
     or "sgd" (no momentum). The learning rate is set at run time. ``kd``: the loss is
-    CE + knowledge distillation, alpha and T fed at run time (:mod:`edge_agent.kd_loss`).
+    CE + knowledge distillation, alpha and T fed at run time (:mod:`coordinator.build.kd_loss`).
     """
     ordered = _check_request(forward, trainable, optimizer)
     key = artifact_key(Path(forward.onnx_path).read_bytes(), ordered, optimizer, kd)
@@ -132,6 +133,6 @@ def build_front_artifacts(front_onnx: Path, cache_dir: Path, optimizer: str = "a
     if not (directory / MANIFEST_NAME).is_file():
         try:
             fill_atomically(directory, fill)
-        except EdgeAgentError as exc:
+        except (ArtifactError, EdgeAgentError) as exc:
             raise SegmentArtifactError(f"cannot build the split front's artifacts: {exc}") from exc
     return packed(directory, read_manifest(directory).trainable, "split front")

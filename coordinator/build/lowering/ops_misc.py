@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from coordinator.lowering.builder import Builder, attr, has_input, wanted
+from coordinator.build.lowering.builder import Builder, attr, has_input, wanted
 
 
 def _row_factor(b: Builder, node: onnx.NodeProto, labels: str, ignored: str | None) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from coordinator.lowering.builder import Builder, LoweringError, attr, wanted
+from coordinator.build.lowering.builder import Builder, LoweringError, attr, wanted
 
 
 def _rank(b: Builder, node: onnx.NodeProto) -> int:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import helper
 
-from coordinator.lowering.builder import MS_DOMAIN, Builder, LoweringError
-from coordinator.lowering.rules import lower_node, unportable
+from coordinator.build.lowering.builder import MS_DOMAIN, Builder, LoweringError
+from coordinator.build.lowering.rules import lower_node, unportable
 
 logger = logging.getLogger(__name__)
 

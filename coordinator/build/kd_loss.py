@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
@@ -29,7 +30,7 @@ ALPHA_NAME = "kd_alpha"  # float scalar
 TEMPERATURE_NAME = "kd_temperature"  # float scalar
 
 
-def _node(model: onnx.ModelProto, op_type: str, inputs: list[str], hint: str, **attrs: object) -> str:
+def _node(model: onnx.ModelProto, op_type: str, inputs: list[str], hint: str, **attrs: Any) -> str:
     graph_utils = training_module("onnxblock._graph_utils")
     out = str(graph_utils.generate_graph_name(hint))
     name = str(graph_utils.generate_graph_name(f"kd.{op_type}"))

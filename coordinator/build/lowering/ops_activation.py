@@ -11,7 +11,7 @@ import math
 import numpy as np
 import onnx
 
-from coordinator.lowering.builder import Builder, attr, has_input
+from coordinator.build.lowering.builder import Builder, attr, has_input
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _GELU_PDF = 0.5 * (2.0 / math.sqrt(math.pi)) * _SQRT1_2  # 1/sqrt(2*pi)

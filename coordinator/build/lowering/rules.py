@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable
 
 import onnx
 
-from coordinator.lowering import ops_activation, ops_conv, ops_misc, ops_norm
-from coordinator.lowering.builder import MS_DOMAIN, Builder, LoweringError, attr
+from coordinator.build.lowering import ops_activation, ops_conv, ops_misc, ops_norm
+from coordinator.build.lowering.builder import MS_DOMAIN, Builder, LoweringError, attr
 
 Rule = Callable[[Builder, onnx.NodeProto], None]
 

@@ -1,0 +1,41 @@
+"""The agents' shares of a data set, written as NPZ files (the format agents read, :func:`edge_agent.data.load_npz`).
+
+Torch-free: ``simulate`` and the benchmarks give each agent process its partition this way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.config import TrialConfig
+from edge_agent.data import Dataset, parse_partition, partition, split_holdout
+
+
+def save_npz(path: Path | str, ds: Dataset) -> None:
+    """Write ``ds`` in the NPZ format (uncompressed; dtypes kept)."""
+    np.savez(
+        Path(path),
+        x_train=ds.x_train,
+        y_train=ds.y_train,
+        x_test=ds.x_test,
+        y_test=ds.y_test,
+        num_classes=np.int64(ds.num_classes),
+    )
+
+
+def write_partitions(config: TrialConfig, ds: Dataset, root: Path) -> list[Path]:
+    """One NPZ per agent: its share of the training set (capped) and a local validation split."""
+    root.mkdir(parents=True, exist_ok=True)
+    parts = partition(ds.y_train, config.agents, parse_partition(config.partition), seed=config.seed)
+    rng = np.random.default_rng(config.seed)
+    paths = []
+    for i, idx in enumerate(parts):
+        if config.samples_per_agent and len(idx) > config.samples_per_agent:
+            idx = np.sort(rng.permutation(idx)[: config.samples_per_agent])
+        x, y, xv, yv = split_holdout(ds.x_train[idx], ds.y_train[idx], config.val_fraction, seed=config.seed + i)
+        path = root / f"agent-{i}.npz"
+        save_npz(path, Dataset(f"{ds.name}[agent-{i}]", x, y, xv, yv, ds.num_classes))
+        paths.append(path)
+    return paths
