@@ -132,9 +132,7 @@ class HopRunner:
         """Train an ordinary hop (in the worker thread)."""
         task = action.task
         trainer = self.trainers.make()
-        directory = self.store.path(task.artifact_sha256)
-        trainer.open(directory)
-        loaded = self._load(action, trainer)
+        directory, loaded = self._open(action, trainer)
         stats = trainer.train(self.data.x_train, self.data.y_train, self.spec(task), on_step)
         # evaluation batches as small as training's: a 256-sample forward pass was the hop's memory peak
         val = trainer.evaluate(self.data.x_val, self.data.y_val, task.batch_size) if len(self.data.y_val) else None
@@ -144,9 +142,7 @@ class HopRunner:
         """Split learning: train the front batch by batch against the coordinator's gradients."""
         task = action.task
         trainer = self.trainers.make_front()
-        directory = self.store.path(task.artifact_sha256)
-        trainer.open(directory)
-        loaded = self._load(action, trainer)
+        directory, loaded = self._open(action, trainer)
         exchange = self.channel.exchange_for(task, action.compression)
         stats = trainer.train_split(self.data.x_train, self.data.y_train, self.spec(task), exchange, on_step)
         return self._result(action, directory, trainer, loaded, stats, None)
@@ -159,6 +155,12 @@ class HopRunner:
             log.error("cannot resend the model for hop %d to %s: %s", action.hop, action.dst, exc.message)
             return agent.resend(action.dst, action.hop, None, exc.message, now)
         return agent.resend(action.dst, action.hop, data, "", now)
+
+    def _open(self, action: Train, trainer: Trainer) -> tuple[Path, Loaded]:
+        """Open the segment's bundle and give ``trainer`` the whole received model."""
+        directory = self.store.path(action.task.artifact_sha256)
+        trainer.open(directory)
+        return directory, self._load(action, trainer)
 
     def _load(self, action: Train, trainer: Trainer) -> Loaded:
         """Complete the received model (a delta, from the cached copy) and give it to ``trainer``."""
