@@ -36,8 +36,12 @@ A trial file (every key optional; defaults shown)::
 
     [timeouts]
     join_s = 180               # wait for agents
-    hop_s = 900                # one hop, including transfers
+    hop_s = 900                # a hop without news for this long (+ 4x its estimate + its model's travel
+                               #   at 1 Mbit/s): its agent is taken as hung and routed around (snake)
     gradient_s = 60            # split learning: an agent waits this long for a batch's gradient
+    offline_s = 5              # an agent offline (last will) this long is routed around (snake) ...
+    holder_s = 60              #   ... unless it holds the only copy of a finished hop: then this long
+    silence_s = 30             # an agent that sent heartbeats and then nothing this long is routed around
 
     [[fleet]]                  # optional, one table per simulated agent, in agent order (agent-0 first);
     memory_mb = 0              #   agents without a table get the defaults. memory_mb: a hard cap on the
@@ -86,6 +90,9 @@ class Timeouts:
     join_s: float = 180.0
     hop_s: float = 900.0
     gradient_s: float = 60.0
+    offline_s: float = 5.0
+    holder_s: float = 60.0
+    silence_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,10 @@ class TrialConfig:
                 "train.kd_temperature must be > 0",
             ),
             (self.timeouts.gradient_s > 0, "timeouts.gradient_s must be > 0"),
+            (
+                min(self.timeouts.offline_s, self.timeouts.holder_s, self.timeouts.silence_s) > 0,
+                "timeouts.offline_s, holder_s and silence_s must be > 0",
+            ),
             (
                 not (self.algorithm == "split" and self.train.kd_alpha > 0),
                 "train.kd_alpha applies to snake and fedavg; split learning trains no full model on agents",

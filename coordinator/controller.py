@@ -25,6 +25,7 @@ from coordinator.events import (
     Event,
     Excluded,
     Failed,
+    Fault,
     Finished,
     HopBegan,
     HopFinished,
@@ -32,6 +33,7 @@ from coordinator.events import (
     Job,
     Joined,
     Planned,
+    Replanned,
     RoundEvaluated,
     RoundModel,
     SaidBye,
@@ -49,6 +51,7 @@ from edge_agent.protocol.messages import (
     ArtifactRequest,
     Assign,
     Bye,
+    HandOff,
     Hello,
     HopDone,
     HopProgress,
@@ -79,8 +82,16 @@ class TrialSetup:
     chunk_bytes: int
     compression: str
     join_timeout_s: float
-    hop_timeout_s: float
+    hop_timeout_s: float  # no progress for this long (plus the hop's own estimate): its agent is taken as hung
     strategy: Strategy = field(default_factory=SnakeStrategy)
+    # fault tolerance (snake): (plan, original plan, first hop to change, available agents' hellos) -> plan.
+    # None: a lost agent fails the trial.
+    reroute: Callable[[Plan, Plan, int, Mapping[str, Hello]], Plan] | None = None
+    offline_grace_s: float = 5.0  # an agent whose last will says offline is lost after this long
+    holder_grace_s: float = 60.0  # ...unless it holds the only copy of a finished hop: then wait this long
+    silence_s: float = 30.0  # an agent that sent heartbeats and then nothing for this long is lost
+    min_throughput_bps: float = 125_000.0  # a hop's deadline allows its model to travel at 1 Mbit/s
+    max_reroutes: int = 0  # 0: three per agent
 
 
 @dataclass
@@ -114,6 +125,16 @@ class Controller:
         self.evaluated: set[int] = set()  # rounds whose model went to evaluation
         self.failed: str | None = None
         self.seen: OrderedDict[str, None] = OrderedDict()
+        # fault tolerance
+        self.original: Plan | None = None  # the plan as first made (a returning agent gets its hops back)
+        self.lost: dict[str, str] = {}  # agent -> why it is out of the trial
+        self.last_heard: dict[str, float] = {}
+        self.heartbeating: set[str] = set()
+        self.offline_since: dict[str, float] = {}
+        self.no_copy: set[tuple[str, int]] = set()  # (agent, hop): it cannot hand that hop's output on
+        self.hops_retried = 0  # hops trained again after a fault
+        self.hops_lost = 0  # finished hops whose output was lost with its agent (trained again)
+        self.reroutes = 0
 
     @property
     def total_hops(self) -> int:
@@ -135,6 +156,8 @@ class Controller:
         try:
             if parsed is not None and parsed.kind == "status":
                 return self._counted(self._on_status(parsed.owner, env, now))
+            if env.dst == ME and env.trial_id == self.setup.trial_id:
+                self.last_heard[env.src] = now
             return self._counted(self._dispatch(env, now))
         except ProtocolError as exc:
             log.warning("refused %s %s from %s: %s", env.type, env.id, env.src, exc)
@@ -145,7 +168,16 @@ class Controller:
         resend, failed = self.outbox.tick(now)
         step.out.extend(resend)
         for p in failed:
-            self._fail(step, f"{p.dst} never acknowledged {p.purpose} transfer {p.transfer_id}")
+            reason = f"{p.dst} never acknowledged {p.purpose} transfer {p.transfer_id}"
+            if p.dst in self.lost:
+                continue
+            if self._tolerant:
+                self._lose(step, p.dst, reason, now)
+            else:
+                self._fail(step, reason)
+        if self._tolerant and self.tasks and not self.finished:
+            self._watch(step, now)
+            return self._counted(step)
         if self.plan is None and now - self.started_at > self.setup.join_timeout_s:
             have = ", ".join(sorted(self.hellos)) or "none"
             self._fail(
@@ -198,6 +230,10 @@ class Controller:
         state = body_of(Status, env.body).state
         was = self.online.get(agent)
         self.online[agent] = state == "online"
+        if state == "online":
+            self.offline_since.pop(agent, None)
+        else:
+            self.offline_since.setdefault(agent, now)
         step = Step()
         if was and state != "online" and agent in self.tasks and not self.finished:
             step.events.append(Warned(agent, f"{agent} went {state}"))
@@ -206,6 +242,8 @@ class Controller:
     def _dispatch(self, env: Envelope, now: float) -> Step:
         if env.dst != ME:
             raise ProtocolError("misrouted", f"message for {env.dst!r} reached the coordinator")
+        if env.trial_id not in (None, self.setup.trial_id) and env.type != MessageType.HELLO:
+            raise ProtocolError("wrong_trial", f"this coordinator runs trial {self.setup.trial_id!r}")
         if env.type == MessageType.CHUNK:
             return self._on_chunk(env, now)
         if env.id in self.seen:
@@ -213,10 +251,8 @@ class Controller:
         self.seen[env.id] = None
         while len(self.seen) > 8192:
             self.seen.popitem(last=False)
-        if env.trial_id not in (None, self.setup.trial_id) and env.type != MessageType.HELLO:
-            raise ProtocolError("wrong_trial", f"this coordinator runs trial {self.setup.trial_id!r}")
         if env.error is not None:
-            return self._on_error(env)
+            return self._on_error(env, now)
         handler = self._handlers().get(env.type)
         if handler is None:
             raise ProtocolError("unknown_type", f"the coordinator does not handle {env.type!r} messages")
@@ -230,19 +266,31 @@ class Controller:
             MessageType.HOP_PROGRESS: self._on_hop_progress,
             MessageType.HOP_DONE: self._on_hop_done,
             MessageType.BYE: self._on_bye,
+            MessageType.HEARTBEAT: self._on_heartbeat,
             MessageType.TRANSFER_ACK: self._on_ack,
             MessageType.MODEL_REQUEST: self._on_model_request,
             MessageType.TRANSFER_NACK: lambda e, n: Step(self.outbox.on_nack(body_of(TransferNack, e.body), n)),
         }
 
-    def _on_error(self, env: Envelope) -> Step:
+    def _on_error(self, env: Envelope, now: float) -> Step:
         error = env.error or {}
         code, message = str(error.get("code")), str(error.get("message"))
         step = Step(events=[Warned(env.src, f"{code}: {message}")])
         # hop_failed: training raised; resend_failed: the model is lost; peer_unreachable: a hand-off never
-        # got through (the sender keeps it); the trial cannot go on without that hop
-        if code in ("hop_failed", "resend_failed", "peer_unreachable"):
-            self._fail(step, message if code != "peer_unreachable" else f"{env.src}: {message}")
+        # got through (the sender keeps it). Without fault tolerance the trial cannot go on without that hop.
+        if not self._tolerant:
+            if code in ("hop_failed", "resend_failed", "peer_unreachable"):
+                self._fail(step, message if code != "peer_unreachable" else f"{env.src}: {message}")
+            return step
+        if code == "hop_failed" and env.src not in self.lost:
+            self._lose(step, env.src, message, now)  # it cannot train its hop (memory, a broken runtime)
+        elif code == "resend_failed" and self.plan is not None:
+            k = self._current()
+            if k is not None and k > 0 and self.plan.hops[k - 1].agent == env.src:
+                self.no_copy.add((env.src, k - 1))
+                self._fault(step, "hand_off_failed", env.src, k, message, "retraining from an earlier copy", now)
+                self._recover(step, now)
+        # peer_unreachable: the receiver's loss is detected by its last will, silence or its hop's deadline
         return step
 
     def _on_hello(self, env: Envelope, now: float) -> Step:
@@ -259,7 +307,7 @@ class Controller:
         return step
 
     def _on_late_hello(self, agent: str, hello: Hello, now: float) -> Step:
-        if agent not in self.tasks:
+        if agent not in self.tasks and agent not in self.lost:
             if agent in self.hellos:  # planned, its assignment waits for the artifacts
                 return Step()
             log.info("%s joined after the trial started; not part of this trial", agent)
@@ -268,8 +316,11 @@ class Controller:
         if known is not None and hello.instance and hello.instance == known.instance:
             log.debug("%s repeated its hello before its assignment arrived; re-sending it", agent)
             return Step([self._assign(agent, now)])
-        log.info("%s said hello again from a new process; re-sending its assignment", agent)
         self.hellos[agent] = hello
+        self.offline_since.pop(agent, None)
+        if self._tolerant:
+            return self._on_restart(agent, now)
+        log.info("%s said hello again from a new process; re-sending its assignment", agent)
         return Step([self._assign(agent, now)], [Warned(agent, "rejoined")])
 
     def _plan(self, step: Step) -> None:
@@ -296,6 +347,7 @@ class Controller:
                        + ("; split learning needs the ort backend" if self.plan.algorithm == "split" else ""))  # fmt: skip
             return
         self.tasks = hop_tasks(self.plan, self.artifacts, self.setup.settings, backends)
+        self.original = self.plan
         self.last_progress = now
         step.out.extend(self._assign(agent, now) for agent in agents if agent in self.tasks)
         samples = {agent: self.hellos[agent].num_train for agent in agents}
@@ -310,9 +362,10 @@ class Controller:
             if s.purpose == Purpose.GRADIENTS:
                 self.gradient_bytes += len(s.data)
 
-    def _assign(self, agent: str, now: float) -> Outgoing:
+    def _assign(self, agent: str, now: float, replace_from: int | None = None) -> Outgoing:
         assert self.plan is not None
-        body = Assign(self.tasks[agent], self.setup.chunk_bytes, self.setup.compression, self.plan.groups())
+        tasks = [t for t in self.tasks.get(agent, []) if replace_from is None or t.hop >= replace_from]
+        body = Assign(tasks, self.setup.chunk_bytes, self.setup.compression, self.plan.groups(), replace_from)
         return self._send(agent, MessageType.ASSIGN, to_body(body), now)
 
     def _on_artifact_request(self, env: Envelope, now: float) -> Step:
@@ -327,19 +380,24 @@ class Controller:
 
     def _on_hop_started(self, env: Envelope, now: float) -> Step:
         report = body_of(HopStarted, env.body)
+        if not self._assignee(env.src, report.hop):
+            return Step()
         self.last_progress = now
         self.hop_started_at.setdefault(report.hop, now)
         return Step(events=[HopBegan(env.src, report)])
 
     def _on_hop_progress(self, env: Envelope, now: float) -> Step:
+        report = body_of(HopProgress, env.body)
+        if not self._assignee(env.src, report.hop):
+            return Step()
         self.last_progress = now
-        return Step(events=[HopMoved(env.src, body_of(HopProgress, env.body))])
+        return Step(events=[HopMoved(env.src, report)])
 
     def _on_hop_done(self, env: Envelope, now: float) -> Step:
         done = body_of(HopDone, env.body)
-        self.last_progress = now
-        if done.hop in self.done_hops:
+        if done.hop in self.done_hops or not self._assignee(env.src, done.hop):
             return Step()
+        self.last_progress = now
         self.done_hops[done.hop] = done
         return Step(events=[HopFinished(env.src, done, now - self.hop_started_at.get(done.hop, now))])
 
@@ -380,6 +438,9 @@ class Controller:
             self.activation_bytes += len(done.data)
             self._decide(step, self.setup.strategy.on_activations(self.plan, done), done.src, now)
             return
+        src_hop = done.meta.get("from_hop")
+        if isinstance(src_hop, int) and not self._assignee(done.src, src_hop):
+            return
         decision = self.setup.strategy.on_model(self.plan, done)
         self._decide(step, decision, done.src, now)
         if decision.final is not None and self.final_model is None:
@@ -406,6 +467,177 @@ class Controller:
         moved = self.bytes_sent + sum(d.model_bytes for d in self.done_hops.values()) + self.activation_bytes
         step.events.append(RoundModel(round_, model))
         step.jobs.append(EvaluateRound(round_, model, moved))
+
+    # -- fault tolerance --------------------------------------------------------------------------
+    @property
+    def _tolerant(self) -> bool:
+        return self.setup.reroute is not None and self.plan is not None and self.plan.algorithm == "snake"
+
+    def _assignee(self, agent: str, hop: int) -> bool:
+        """Reports about ``hop`` count only from the agent the (current) plan gives it to."""
+        if self.plan is None or not 0 <= hop < len(self.plan.hops) or self.plan.hops[hop].agent == agent:
+            return True
+        log.info("%s reports on hop %d, which the plan now gives %s; ignored", agent, hop, self.plan.hops[hop].agent)
+        return False
+
+    def _current(self) -> int | None:
+        """The first hop not finished (snake hops run one after another); None when all are."""
+        assert self.plan is not None
+        return next((h.hop for h in self.plan.hops if h.hop not in self.done_hops), None)
+
+    def _on_heartbeat(self, env: Envelope, now: float) -> Step:
+        self.heartbeating.add(env.src)
+        return Step()
+
+    def _watch(self, step: Step, now: float) -> None:
+        """Find lost agents: last will (offline) past a grace, silence past ``silence_s``, a hop past its deadline."""
+        assert self.plan is not None
+        k = self._current()
+        if k is None:
+            return
+        holder = self.plan.hops[k - 1].agent if k > 0 and self.plan.mode == "p2p" else None
+        waiting = k not in self.hop_started_at  # the hop's model has not reached its agent yet
+        for agent in sorted({h.agent for h in self.plan.hops[max(k - 1, 0) :]} - set(self.lost)):
+            grace = self.setup.holder_grace_s if agent == holder and waiting else self.setup.offline_grace_s
+            off = self.offline_since.get(agent)
+            heard = self.last_heard.get(agent, self.last_progress)
+            if off is not None and now - off > grace:
+                self._lose(step, agent, f"offline (last will) for {now - off:.0f} s", now)
+                return
+            if agent in self.heartbeating and now - heard > max(grace, self.setup.silence_s):
+                self._lose(step, agent, f"silent for {now - heard:.0f} s", now)
+                return
+        deadline = self._deadline(k)
+        if now - self.last_progress > deadline:
+            agent = self.plan.hops[k].agent
+            self._lose(step, agent, f"hop {k} made no progress for {now - self.last_progress:.0f} s "
+                                    f"(deadline {deadline:.0f} s)", now)  # fmt: skip
+
+    def _deadline(self, k: int) -> float:
+        """How long hop ``k`` may go without news: the floor, plus its estimate, plus its model's travel."""
+        assert self.plan is not None
+        before = self.done_hops.get(k - 1)
+        size = before.model_bytes if before is not None else len(self.setup.initial_model)
+        return self.setup.hop_timeout_s + 4 * self.plan.hops[k].est_s + size / self.setup.min_throughput_bps
+
+    def _lose(self, step: Step, agent: str, why: str, now: float) -> None:
+        """``agent`` is out of the trial: re-route the rest around it."""
+        if agent in self.lost or self.finished:
+            return
+        self.lost[agent] = why
+        log.warning("lost %s: %s", agent, why)
+        self.outbox.pending = {t: p for t, p in self.outbox.pending.items() if p.dst != agent}
+        k = self._current()
+        self._fault(step, "agent_lost", agent, k, why, "re-routing the rest of the trial around it", now)
+        self._recover(step, now)
+
+    def _holder(self, j: int) -> str | None:
+        """Who can send the model hop ``j`` starts from: the coordinator, a live agent, or nobody."""
+        assert self.plan is not None
+        if self.plan.mode == "cs":
+            held = getattr(self.setup.strategy, "hop", 0)
+            return ME if held == j else None
+        if j == 0:
+            return ME
+        agent = self.plan.hops[j - 1].agent
+        return agent if agent not in self.lost and (agent, j - 1) not in self.no_copy else None
+
+    def _recover(self, step: Step, now: float) -> None:
+        """Re-plan from the newest hop whose starting model someone still holds, and send it there."""
+        assert self.plan is not None and self.original is not None and self.setup.reroute is not None
+        k = self._current()
+        if k is None:
+            return
+        self.reroutes += 1
+        limit = self.setup.max_reroutes or 3 * len({h.agent for h in self.original.hops})
+        if self.reroutes > limit:
+            self._fail(step, f"gave up after {limit} re-routes (lost: {', '.join(sorted(self.lost))})")
+            return
+        start = k
+        while self._holder(start) is None:
+            start -= 1  # the model that hop started from is gone with its agent: train it again
+        # the current hop goes on where it is when its agent and its starting model are still there
+        keep = start == k and self.plan.hops[k].agent not in self.lost
+        first = k + 1 if keep else start
+        live = {a: h for a, h in self.hellos.items() if a not in self.lost}
+        try:
+            plan = self.setup.reroute(self.plan, self.original, first, live) if first < self.total_hops else self.plan
+        except (PlanError, CoordinatorError) as exc:
+            self._fail(step, f"cannot re-route around {', '.join(sorted(self.lost))}: {exc}")
+            return
+        if not keep:
+            lost_done = [j for j in range(start, k) if j in self.done_hops]
+            self.hops_lost += len(lost_done)
+            self.hops_retried += len(lost_done) + (1 if k in self.hop_started_at else 0)
+            for j in range(start, self.total_hops):
+                self.done_hops.pop(j, None)
+                self.hop_started_at.pop(j, None)
+        self._replan(step, plan, first, now)
+        if not keep:
+            self._send_input(step, start, now, "re-routed after a lost agent")
+
+    def _replan(self, step: Step, plan: Plan, start: int, now: float) -> None:
+        """Make ``plan`` the route from ``start`` on and tell every available agent its hops from there."""
+        assert self.plan is not None
+        before = {h.agent for h in self.plan.hops}
+        self.plan = plan
+        backends = {a: h.backend for a, h in self.hellos.items()}
+        self.tasks = hop_tasks(plan, self.artifacts, self.setup.settings, backends)
+        self.last_progress = now
+        step.events.append(Replanned(plan, start))
+        for agent in sorted((before | {h.agent for h in plan.hops}) - set(self.lost)):
+            step.out.append(self._assign(agent, now, replace_from=start))
+
+    def _send_input(self, step: Step, j: int, now: float, reason: str) -> None:
+        """Have the model hop ``j`` starts from sent to the agent that trains it."""
+        assert self.plan is not None
+        holder, dst = self._holder(j), self.plan.hops[j].agent
+        if holder == ME:
+            self.outbox.pending = {
+                t: p for t, p in self.outbox.pending.items() if not (p.purpose == Purpose.MODEL and p.meta.get("hop") == j)
+            }
+            self._send_models(step, self.setup.strategy.on_request(self.plan, dst, j), now)
+        elif holder is not None:
+            step.out.append(self._send(holder, MessageType.HAND_OFF, to_body(HandOff(j, dst, reason)), now))
+
+    def _on_restart(self, agent: str, now: float) -> Step:
+        """A known agent said hello from a new process: it lost its memory, not its disk."""
+        assert self.plan is not None
+        step = Step()
+        k = self._current()
+        if agent in self.lost:  # back after it was routed around: it gets its hops again from the next round
+            del self.lost[agent]
+            self.no_copy = {(a, j) for a, j in self.no_copy if a != agent}
+            nxt = next((h.hop for h in self.plan.hops if k is not None and h.round > self.plan.hops[k].round), None)
+            self._fault(step, "agent_returned", agent, k, "said hello from a new process",
+                        f"planned in again from hop {nxt}" if nxt is not None else "no round left for it", now)  # fmt: skip
+            if nxt is not None and self.original is not None and self.setup.reroute is not None:
+                live = {a: h for a, h in self.hellos.items() if a not in self.lost}
+                try:
+                    self._replan(step, self.setup.reroute(self.plan, self.original, nxt, live), nxt, now)
+                except (PlanError, CoordinatorError) as exc:
+                    log.warning("cannot plan %s in again: %s", agent, exc)
+            return step
+        if k is None:
+            return Step([self._assign(agent, now)])
+        step.out.append(self._assign(agent, now, replace_from=k))
+        if self.plan.hops[k].agent == agent:  # it was to train (or was training) the current hop: again
+            self.hops_retried += 1 if k in self.hop_started_at else 0
+            self.hop_started_at.pop(k, None)
+            self._fault(step, "agent_restarted", agent, k, "said hello from a new process",
+                        f"hop {k} sent to it again", now)  # fmt: skip
+            self._send_input(step, k, now, f"{agent} restarted")
+        elif k > 0 and self.plan.mode == "p2p" and self.plan.hops[k - 1].agent == agent and k not in self.hop_started_at:
+            self._fault(step, "agent_restarted", agent, k, "said hello from a new process",
+                        f"it hands its model for hop {k} on again", now)  # fmt: skip
+            self._send_input(step, k, now, "you restarted before your hand-off was acknowledged")
+        else:
+            self._fault(step, "agent_restarted", agent, k, "said hello from a new process", "its hops re-sent", now)
+        self.last_progress = now
+        return step
+
+    def _fault(self, step: Step, kind: str, agent: str, hop: int | None, detail: str, recovery: str, now: float) -> None:
+        step.events.append(Fault(round(now - self.started_at, 3), kind, agent, hop, detail, recovery))
 
     def _fail(self, step: Step, reason: str) -> None:
         if self.failed is None and self.final_model is None:

@@ -62,6 +62,26 @@ class Warned:
 
 
 @dataclass(frozen=True)
+class Fault:
+    """Something went wrong in the field and how the trial recovered (or not)."""
+
+    at_s: float  # seconds since the trial started
+    kind: str  # "agent_lost" | "agent_restarted" | "agent_returned" | "hand_off_failed"
+    agent: str
+    hop: int | None  # the hop it hit, if any
+    detail: str  # what was seen
+    recovery: str  # what the coordinator did
+
+
+@dataclass(frozen=True)
+class Replanned:
+    """The rest of the trial runs on a new route (from hop ``start`` on)."""
+
+    plan: Plan
+    start: int
+
+
+@dataclass(frozen=True)
 class SaidBye:
     agent: str
     bye: Bye
@@ -96,7 +116,7 @@ class Failed:
 
 Event = (
     Joined | Planned | Excluded | HopBegan | HopMoved | HopFinished | Warned | SaidBye | RoundModel | RoundEvaluated
-    | Finished | Failed
+    | Finished | Failed | Fault | Replanned
 )  # fmt: skip
 
 # -- jobs and their results -------------------------------------------------------------------------

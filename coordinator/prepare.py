@@ -16,6 +16,7 @@ from coordinator.costs import profile_groups
 from coordinator.errors import ConfigError
 from coordinator.export import ForwardModel, export_forward, export_front
 from coordinator.plan import AgentProfile, GroupInfo, Plan, Segment
+from coordinator.reroute import reroute
 from coordinator.scheduler import fedavg_plan, snake_plan, split_plan
 from edge_agent.protocol.messages import Hello
 from models import InputSpec, build_model
@@ -39,6 +40,15 @@ class Prepared:
             return make_plan(config, self.groups, [profile_of(h, config) for _, h in sorted(hellos.items())])
 
         return plan
+
+    def reroute_for(self, config: TrialConfig) -> Callable[[Plan, Plan, int, Mapping[str, Hello]], Plan]:
+        """For the controller: the rest of a plan re-routed over the agents still available."""
+
+        def again(plan: Plan, original: Plan, start: int, hellos: Mapping[str, Hello]) -> Plan:
+            fleet = [profile_of(h, config) for _, h in sorted(hellos.items())]
+            return reroute(plan, original, start, fleet, self.groups, config.train.batch_size, config.train.optimizer)
+
+        return again
 
     @property
     def segments(self) -> tuple[Segment, ...]:

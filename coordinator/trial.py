@@ -65,6 +65,10 @@ def trial_setup(config: TrialConfig, prepared: Prepared, back: Back | None = Non
         join_timeout_s=config.timeouts.join_s,
         hop_timeout_s=config.timeouts.hop_s,
         strategy=strategy,
+        reroute=prepared.reroute_for(config) if config.algorithm == "snake" else None,
+        offline_grace_s=config.timeouts.offline_s,
+        holder_grace_s=config.timeouts.holder_s,
+        silence_s=config.timeouts.silence_s,
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from edge_agent.actions import (
     Counters,
@@ -43,6 +43,8 @@ from edge_agent.protocol.messages import (
     ArtifactRequest,
     Assign,
     Bye,
+    HandOff,
+    Heartbeat,
     Hello,
     HopDone,
     HopTask,
@@ -58,6 +60,7 @@ from edge_agent.protocol.transfer import (
     Completed,
     Outbox,
     Outgoing,
+    PendingTransfer,
     Reassembler,
     error_message,
     error_reply,
@@ -68,10 +71,13 @@ log = logging.getLogger(__name__)
 COORD = topics.COORDINATOR
 ARTIFACT_RETRY_S = 30.0
 HELLO_EVERY_S = 3.0  # while unassigned: a coordinator that connects later still hears us
+HEARTBEAT_EVERY_S = 5.0  # while in a trial, also while a long hop trains (the coordinator's loss detector)
 
 
 class Agent:
-    def __init__(self, hello: Hello, artifacts: set[str], chunk_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, hello: Hello, artifacts: set[str], chunk_bytes: int = 1 << 20, heartbeat_s: float = HEARTBEAT_EVERY_S
+    ) -> None:
         self.me = hello.agent_id
         self.hello = hello
         self.artifacts = set(artifacts)  # bundles present in the store
@@ -90,6 +96,9 @@ class Agent:
         self.requested: dict[str, float] = {}  # artifact sha -> when asked
         self.seen: OrderedDict[str, None] = OrderedDict()  # control message ids (QoS 1 duplicates)
         self.last_hello = float("-inf")
+        self.heartbeat_s = heartbeat_s
+        self.last_heartbeat = float("-inf")
+        self.retransmitted = 0  # bytes sent again: resent chunks, whole-model resends
 
     # -- entry points -------------------------------------------------------------------------
     def start(self, now: float) -> Effects:
@@ -113,10 +122,14 @@ class Agent:
         fx = Effects(self.inbound.tick(now))
         if self.trial_id is None and now - self.last_hello >= HELLO_EVERY_S:
             fx.extend(self.start(now))
+        if self.trial_id is not None and now - self.last_heartbeat >= self.heartbeat_s:
+            self.last_heartbeat = now
+            fx.out.append(self._send(COORD, MessageType.HEARTBEAT, to_body(Heartbeat(self.busy)), now))
         resend, failed = self.outbox.tick(now)
         fx.out.extend(resend)
+        self.retransmitted += sum(len(o.payload) for o in resend)
         for p in failed:
-            log.error(
+            log.warning(
                 "could not deliver %s transfer %s to %s; keeping it and telling the coordinator",
                 p.purpose,
                 p.transfer_id,
@@ -201,10 +214,12 @@ class Agent:
             return Effects([self._error(COORD, "resend_failed", msg, now), self._error(dst, "resend_failed", msg, now)])
         meta = {"hop": hop, "from_hop": hop - 1, "round": self.tasks[hop - 1].round if hop - 1 in self.tasks else -1}
         log.info("hop %d: resending the whole model to %s (%d bytes)", hop, dst, len(data))
+        self.retransmitted += len(data)
         return Effects(self.outbox.send(dst, self.trial_id, Purpose.MODEL, meta, data, self.chunk_bytes, now)[1])
 
     def bye(self, counters: Counters, now: float) -> Outgoing:
-        body = Bye(counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb, len(self.finished))
+        body = Bye(counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb, len(self.finished),
+                   self.retransmitted)  # fmt: skip
         return self._send(COORD, MessageType.BYE, to_body(body), now)
 
     # -- dispatch -----------------------------------------------------------------------------
@@ -225,6 +240,7 @@ class Agent:
             MessageType.TRANSFER_ACK: self._on_ack,
             MessageType.TRANSFER_NACK: self._on_nack,
             MessageType.MODEL_REQUEST: self._on_model_request,
+            MessageType.HAND_OFF: self._on_hand_off,
             MessageType.ABORT: self._on_abort,
             MessageType.SHUTDOWN: self._on_shutdown,
         }.get(env.type)
@@ -238,8 +254,8 @@ class Agent:
         agent's persistent session while it was down) and must not stop or disturb a new one."""
         if env.type == MessageType.ASSIGN or env.trial_id in (None, self.trial_id):
             return
-        if self.trial_id is None and env.type == MessageType.CHUNK:
-            return  # a model may arrive just before its assignment
+        if self.trial_id is None and env.type in (MessageType.CHUNK, MessageType.TRANSFER_ACK):
+            return  # a model may arrive just before its assignment; an ack for a restarted sender is moot
         raise ProtocolError("wrong_trial", f"message for trial {env.trial_id!r}; this agent runs {self.trial_id!r}")
 
     def _remember(self, msg_id: str) -> None:
@@ -254,10 +270,20 @@ class Agent:
         if env.trial_id != self.trial_id:  # a new trial: forget the old one, keep its models that came early
             self.models = {hop: r for hop, r in self.models.items() if r.trial_id == env.trial_id}
             self.tasks, self.finished, self.awaiting = {}, set(), {}
+            self._forget_transfers(lambda p: p.purpose != Purpose.ARTIFACT)  # nothing of an old trial goes on
         self.trial_id, self.compression, self.layout = env.trial_id, assign.compression, assign.groups
         self.chunk_bytes = assign.chunk_bytes
+        if assign.replace_from is not None:  # a re-plan: later hops go where the new tasks say
+            first = assign.replace_from
+            self.tasks = {hop: t for hop, t in self.tasks.items() if hop < first}
         self.tasks.update({t.hop: t for t in assign.tasks})
-        log.info("trial %s: assigned %d hop(s): %s", self.trial_id, len(assign.tasks), [t.hop for t in assign.tasks])
+        if assign.replace_from is not None:
+            stale = [hop for hop in self.models if hop not in self.tasks]
+            for hop in stale:
+                log.info("hop %d is no longer ours after a re-plan; dropping its model", hop)
+                del self.models[hop]
+        log.info("trial %s: assigned %d hop(s): %s%s", self.trial_id, len(assign.tasks), [t.hop for t in assign.tasks],
+                 "" if assign.replace_from is None else f" (re-planned from hop {assign.replace_from})")  # fmt: skip
         fx = Effects()
         for sha in sorted({t.artifact_sha256 for t in assign.tasks} - self.artifacts):
             if sha not in self.requested:
@@ -274,7 +300,9 @@ class Agent:
         return Effects()
 
     def _on_nack(self, env: Envelope, now: float) -> Effects:
-        return Effects(self.outbox.on_nack(body_of(TransferNack, env.body), now))
+        out = self.outbox.on_nack(body_of(TransferNack, env.body), now)
+        self.retransmitted += sum(len(o.payload) for o in out)
+        return Effects(out)
 
     def _on_model_request(self, env: Envelope, now: float) -> Effects:
         request = body_of(ModelRequest, env.body)
@@ -284,13 +312,33 @@ class Agent:
         action = ResendFull(env.src, request.hop, self.trial_id, self.layout, self.compression)
         return Effects(actions=[action])
 
+    def _on_hand_off(self, env: Envelope, now: float) -> Effects:
+        """The coordinator re-routes: send our model for ``hop`` to ``to`` (whole, from the cache), and stop
+        pushing it anywhere else."""
+        order = body_of(HandOff, env.body)
+        if self.trial_id is None or env.src != COORD:
+            raise ProtocolError("unknown_hop", f"{self.me} runs no trial to hand a model of")
+        dropped = self._forget_transfers(lambda p: p.purpose == Purpose.MODEL and p.meta.get("hop") == order.hop)
+        log.info("hop %d: handing the model to %s (%s)%s", order.hop, order.to, order.reason,
+                 f"; dropped {dropped} earlier transfer(s) of it" if dropped else "")  # fmt: skip
+        self.finished.add(order.hop - 1)  # we hold its output (a restarted agent forgot that it trained it)
+        return Effects(actions=[ResendFull(order.to, order.hop, self.trial_id, self.layout, self.compression)])
+
+    def _forget_transfers(self, which: Callable[[PendingTransfer], bool]) -> int:
+        gone = [tid for tid, p in self.outbox.pending.items() if which(p)]
+        for tid in gone:
+            del self.outbox.pending[tid]
+        return len(gone)
+
     def _on_abort(self, env: Envelope, now: float) -> Effects:
         log.error("trial %s aborted by %s: %s", self.trial_id, env.src, body_of(Abort, env.body).reason)
         self.tasks, self.models, self.awaiting = {}, {}, {}
+        self._forget_transfers(lambda p: p.purpose != Purpose.ARTIFACT)
         return Effects()
 
     def _on_shutdown(self, env: Envelope, now: float) -> Effects:
         order = body_of(Shutdown, env.body)
+        self._forget_transfers(lambda p: True)  # the trial is over: nothing of it is retried into the next
         return Effects(actions=[SayBye(order.reason, order.exit)])
 
     def _on_chunk(self, env: Envelope, now: float) -> Effects:
@@ -332,6 +380,11 @@ class Agent:
             log.warning("model transfer %s from %s for hop %r: not expected; dropped", done.transfer_id, done.src, hop)
             return Effects()
         task = self.tasks.get(hop)
+        if task is not None and done.src not in (task.prev, COORD) and hop not in self.awaiting:
+            # a stale hand-off: the route changed (a re-plan) and this sender no longer feeds this hop
+            log.warning("model transfer %s for hop %d from %s dropped: the plan has it come from %s",
+                        done.transfer_id, hop, done.src, task.prev)  # fmt: skip
+            return Effects()
         if task is None and len(self.models) >= 2:
             log.warning("model transfer %s for unassigned hop %d dropped (buffer full)", done.transfer_id, hop)
             return Effects()

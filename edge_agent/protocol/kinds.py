@@ -16,6 +16,7 @@ class MessageType(StrEnum):
     ASSIGN = "assign"
     ARTIFACT_REQUEST = "artifact_request"
     MODEL_REQUEST = "model_request"
+    HAND_OFF = "hand_off"  # coordinator -> agent: send the model you hold for a hop to this agent (recovery)
     ABORT = "abort"
     SHUTDOWN = "shutdown"
     # reports
@@ -24,6 +25,7 @@ class MessageType(StrEnum):
     HOP_STARTED = "hop_started"
     HOP_PROGRESS = "hop_progress"
     HOP_DONE = "hop_done"
+    HEARTBEAT = "heartbeat"  # an agent in a trial is alive (also while a long hop trains)
     TRANSFER_ACK = "transfer_ack"
     TRANSFER_NACK = "transfer_nack"
     BYE = "bye"

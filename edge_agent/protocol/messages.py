@@ -82,6 +82,26 @@ class Assign:
     chunk_bytes: int
     compression: str = "none"  # "none" | "fp16"
     groups: dict[str, list[str]] = field(default_factory=dict)  # layer group -> parameter names; empty: no deltas
+    # a re-plan (an agent was lost or came back): forget the tasks of this trial from this hop on, then take
+    # ``tasks``; None: add ``tasks`` to those already known
+    replace_from: int | None = None
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """Send ``to`` the whole model for ``hop`` (the one this agent handed on after ``hop - 1``, from its
+    cache): the coordinator re-routes a hop whose agent was lost, or a sender that restarted resumes."""
+
+    hop: int
+    to: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """An agent in a trial is alive; ``training`` is the hop it trains (None: waiting)."""
+
+    training: int | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +191,7 @@ class Bye:
     bytes_received: int
     peak_rss_mb: float
     hops: int
+    bytes_retransmitted: int = 0  # resent chunks and whole-model resends (recovery), part of bytes_sent
 
 
 @dataclass(frozen=True)

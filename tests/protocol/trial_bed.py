@@ -9,7 +9,7 @@ message or timer, so timeouts cost no real time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,8 @@ import numpy as np
 
 from coordinator.controller import Controller, TrialSetup
 from coordinator.events import Event, RoundModel
-from coordinator.plan import GroupInfo
+from coordinator.plan import AgentProfile, GroupInfo, Plan
+from coordinator.reroute import reroute
 from coordinator.scheduler import HopSettings, fedavg_plan, snake_plan, split_plan
 from coordinator.service import TrialService
 from coordinator.split import SplitStrategy
@@ -64,6 +65,7 @@ class TrialBed:
     hop_timeout_s: float = 900.0  # the trial file default
     chunk_bytes: int = 1 << 16
     tamper: Tamper | None = None
+    tolerant: bool = False  # snake: route around lost agents (TrialSetup.reroute)
     clock: ManualClock = field(default_factory=ManualClock)
     events: list[Event] = field(default_factory=list)
 
@@ -100,10 +102,13 @@ class TrialBed:
             "split": SplitStrategy(self.back, self.compression),
             "snake": SnakeStrategy(self.compression),
         }
+        def again(plan: Plan, original: Plan, start: int, hellos: Mapping[str, Hello]) -> Plan:
+            return reroute(plan, original, start, [AgentProfile(a) for a in sorted(hellos)], GROUPS, 8)
+
         return TrialSetup(
             "t1", self.agents, plans[self.algorithm], encode_tensors(self.initial),
             HopSettings(1, 8, 0.1, 0, None, self.checkpoints), self.chunk_bytes, self.compression, 60.0,
-            self.hop_timeout_s, strategies[self.algorithm],
+            self.hop_timeout_s, strategies[self.algorithm], again if self.tolerant else None,
         )  # fmt: skip
 
     def agent(self, name: str, index: int) -> AgentService:
@@ -137,6 +142,18 @@ class TrialBed:
                 continue
             due = self.broker.next_due()
             self.clock.advance(max(0.05, min(0.5, due - self.clock.now)) if due is not None else 0.5)
+
+    def crash(self, name: str) -> None:
+        """The agent process dies (SIGKILL): no goodbye; the broker publishes its last will."""
+        self.services[name].link.crash()  # type: ignore[attr-defined]
+
+    def restart(self, name: str) -> AgentService:
+        """A new process of the agent: same id, same disk (cache, artifacts), a fresh memory."""
+        self.crash(name) if self.services[name].link.connected else None
+        service = self.agent(name, sorted(self.services).index(name))
+        self.services[name] = service
+        service.start()
+        return service
 
     def live(self) -> list[AgentService]:
         return [s for s in self.services.values() if s.exit_reason is None and s.link.connected]

@@ -1,0 +1,204 @@
+"""Lost, hung and restarted agents in whole in-memory trials (real services, fake trainers, simulated time).
+
+The fake trainer adds the same step to a segment whoever trains it, so a trial that trains every hop
+exactly once ends on the same model as the fault-free run, whichever agents did the work: a hop
+skipped or trained twice shows in the final model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.events import Fault, Replanned
+from edge_agent.memlink import Delivery
+from edge_agent.protocol.envelope import decode
+from tests.protocol.trial_bed import TrialBed
+
+
+def reference(tmp: Path, **kw: object) -> dict[str, np.ndarray]:
+    ref = TrialBed(tmp / "ref", **kw)  # type: ignore[arg-type]
+    ref.run()
+    return ref.final
+
+
+def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def published_by(h: TrialBed, agent: str, kind: str) -> list[dict]:  # type: ignore[type-arg]
+    return [e.body for _, p in h.broker.published if p[:1] == b"{" and (e := decode(p)).src == agent and e.type == kind]
+
+
+def faults(h: TrialBed) -> list[Fault]:
+    return [e for e in h.events if isinstance(e, Fault)]
+
+
+def test_an_agent_killed_while_its_model_travels_to_it_is_routed_around(tmp_path: Path) -> None:
+    ref = reference(tmp_path, agents=3, rounds=2)
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True)
+    h.run(until=lambda: bool(h.ctl.tasks))
+    victim = h.ctl.plan.hops[1].agent  # type: ignore[union-attr]
+    h.crash(victim)  # its persistent session queues the model hop 0 hands it; nobody will read it
+    h.run()
+    assert h.ctl.failed is None
+    assert same(h.final, ref)  # every hop trained exactly once
+    assert victim in h.ctl.lost and "offline" in h.ctl.lost[victim]
+    assert all(hop.agent != victim for hop in h.ctl.plan.hops[1:])  # type: ignore[union-attr]
+    (fault,) = faults(h)
+    assert (fault.kind, fault.agent, fault.hop) == ("agent_lost", victim, 1)
+    assert h.ctl.hops_lost == 0
+    assert any(isinstance(e, Replanned) and e.start == 1 for e in h.events)
+    assert published_by(h, "coordinator", "hand_off")  # the sender of hop 0 handed its model to the substitute
+
+
+def test_an_agent_killed_mid_hop_has_its_hop_trained_again_elsewhere(tmp_path: Path) -> None:
+    ref = reference(tmp_path, agents=3, rounds=2)
+    armed: set[str] = set()
+
+    def silence(topic: str, payload: bytes) -> list[Delivery]:  # the victim's last words never leave it
+        try:
+            src = decode(payload).src
+        except Exception:
+            return [Delivery(payload)]
+        return [] if src in armed and "status" not in topic else [Delivery(payload)]
+
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True, tamper=silence)
+    h.run(until=lambda: 1 in h.ctl.done_hops)
+    victim = h.ctl.plan.hops[2].agent  # type: ignore[union-attr]
+    armed.add(victim)  # from here on it trains, but nothing it sends gets out: then it dies
+    h.run(until=lambda: 2 in h.ctl.hop_started_at or h.clock.now > 30)
+    h.crash(victim)
+    h.run()
+    assert h.ctl.failed is None
+    assert same(h.final, ref)
+    assert h.ctl.hops_lost == 0
+    assert [f.kind for f in faults(h)] == ["agent_lost"]
+
+
+def test_a_sender_that_dies_after_training_hands_its_model_on_when_it_comes_back(tmp_path: Path) -> None:
+    ref = reference(tmp_path, agents=3, rounds=2)
+    dropping: set[str] = set()
+
+    def lose_models_from(topic: str, payload: bytes) -> list[Delivery]:
+        if payload[:4] == b"SNK1" and decode(payload).src in dropping:
+            return []
+        return [Delivery(payload)]
+
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True, tamper=lose_models_from)
+    h.run(until=lambda: h.ctl.plan is not None)
+    sender = h.ctl.plan.hops[1].agent  # type: ignore[union-attr]
+    dropping.add(sender)  # its hand-off after hop 1 never arrives...
+    h.run(until=lambda: 1 in h.ctl.done_hops)
+    h.crash(sender)  # ...and it dies before anyone acknowledged it: the model exists only on its disk
+    h.clock.advance(10.0)  # longer than offline_s, shorter than holder_s: the coordinator waits for it
+    h.run(until=lambda: h.clock.now > 20)
+    assert sender not in h.ctl.lost
+    dropping.clear()
+    h.restart(sender)
+    h.run()
+    assert h.ctl.failed is None
+    assert same(h.final, ref)
+    assert h.ctl.hops_lost == 0 and sender not in h.ctl.lost
+    assert [f.kind for f in faults(h)] == ["agent_restarted"]
+    assert [b["hop"] for b in published_by(h, "coordinator", "hand_off")] == [2]
+
+
+def test_a_sender_that_never_comes_back_costs_its_hop_which_is_trained_again(tmp_path: Path) -> None:
+    ref = reference(tmp_path, agents=3, rounds=2)
+    dropping: set[str] = set()
+
+    def lose_models_from(topic: str, payload: bytes) -> list[Delivery]:
+        if payload[:4] == b"SNK1" and decode(payload).src in dropping:
+            return []
+        return [Delivery(payload)]
+
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True, tamper=lose_models_from)
+    h.run(until=lambda: h.ctl.plan is not None)
+    sender = h.ctl.plan.hops[1].agent  # type: ignore[union-attr]
+    dropping.add(sender)
+    h.run(until=lambda: 1 in h.ctl.done_hops)
+    h.crash(sender)
+    h.run()
+    assert h.ctl.failed is None
+    assert same(h.final, ref)  # hop 1 was trained again from hop 0's model: still once in the result
+    assert h.ctl.hops_lost == 1 and h.ctl.hops_retried >= 1
+    assert faults(h)[0].kind == "agent_lost" and faults(h)[0].hop == 2
+
+
+def test_a_restarted_agent_trains_its_hop_again_and_nothing_is_lost(tmp_path: Path) -> None:
+    ref = reference(tmp_path, agents=3, rounds=2)
+    armed: set[str] = set()
+
+    def silence(topic: str, payload: bytes) -> list[Delivery]:
+        try:
+            src = decode(payload).src
+        except Exception:
+            return [Delivery(payload)]
+        return [] if src in armed and "status" not in topic else [Delivery(payload)]
+
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True, tamper=silence)
+    h.run(until=lambda: 2 in h.ctl.done_hops)
+    victim = h.ctl.plan.hops[3].agent  # type: ignore[union-attr]
+    armed.add(victim)
+    h.run(until=lambda: h.clock.now > 200 or any(s.training for s in h.live()))
+    armed.clear()
+    h.restart(victim)  # back within a second: same id, a new process
+    h.run()
+    assert h.ctl.failed is None
+    assert same(h.final, ref)
+    assert not h.ctl.lost and h.ctl.hops_lost == 0
+    assert [f.kind for f in faults(h)] == ["agent_restarted"]
+
+
+def test_a_lost_agent_that_comes_back_is_planned_in_from_the_next_round(tmp_path: Path) -> None:
+    ref = reference(tmp_path, agents=3, rounds=3)
+    h = TrialBed(tmp_path / "h", agents=3, rounds=3, tolerant=True)
+    h.run(until=lambda: bool(h.ctl.tasks))
+    victim = h.ctl.plan.hops[1].agent  # type: ignore[union-attr]
+    h.crash(victim)
+    h.run(until=lambda: victim in h.ctl.lost)
+    h.run(until=lambda: 2 in h.ctl.done_hops)
+    h.restart(victim)
+    h.run()
+    assert h.ctl.failed is None
+    assert same(h.final, ref)
+    assert [f.kind for f in faults(h)] == ["agent_lost", "agent_returned"]
+    plan = h.ctl.plan
+    assert plan is not None
+    assert victim not in {x.agent for x in plan.hops if x.round == 0}
+    assert victim in {x.agent for x in plan.hops if x.round == 2}  # its hops again, from a later round
+
+
+def test_a_silent_agent_is_routed_around(tmp_path: Path) -> None:
+    ref = reference(tmp_path, agents=3, rounds=2)
+    muted: set[str] = set()
+
+    def mute(topic: str, payload: bytes) -> list[Delivery]:  # alive on the broker, but nothing gets out
+        try:
+            src = decode(payload).src
+        except Exception:
+            return [Delivery(payload)]
+        return [] if src in muted else [Delivery(payload)]
+
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True, tamper=mute)
+    h.run(until=lambda: h.ctl.plan is not None)
+    victim = h.ctl.plan.hops[1].agent  # type: ignore[union-attr]
+    h.run(until=lambda: bool(h.services[victim].agent.artifacts) and not h.ctl.outbox.pending)
+    muted.add(victim)
+    h.run()
+    assert h.ctl.failed is None
+    assert same(h.final, ref)
+    assert "silent" in h.ctl.lost[victim] or "no progress" in h.ctl.lost[victim]
+
+
+@pytest.mark.expect_errors
+def test_without_fault_tolerance_a_lost_agent_still_fails_the_trial_with_its_name(tmp_path: Path) -> None:
+    h = TrialBed(tmp_path, agents=2, rounds=1, hop_timeout_s=60.0)
+    h.run(until=lambda: h.ctl.plan is not None and bool(h.ctl.tasks))
+    victim = h.ctl.plan.hops[1].agent  # type: ignore[union-attr]
+    h.crash(victim)
+    h.run()
+    assert h.ctl.failed is not None and victim in h.ctl.failed
