@@ -135,6 +135,7 @@ class Controller:
         self.hops_retried = 0  # hops trained again after a fault
         self.hops_lost = 0  # finished hops whose output was lost with its agent (trained again)
         self.reroutes = 0
+        self.bytes_retransmitted = 0  # sent again: resent chunks and transfers, models re-sent after a fault
 
     @property
     def total_hops(self) -> int:
@@ -167,6 +168,7 @@ class Controller:
         step = Step(self.inbound.tick(now))
         resend, failed = self.outbox.tick(now)
         step.out.extend(resend)
+        self.bytes_retransmitted += sum(len(o.payload) for o in resend)
         for p in failed:
             reason = f"{p.dst} never acknowledged {p.purpose} transfer {p.transfer_id}"
             if p.dst in self.lost:
@@ -269,7 +271,7 @@ class Controller:
             MessageType.HEARTBEAT: self._on_heartbeat,
             MessageType.TRANSFER_ACK: self._on_ack,
             MessageType.MODEL_REQUEST: self._on_model_request,
-            MessageType.TRANSFER_NACK: lambda e, n: Step(self.outbox.on_nack(body_of(TransferNack, e.body), n)),
+            MessageType.TRANSFER_NACK: self._on_nack,
         }
 
     def _on_error(self, env: Envelope, now: float) -> Step:
@@ -413,6 +415,11 @@ class Controller:
         step = Step()
         self._send_models(step, self.setup.strategy.on_request(self.plan, env.src, request.hop), now)
         return step
+
+    def _on_nack(self, env: Envelope, now: float) -> Step:
+        out = self.outbox.on_nack(body_of(TransferNack, env.body), now)
+        self.bytes_retransmitted += sum(len(o.payload) for o in out)
+        return Step(out)
 
     def _on_ack(self, env: Envelope, now: float) -> Step:
         self.outbox.on_ack(body_of(TransferAck, env.body))
@@ -596,7 +603,9 @@ class Controller:
             self.outbox.pending = {
                 t: p for t, p in self.outbox.pending.items() if not (p.purpose == Purpose.MODEL and p.meta.get("hop") == j)
             }
-            self._send_models(step, self.setup.strategy.on_request(self.plan, dst, j), now)
+            sends = self.setup.strategy.on_request(self.plan, dst, j)
+            self.bytes_retransmitted += sum(len(s.data) for s in sends)
+            self._send_models(step, sends, now)
         elif holder is not None:
             step.out.append(self._send(holder, MessageType.HAND_OFF, to_body(HandOff(j, dst, reason)), now))
 

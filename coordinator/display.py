@@ -10,12 +10,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from coordinator.events import (
     Event,
+    Fault,
     Finished,
     HopBegan,
     HopFinished,
     HopMoved,
     Joined,
     Planned,
+    Replanned,
     RoundEvaluated,
     Warned,
 )
@@ -66,6 +68,14 @@ class TrialDisplay:
                      event.round, event.accuracy, event.loss, event.bytes_so_far / 1e6)  # fmt: skip
         elif isinstance(event, Warned):
             log.warning("%s: %s", event.agent or "trial", event.text)
+        elif isinstance(event, Fault):
+            where = f" (hop {event.hop})" if event.hop is not None else ""
+            log.warning("fault at %.0f s: %s %s%s: %s; %s", event.at_s, event.kind.replace("_", " "), event.agent,
+                        where, event.detail, event.recovery)  # fmt: skip
+        elif isinstance(event, Replanned):
+            for line in event.plan.describe():
+                if line.startswith("round"):
+                    log.info("re-planned from hop %d: %s", event.start, line)
         elif isinstance(event, Finished):
             self.status("final model received")
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.events import Event, Excluded, HopFinished, Joined, RoundEvaluated, SaidBye
+from coordinator.events import Event, Excluded, Fault, HopFinished, Joined, RoundEvaluated, SaidBye
 from edge_agent.protocol.messages import Bye, Hello, HopDone
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class RunRecord:
     hops: list[dict[str, Any]] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)  # test-set evaluation after each round
     excluded: dict[str, str] = field(default_factory=dict)  # agent -> why the plan left it out
+    faults: list[dict[str, Any]] = field(default_factory=list)  # what went wrong, when, how it was recovered
+    retransmitted: dict[str, int] = field(default_factory=dict)  # agent -> bytes it sent again (its bye)
 
     def __post_init__(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,8 @@ class RunRecord:
             self.bye(event.agent, event.bye)
         elif isinstance(event, RoundEvaluated):
             self.round_done(event.round, event.accuracy, event.loss, event.bytes_so_far)
+        elif isinstance(event, Fault):
+            self.faults.append(asdict(event))
 
     def joined(self, hello: Hello) -> None:
         self.agents[hello.agent_id] = AgentFigures(
@@ -98,6 +102,7 @@ class RunRecord:
         fig = self.agents.setdefault(agent, AgentFigures(agent))
         fig.peak_rss_mb = max(fig.peak_rss_mb, bye.peak_rss_mb)
         fig.bytes_sent, fig.bytes_received = bye.bytes_sent, bye.bytes_received
+        self.retransmitted[agent] = bye.bytes_retransmitted
 
     def summary(
         self,
@@ -119,6 +124,7 @@ class RunRecord:
         out["agents"] = agents
         out["hops"] = len(self.hops)
         out["excluded"] = dict(self.excluded)
+        out["faults"] = list(self.faults)
         return out
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:

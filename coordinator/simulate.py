@@ -41,6 +41,7 @@ class AgentProcesses:
     def __init__(self) -> None:
         self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
         self.caps: dict[str, MemoryCap] = {}
+        self.reported: set[str] = set()
 
     def spawn(
         self, agent_id: str, broker: str, data: Path, out: Path, backend: str, threads: int, memory_mb: int = 0
@@ -64,10 +65,11 @@ class AgentProcesses:
         self.procs[agent_id] = (proc, log_path)
 
     def crashed(self) -> str | None:
-        """A reason if an agent process has exited with an error."""
+        """A reason if an agent process has exited with an error (each exit is reported once)."""
         for agent_id, (proc, log_path) in self.procs.items():
             code = proc.poll()
-            if code not in (None, 0):
+            if code not in (None, 0) and agent_id not in self.reported:
+                self.reported.add(agent_id)
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
                 cap = self.caps.get(agent_id)
                 why = (
@@ -110,9 +112,15 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
     url = options.broker or (broker.url if broker else "")
     agents = AgentProcesses()
     crash: list[str] = []
+    exits: list[str] = []  # snake routes around a lost agent: its exit is reported, the trial goes on
+    tolerant = config.algorithm == "snake"
 
     def stop() -> bool:
         reason = agents.crashed()
+        if reason and tolerant:
+            log.warning("%s", reason)
+            exits.append(reason.splitlines()[0])
+            return False
         if reason:
             crash.append(reason)
         return reason is not None
@@ -122,7 +130,8 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
             member = config.member(i)
             backend = member.backend or backends[i % len(backends)]
             agents.spawn(f"agent-{i}", url, path, out, backend, member.threads or options.threads, member.memory_mb)
-        extra = {"broker": broker.kind if broker else "external", "samples_per_agent": config.samples_per_agent}
+        extra = {"broker": broker.kind if broker else "external", "samples_per_agent": config.samples_per_agent,
+                 "agent_exits": exits}  # fmt: skip
         try:
             return run_trial(replace(config), url, out, ds, exit_agents=True, stop=stop,
                              show_progress=options.show_progress, extra=extra)  # fmt: skip

@@ -134,9 +134,8 @@ def run_trial(
         service = TrialService(mqtt_link(broker, setup.trial_id), setup, jobs, on_event)
         outcome = service.run(exit_agents, stop)
         if outcome.failed is not None or outcome.final_model is None:
-            record.write_summary(
-                record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)
-            )
+            summary = record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)
+            record.write_summary(summary | faults_summary(service, record))
             raise TrialError(outcome.failed or "no final model")
         display.status("evaluating the final model on the test set")
         tensors = decode_tensors(outcome.final_model)
@@ -154,6 +153,7 @@ def run_trial(
     }
     ctl = service.controller
     summary = record.summary(base, outcome.bytes_sent, ctl.checkpoint_bytes, outcome.bytes_received)
+    summary |= faults_summary(service, record)
     if config.algorithm == "split":
         summary |= {"split_cut": prepared.cut, "bytes_activations": ctl.activation_bytes,
                     "bytes_gradients": ctl.gradient_bytes}  # fmt: skip
@@ -161,6 +161,18 @@ def run_trial(
     record.plot()
     log.info("final test accuracy %.4f (loss %.4f) on %d samples", test.accuracy, test.loss, test.samples)
     return summary
+
+
+def faults_summary(service: TrialService, record: RunRecord) -> dict[str, Any]:
+    """What went wrong and what it cost: ``faults`` (from the record), hops trained again, finished hops whose
+    output was lost, bytes sent again (the coordinator's and what the agents reported in their byes)."""
+    ctl = service.controller
+    return {
+        "hops_retried": ctl.hops_retried,
+        "hops_lost": ctl.hops_lost,
+        "bytes_retransmitted": ctl.bytes_retransmitted + sum(record.retransmitted.values()),
+        "lost_agents": dict(ctl.lost),
+    }
 
 
 def _base(config: TrialConfig, trial_id: str, extra: dict[str, Any] | None) -> dict[str, Any]:
