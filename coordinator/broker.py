@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from coordinator.errors import CoordinatorError
 from coordinator.mosquitto import (
+    AUTOSAVE_S,
     START_TIMEOUT_S,
     MosquittoConfig,
     MosquittoProcess,
@@ -131,12 +132,15 @@ def start_broker(
     max_packet_bytes: int = 16 * 1024 * 1024,
     workdir: Path | None = None,
     host: str = "127.0.0.1",
+    autosave_s: int = AUTOSAVE_S,
 ) -> RunningBroker:
-    """Start a broker on ``host`` and a free port; ``kind`` is ``auto``, ``mosquitto`` or ``amqtt``."""
+    """Start a broker on ``host`` and a free port; ``kind`` is ``auto``, ``mosquitto`` or ``amqtt``.
+
+    mosquitto saves its sessions every ``autosave_s`` seconds (what a SIGKILL of the broker can lose)."""
     if kind == "auto":
         kind = "mosquitto" if find_mosquitto() else "amqtt"
     if kind == "mosquitto":
-        return _register(_start_mosquitto(max_packet_bytes, workdir, host))
+        return _register(_start_mosquitto(max_packet_bytes, workdir, host, autosave_s))
     if kind == "amqtt":
         return _register(_start_amqtt(max_packet_bytes, host))
     raise BrokerError(f"unknown broker kind {kind!r}: use auto, mosquitto or amqtt")
@@ -160,7 +164,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 # ---------------------------------------------------------------- mosquitto
 
 
-def _start_mosquitto(max_packet_bytes: int, workdir: Path | None, host: str) -> RunningBroker:
+def _start_mosquitto(max_packet_bytes: int, workdir: Path | None, host: str, autosave_s: int) -> RunningBroker:
     exe = find_mosquitto()
     if exe is None:
         raise BrokerError(
@@ -174,7 +178,8 @@ def _start_mosquitto(max_packet_bytes: int, workdir: Path | None, host: str) -> 
     error = ""
     for _ in range(_PORT_ATTEMPTS):
         port = free_port(host)
-        config = MosquittoConfig(port, host, max_packet_bytes, logdir / f"mosquitto-{port}.d", major, run_as=run_as)
+        persistence = logdir / f"mosquitto-{port}.d"
+        config = MosquittoConfig(port, host, max_packet_bytes, persistence, major, autosave_s, run_as=run_as)
         prepare_persistence(config, fresh=True)
         process = MosquittoProcess(exe, config, tmp / "mosquitto.conf", logdir / f"mosquitto-{port}.log")
         if process.start():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -45,7 +44,7 @@ class MosquittoConfig:
     autosave_s: int = AUTOSAVE_S
     queue_bytes: int = QUEUE_BYTES
     queue_messages: int = QUEUE_MESSAGES
-    run_as: str | None = None  # when started as root: the user mosquitto switches to (and writes the database as)
+    run_as: str | None = None  # started as root: "root" keeps mosquitto from dropping to a user who cannot write
 
     @property
     def db_path(self) -> Path:
@@ -78,24 +77,19 @@ class MosquittoConfig:
 
 
 def run_as_user() -> str | None:
-    """The user a root-started mosquitto runs as (it drops privileges); None when we are not root."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam("mosquitto")
-        return "mosquitto"
-    except KeyError:
-        return "nobody"
+    """``root`` when we are root, else None (mosquitto runs as us).
+
+    Started as root, mosquitto drops to the ``mosquitto`` user, which cannot reach a run directory under a
+    private parent (pytest's temporary directories are 0700): every save then fails with "Permission denied"
+    and a restart finds no sessions. A broker on loopback for a trial started as root stays root."""
+    return "root" if os.geteuid() == 0 else None
 
 
 def prepare_persistence(config: MosquittoConfig, fresh: bool) -> None:
-    """Create the database directory, writable by the user mosquitto runs as; ``fresh`` drops an old database."""
+    """Create the database directory; ``fresh`` drops a database left there by an earlier broker."""
     config.persistence_dir.mkdir(parents=True, exist_ok=True)
     if fresh:
         config.db_path.unlink(missing_ok=True)
-    if config.run_as is not None:
-        user = pwd.getpwnam(config.run_as)
-        os.chown(config.persistence_dir, user.pw_uid, user.pw_gid)
 
 
 def mosquitto_major(exe: Path) -> int:
@@ -189,6 +183,10 @@ class MosquittoProcess:
             logger.warning("mosquitto (pid %d) ignored SIGTERM for %gs; killing it", proc.pid, STOP_TIMEOUT_S)
             proc.kill()
             proc.wait()
+            return
+        tail = log_tail(self.log_path, 4)
+        if "Error saving" in tail:
+            logger.warning("mosquitto could not save its sessions on stopping; a restart will not find them:\n%s", tail)
 
     def restart(self, kill: bool = False, down_s: float = 0.0, attempts: int = 5) -> bool:
         """Stop (SIGTERM, or SIGKILL with ``kill``), stay down ``down_s`` seconds, start on the same port again."""
