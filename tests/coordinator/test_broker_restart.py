@@ -131,3 +131,27 @@ def test_links_reconnect_after_a_long_outage_and_deliver_what_was_published_mean
     warnings = [r.getMessage() for r in caplog.records if r.name == "edge_agent.mqtt"]
     assert any("cannot reach the broker" in w and "Connection refused" in w for w in warnings)
     assert any("tx-agent is back" in w and "session resumed" in w for w in warnings)
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(60)
+@needs_mosquitto
+def test_a_finished_coordinator_leaves_no_session_queueing_for_nobody(mosquitto: RunningBroker) -> None:
+    """The coordinator's session is persistent while it runs and ends when its link stops; a session kept
+    without ``forget_session_on_stop`` (an agent's) still has what was published meanwhile."""
+    url, topic = parse_broker_url(mosquitto.url), f"restart/inbox-{uuid.uuid4().hex[:6]}"
+    for forget in (True, False):
+        client = f"session-{forget}-{uuid.uuid4().hex[:6]}"
+        link = MqttLink(url, client, [topic], clean_session=False, forget_session_on_stop=forget)
+        link.start(timeout=5)
+        link.stop()
+        tx = MqttLink(url, f"tx-{client}")
+        tx.start(timeout=5)
+        tx.publish(topic, b"for whoever comes back")
+        assert tx.wait_published(5)
+        tx.stop()
+        again = MqttLink(url, client, [topic], clean_session=False)
+        again.start(timeout=5)
+        queued = again.get(timeout=2.0)
+        again.stop()
+        assert (queued is None) == forget, forget
