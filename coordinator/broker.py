@@ -2,7 +2,10 @@
 
 Stdlib only at import time (amqtt is imported when an embedded broker is started). Every broker
 started here is stopped by ``RunningBroker.stop()``, by leaving its ``with`` block, or at interpreter
-exit (atexit), so an interrupted CLI leaves no broker behind.
+exit (atexit), so an interrupted CLI leaves no broker behind. A mosquitto broker keeps persistent
+sessions in a database in the run directory and can be restarted on the same port
+(``RunningBroker.restart``, cleanly or with SIGKILL), which is how the broker-restart tests and chaos
+runs take it down mid-trial (coordinator/mosquitto.py says what survives).
 
 amqtt 0.12.1 has no maximum-message-size setting: for it ``max_packet_bytes`` is advisory only
 (callers must still chunk below it, which keeps the in-process broker's memory small).
@@ -16,10 +19,8 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,22 @@ from types import TracebackType
 from typing import Any, ClassVar
 
 from coordinator.errors import CoordinatorError
+from coordinator.mosquitto import (
+    AUTOSAVE_S,
+    START_TIMEOUT_S,
+    MosquittoConfig,
+    MosquittoProcess,
+    log_tail,
+    mosquitto_major,
+    mqtt_ping,
+    prepare_persistence,
+    run_as_user,
+)
 from edge_agent.exitcodes import ExitCode
 
 logger = logging.getLogger(__name__)
 
 MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")
-START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 _PORT_ATTEMPTS = 3
 _LIVE: set[RunningBroker] = set()
@@ -53,13 +64,35 @@ class RunningBroker:
     kind: str
     max_packet_bytes: int
     log_path: Path | None = None
-    pid: int | None = None  # the mosquitto process; None for the in-process amqtt broker
+    process: MosquittoProcess | None = field(default=None, repr=False)  # None for the in-process amqtt broker
     _stopper: Callable[[], None] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def pid(self) -> int | None:
+        """The mosquitto process (a new one after each restart); None for the in-process amqtt broker."""
+        return self.process.pid if self.process is not None else None
+
+    def restart(self, kill: bool = False, down_s: float = 0.0) -> None:
+        """Take mosquitto down and start it again from the same config, port and database.
+
+        ``kill=False``: SIGTERM, mosquitto saves its database first (every persistent session and its
+        queued messages survive). ``kill=True``: SIGKILL, it comes back from its last autosave. It stays
+        down ``down_s`` seconds. BrokerError if it does not come back or this broker cannot restart.
+        """
+        process = self.process
+        if process is None or self._stopper is None:
+            raise BrokerError(f"cannot restart the {self.kind} broker at {self.url}: only a running mosquitto can")
+        with self._lock:
+            how = "SIGKILL" if kill else "SIGTERM"
+            logger.warning("restarting mosquitto at %s (%s, down %.1f s)", self.url, how, down_s)
+            if not process.restart(kill=kill, down_s=down_s):
+                raise BrokerError(f"mosquitto did not come back on {self.url}; log:\n{log_tail(process.log_path)}")
+            logger.info("mosquitto (pid %d) is back on %s", process.pid, self.url)
 
     def stop(self) -> None:
         """Stop the broker (terminate, then kill after a timeout). Safe to call more than once."""
@@ -99,12 +132,15 @@ def start_broker(
     max_packet_bytes: int = 16 * 1024 * 1024,
     workdir: Path | None = None,
     host: str = "127.0.0.1",
+    autosave_s: int = AUTOSAVE_S,
 ) -> RunningBroker:
-    """Start a broker on ``host`` and a free port; ``kind`` is ``auto``, ``mosquitto`` or ``amqtt``."""
+    """Start a broker on ``host`` and a free port; ``kind`` is ``auto``, ``mosquitto`` or ``amqtt``.
+
+    mosquitto saves its sessions every ``autosave_s`` seconds (what a SIGKILL of the broker can lose)."""
     if kind == "auto":
         kind = "mosquitto" if find_mosquitto() else "amqtt"
     if kind == "mosquitto":
-        return _register(_start_mosquitto(max_packet_bytes, workdir, host))
+        return _register(_start_mosquitto(max_packet_bytes, workdir, host, autosave_s))
     if kind == "amqtt":
         return _register(_start_amqtt(max_packet_bytes, host))
     raise BrokerError(f"unknown broker kind {kind!r}: use auto, mosquitto or amqtt")
@@ -125,62 +161,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def mqtt_ping(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True if an MQTT 3.1.1 CONNECT to host:port is accepted (CONNACK code 0)."""
-    client_id = b"snake-broker-probe"
-    variable = b"\x00\x04MQTT\x04\x02\x00\x0a" + len(client_id).to_bytes(2, "big") + client_id
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"\x10" + bytes([len(variable)]) + variable)
-            reply = b""
-            while len(reply) < 4:
-                chunk = sock.recv(4 - len(reply))
-                if not chunk:
-                    return False
-                reply += chunk
-            sock.sendall(b"\xe0\x00")  # DISCONNECT
-            return reply == b"\x20\x02\x00\x00"
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------- mosquitto
 
 
-def _mosquitto_major(exe: Path) -> int:
-    try:
-        out = subprocess.run([str(exe), "-h"], capture_output=True, text=True, timeout=5).stdout
-        return int(out.split("version", 1)[1].strip().split(".", 1)[0])
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        return 2
-
-
-def _mosquitto_config(port: int, host: str, max_packet_bytes: int, major: int) -> str:
-    lines = [
-        f"listener {port} {host}",
-        "allow_anonymous true",
-        "persistence false",
-        "log_dest stderr",  # stderr goes to a file we open: works even when mosquitto drops root privileges
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
-        "connection_messages true",
-        f"message_size_limit {max_packet_bytes}",
-    ]
-    if major >= 2:
-        lines.append(f"max_packet_size {max_packet_bytes}")
-    return "\n".join(lines) + "\n"
-
-
-def _log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _start_mosquitto(max_packet_bytes: int, workdir: Path | None, host: str) -> RunningBroker:
+def _start_mosquitto(max_packet_bytes: int, workdir: Path | None, host: str, autosave_s: int) -> RunningBroker:
     exe = find_mosquitto()
     if exe is None:
         raise BrokerError(
@@ -190,60 +174,29 @@ def _start_mosquitto(max_packet_bytes: int, workdir: Path | None, host: str) -> 
     tmp = Path(tempfile.mkdtemp(prefix="snake-mosquitto-"))
     logdir = Path(workdir) if workdir is not None else tmp
     logdir.mkdir(parents=True, exist_ok=True)
-    major = _mosquitto_major(exe)
+    major, run_as = mosquitto_major(exe), run_as_user()
     error = ""
     for _ in range(_PORT_ATTEMPTS):
         port = free_port(host)
-        log_path = logdir / f"mosquitto-{port}.log"
-        conf = tmp / "mosquitto.conf"
-        conf.write_text(_mosquitto_config(port, host, max_packet_bytes, major))
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [str(exe), "-c", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop it cleanly
-            )
-        if _wait_ready(proc, host, port):
-            logger.info("mosquitto (pid %d) listening on %s:%d, log %s", proc.pid, host, port, log_path)
-            stopper = _mosquitto_stopper(proc, tmp)
+        persistence = logdir / f"mosquitto-{port}.d"
+        config = MosquittoConfig(port, host, max_packet_bytes, persistence, major, autosave_s, run_as=run_as)
+        prepare_persistence(config, fresh=True)
+        process = MosquittoProcess(exe, config, tmp / "mosquitto.conf", logdir / f"mosquitto-{port}.log")
+        if process.start():
+            logger.info("mosquitto (pid %d) listening on %s:%d, log %s", process.pid, host, port, process.log_path)
             url = f"mqtt://{host}:{port}"
-            return RunningBroker(url, "mosquitto", max_packet_bytes, log_path, proc.pid, stopper)
-        _terminate(proc)
-        error = _log_tail(log_path)
+            return RunningBroker(url, "mosquitto", max_packet_bytes, process.log_path, process, _stopper(process))
+        error = log_tail(process.log_path)
         if "in use" not in error:
             break
     shutil.rmtree(tmp, ignore_errors=True)
     raise BrokerError(f"mosquitto failed to start (or not within {START_TIMEOUT_S:g}s); its log ends with:\n{error}")
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], host: str, port: int) -> bool:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if mqtt_ping(host, port, timeout=1.0):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            logger.warning("mosquitto (pid %d) ignored SIGTERM for %gs; killing it", proc.pid, STOP_TIMEOUT_S)
-            proc.kill()
-            proc.wait()
-
-
-def _mosquitto_stopper(proc: subprocess.Popen[bytes], tmp: Path) -> Callable[[], None]:
+def _stopper(process: MosquittoProcess) -> Callable[[], None]:
     def stop() -> None:
-        _terminate(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
+        process.stop()
+        process.remove_files()
 
     return stop
 

@@ -45,11 +45,16 @@ def run_job(jobs: Jobs, job: Job) -> object:
 
 
 def mqtt_link(broker: str, trial_id: str) -> MqttLink:
+    """A persistent session named after the trial: what agents send while the coordinator is away (its
+    link down, the broker restarting, or the coordinator itself restarting to resume the same trial) is
+    queued by the broker for it. Other trials' messages that reach the queue are refused by trial id. The
+    session ends when the service stops the link (a killed coordinator leaves it for its successor)."""
     return MqttLink(
         parse_broker_url(broker),
         client_id=f"snake-coordinator-{trial_id}",
         subscriptions=[topics.coordinator_inbox(), topics.ALL_AGENT_STATUS],
-        clean_session=True,
+        clean_session=False,
+        forget_session_on_stop=True,  # a finished trial's session would queue later trials' traffic for nobody
     )
 
 

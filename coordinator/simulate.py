@@ -33,6 +33,9 @@ class SimOptions:
     backends: tuple[str, ...] = ()  # per agent, cycled; empty = "auto"
     threads: int = 0
     show_progress: bool = True
+    calibrate: bool = (
+        True  # agents measure their speed for the planner; False: equal speeds, a plan fixed by the config
+    )
 
 
 class AgentProcesses:
@@ -44,7 +47,15 @@ class AgentProcesses:
         self.reported: set[str] = set()
 
     def spawn(
-        self, agent_id: str, broker: str, data: Path, out: Path, backend: str, threads: int, memory_mb: int = 0
+        self,
+        agent_id: str,
+        broker: str,
+        data: Path,
+        out: Path,
+        backend: str,
+        threads: int,
+        memory_mb: int = 0,
+        calibrate: bool = True,
     ) -> None:
         """Start one agent; ``memory_mb`` > 0 runs it in a cgroup capped at that (an OOM kill beyond it)."""
         log_path = out / "logs" / f"{agent_id}.log"
@@ -52,7 +63,7 @@ class AgentProcesses:
         cmd = [
             sys.executable, "-m", "edge_agent.cli", "run", "--broker", broker, "--agent-id", agent_id,
             "--data", f"npz:{data}", "--cache-dir", str(out / "cache" / agent_id), "--backend", backend,
-            "--threads", str(threads),
+            "--threads", str(threads), "--calibrate" if calibrate else "--no-calibrate",
         ]  # fmt: skip
         if memory_mb:
             self.caps[agent_id] = cap = MemoryCap(agent_id, memory_mb)
@@ -129,7 +140,8 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
         for i, path in enumerate(paths):
             member = config.member(i)
             backend = member.backend or backends[i % len(backends)]
-            agents.spawn(f"agent-{i}", url, path, out, backend, member.threads or options.threads, member.memory_mb)
+            threads = member.threads or options.threads
+            agents.spawn(f"agent-{i}", url, path, out, backend, threads, member.memory_mb, options.calibrate)
         extra = {"broker": broker.kind if broker else "external", "samples_per_agent": config.samples_per_agent,
                  "agent_exits": exits}  # fmt: skip
         try:

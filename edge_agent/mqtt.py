@@ -4,6 +4,13 @@ paho's network thread only enqueues (callbacks never do work, never raise into t
 consumer cannot stall keepalive. Publishes are QoS 1 and never block the caller: paho queues them
 (unbounded) and sends at most ``MAX_INFLIGHT`` at a time; ``wait_published`` waits for the PUBACKs.
 Subscriptions are (re)made on every CONNACK, so reconnects keep them.
+
+A lost broker is never fatal once started: paho reconnects with backoff (``RECONNECT_MIN_S`` doubling
+up to ``RECONNECT_MAX_S``, for as long as it takes), each failed attempt is logged at WARNING with its
+reason, publishes made meanwhile wait in paho's queue and go out after the reconnect (QoS 1 messages
+that were in flight are sent again, flagged DUP). An optional ``birth`` message (an agent's retained
+``online`` status) is published on every connect: a broker that restarts publishes the last wills of
+the clients it drops, so the status would otherwise stay ``offline`` after the client is back.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -30,6 +38,8 @@ logger = logging.getLogger(__name__)
 PASSWORD_ENV = "SNAKE_MQTT_PASSWORD"
 MAX_INFLIGHT = 8  # paho copies a message into a packet only when it goes in flight: this bounds the copies
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+RECONNECT_MIN_S = 1  # paho's backoff: the first retry after this, doubling up to RECONNECT_MAX_S
+RECONNECT_MAX_S = 8  # a broker that is back is found within this (paho never stops retrying)
 
 
 class _PahoLevels(logging.Filter):
@@ -106,6 +116,8 @@ class MqttLink:
         subscriptions: Sequence[str] = (),
         will: tuple[str, bytes, bool] | None = None,
         clean_session: bool = False,
+        birth: tuple[str, bytes, bool] | None = None,
+        forget_session_on_stop: bool = False,
         keepalive: int = 30,
         max_queue: int = 10000,
     ) -> None:
@@ -123,6 +135,12 @@ class MqttLink:
         self._acks = threading.Condition()
         self._pending: set[int] = set()
         self._early_acks: set[int] = set()
+        self._birth = birth
+        self._clean_session = clean_session
+        self._forget_on_stop = forget_session_on_stop and not clean_session
+        self._lost_at: float | None = None  # monotonic time the connection was lost (None: connected or never)
+        self._failed_attempts = 0
+        self.reconnects = 0
         self._client = self._make_client(will, clean_session)
 
     def _make_client(self, will: tuple[str, bytes, bool] | None, clean_session: bool) -> paho.Client:
@@ -136,7 +154,7 @@ class MqttLink:
         client.enable_logger(_PAHO_LOG)
         client.max_inflight_messages_set(MAX_INFLIGHT)
         client.max_queued_messages_set(0)  # unlimited: a burst of chunks is queued, not dropped
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         if self.url.username is not None:
             client.username_pw_set(self.url.username, self.url.password)
         if self.url.tls:
@@ -144,6 +162,7 @@ class MqttLink:
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=will[2])
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -199,6 +218,8 @@ class MqttLink:
         reset_sockets = getattr(self._client, "_reset_sockets", None)
         if reset_sockets is not None:
             reset_sockets(sockpair_only=True)
+        if self._forget_on_stop and self._connack.is_set() and self._refusal is None:
+            self.forget_session()
         logger.info(
             "link %s to %s stopped (sent %d B, received %d B)",
             self.client_id,
@@ -206,6 +227,18 @@ class MqttLink:
             self.bytes_sent,
             self.bytes_received,
         )
+
+    def forget_session(self, timeout: float = 5.0) -> bool:
+        """Have the broker drop this client id's persistent session and its queue (connect once with a clean
+        session); without it a finished client's session keeps queueing what matches its subscriptions."""
+        cleaner = MqttLink(self.url, self.client_id, clean_session=True)
+        try:
+            cleaner.start(timeout)
+        except LinkError as exc:
+            logger.warning("could not end the session of %s on %s: %s", self.client_id, self.url, exc)
+            return False
+        cleaner.stop()
+        return True
 
     # ------------------------------------------------------------ traffic
 
@@ -248,11 +281,51 @@ class MqttLink:
             logger.warning("broker %s refused %s: %s", self.url, self.client_id, reason)
         else:
             self._refusal = None
+            self._note_reconnect(bool(getattr(flags, "session_present", False)))
             if self._subscriptions:
                 client.subscribe([(topic, 1) for topic in self._subscriptions])
             else:
                 self._subacked.set()
+            if self._birth is not None:
+                self.publish(*self._birth)
         self._connack.set()
+
+    def _note_reconnect(self, session_present: bool) -> None:
+        self._failed_attempts = 0
+        if self._lost_at is None:
+            return
+        down, self._lost_at = time.monotonic() - self._lost_at, None
+        self.reconnects += 1
+        logger.warning(
+            "link %s is back on %s after %.1f s (session %s)",
+            self.client_id,
+            self.url,
+            down,
+            "resumed" if session_present else "new",
+        )
+        if not session_present and not self._clean_session:
+            logger.warning(
+                "the broker at %s had no session for %s (restarted without its database?): messages queued "
+                "for it while it was away are lost; it subscribed again and its peers' retries must fill the gap",
+                self.url,
+                self.client_id,
+            )
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` around the reconnect: the exception is the reason
+        reason = sys.exc_info()[1] or "no reason given"
+        self._failed_attempts += 1
+        if self._lost_at is None:
+            return  # before the first CONNACK: start() waits and reports a reason itself
+        logger.warning(
+            "link %s cannot reach the broker at %s: %s (down %.0f s, attempt %d; retrying every <= %d s)",
+            self.client_id,
+            self.url,
+            reason,
+            time.monotonic() - self._lost_at,
+            self._failed_attempts,
+            RECONNECT_MAX_S,
+        )
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         refused = [topic for topic, code in zip(self._subscriptions, reasons, strict=False) if code.is_failure]
@@ -263,7 +336,14 @@ class MqttLink:
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            logger.warning("link %s lost its connection to %s: %s (reconnecting)", self.client_id, self.url, reason)
+            if self._lost_at is None:
+                self._lost_at = time.monotonic()
+            logger.warning(
+                "link %s lost its connection to %s (%s); reconnecting, publishes wait in its queue",
+                self.client_id,
+                self.url,
+                "the broker closed it or went away" if str(reason) == "Unspecified error" else reason,
+            )
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         if not any(paho.topic_matches_sub(sub, message.topic) for sub in self._subscriptions):

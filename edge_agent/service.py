@@ -46,13 +46,16 @@ def status_payload(agent_id: str, state: str, now: float) -> bytes:
 
 
 def mqtt_link(config: AgentConfig) -> MqttLink:
-    """The production link: a persistent MQTT session with an ``offline`` last will."""
+    """The production link: a persistent MQTT session (what is sent to the agent while the broker restarts or
+    the link is down waits for it) with an ``offline`` last will and an ``online`` status on every connect."""
+    status = topics.agent_status(config.agent_id)
     return MqttLink(
         parse_broker_url(config.broker),
         client_id=f"snake-agent-{config.agent_id}",
         subscriptions=[topics.agent_inbox(config.agent_id)],
-        will=(topics.agent_status(config.agent_id), status_payload(config.agent_id, "offline", time.time()), True),
+        will=(status, status_payload(config.agent_id, "offline", time.time()), True),
         clean_session=False,
+        birth=(status, status_payload(config.agent_id, "online", time.time()), True),
     )
 
 
