@@ -39,7 +39,7 @@ A trial file (every key optional; defaults shown)::
     hop_s = 900                # a hop without news for this long (+ 4x its estimate + its model's travel
                                #   at 1 Mbit/s): its agent is taken as hung and routed around (snake)
     gradient_s = 60            # split learning: an agent waits this long for a batch's gradient
-    offline_s = 5              # an agent offline (last will) this long is routed around (snake) ...
+    offline_s = 15             # an agent offline (last will) this long is routed around (snake) ...
     holder_s = 60              #   ... unless it holds the only copy of a finished hop: then this long
     silence_s = 30             # an agent that sent heartbeats and then nothing this long is routed around
 
@@ -90,7 +90,7 @@ class Timeouts:
     join_s: float = 180.0
     hop_s: float = 900.0
     gradient_s: float = 60.0
-    offline_s: float = 5.0
+    offline_s: float = 15.0
     holder_s: float = 60.0
     silence_s: float = 30.0
 

@@ -70,6 +70,7 @@ from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassemble
 log = logging.getLogger(__name__)
 ME = topics.COORDINATOR
 Handler = Callable[[Envelope, float], "Step"]
+SETTLE_S = 20.0  # after our own link was down: agents reconnect (backoff up to 8 s) before anyone is called lost
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class TrialSetup:
     # fault tolerance (snake): (plan, original plan, first hop to change, available agents' hellos) -> plan.
     # None: a lost agent fails the trial.
     reroute: Callable[[Plan, Plan, int, Mapping[str, Hello]], Plan] | None = None
-    offline_grace_s: float = 5.0  # an agent whose last will says offline is lost after this long
+    offline_grace_s: float = 15.0  # an agent whose last will says offline is lost after this long (> reconnect)
     holder_grace_s: float = 60.0  # ...unless it holds the only copy of a finished hop: then wait this long
     silence_s: float = 30.0  # an agent that sent heartbeats and then nothing for this long is lost
     min_throughput_bps: float = 125_000.0  # a hop's deadline allows its model to travel at 1 Mbit/s
@@ -135,6 +136,7 @@ class Controller:
         self.hops_retried = 0  # hops trained again after a fault
         self.hops_lost = 0  # finished hops whose output was lost with its agent (trained again)
         self.reroutes = 0
+        self.link_down_at = float("-inf")
         self.bytes_retransmitted = 0  # sent again: resent chunks and transfers, models re-sent after a fault
 
     @property
@@ -194,6 +196,14 @@ class Controller:
             )
         return self._counted(step)
 
+    def link_down(self, now: float) -> None:
+        """Our broker link is down: nobody is late meanwhile (messages wait in the broker); the fault
+        detectors start again ``SETTLE_S`` after the link is back, once the agents have reconnected."""
+        self.outbox.postpone(now)
+        self.inbound.postpone(now)
+        self.last_progress = max(self.last_progress, now)
+        self.link_down_at = now
+
     def job_done(self, job: Job, result: object, now: float) -> Step:
         """The shell finished ``job``: ``result`` is its value, or the exception it raised."""
         step = Step()
@@ -232,11 +242,13 @@ class Controller:
         state = body_of(Status, env.body).state
         was = self.online.get(agent)
         self.online[agent] = state == "online"
+        step = Step()
         if state == "online":
             self.offline_since.pop(agent, None)
+            if agent in self.lost and self._tolerant and agent in self.hellos and not self.finished:
+                self._readmit(step, agent, "is online again", now)  # the same process, its link back
         else:
             self.offline_since.setdefault(agent, now)
-        step = Step()
         if was and state != "online" and agent in self.tasks and not self.finished:
             step.events.append(Warned(agent, f"{agent} went {state}"))
         return step
@@ -500,7 +512,7 @@ class Controller:
         """Find lost agents: last will (offline) past a grace, silence past ``silence_s``, a hop past its deadline."""
         assert self.plan is not None
         k = self._current()
-        if k is None:
+        if k is None or now - self.link_down_at < SETTLE_S:
             return
         holder = self.plan.hops[k - 1].agent if k > 0 and self.plan.mode == "p2p" else None
         waiting = k not in self.hop_started_at  # the hop's model has not reached its agent yet
@@ -615,17 +627,7 @@ class Controller:
         step = Step()
         k = self._current()
         if agent in self.lost:  # back after it was routed around: it gets its hops again from the next round
-            del self.lost[agent]
-            self.no_copy = {(a, j) for a, j in self.no_copy if a != agent}
-            nxt = next((h.hop for h in self.plan.hops if k is not None and h.round > self.plan.hops[k].round), None)
-            self._fault(step, "agent_returned", agent, k, "said hello from a new process",
-                        f"planned in again from hop {nxt}" if nxt is not None else "no round left for it", now)  # fmt: skip
-            if nxt is not None and self.original is not None and self.setup.reroute is not None:
-                live = {a: h for a, h in self.hellos.items() if a not in self.lost}
-                try:
-                    self._replan(step, self.setup.reroute(self.plan, self.original, nxt, live), nxt, now)
-                except (PlanError, CoordinatorError) as exc:
-                    log.warning("cannot plan %s in again: %s", agent, exc)
+            self._readmit(step, agent, "said hello from a new process", now)
             return step
         if k is None:
             return Step([self._assign(agent, now)])
@@ -640,10 +642,26 @@ class Controller:
             self._fault(step, "agent_restarted", agent, k, "said hello from a new process",
                         f"it hands its model for hop {k} on again", now)  # fmt: skip
             self._send_input(step, k, now, "you restarted before your hand-off was acknowledged")
-        else:
-            self._fault(step, "agent_restarted", agent, k, "said hello from a new process", "its hops re-sent", now)
+        else:  # it lost nothing the trial needs now: its hops from here on are all it must know again
+            log.info("%s said hello from a new process; re-sending its hops from hop %d", agent, k)
         self.last_progress = now
         return step
+
+    def _readmit(self, step: Step, agent: str, detail: str, now: float) -> None:
+        """A lost agent is back: plan it in again from the next round (the current one goes on as it is)."""
+        assert self.plan is not None
+        del self.lost[agent]
+        self.no_copy = {(a, j) for a, j in self.no_copy if a != agent}
+        k = self._current()
+        nxt = next((h.hop for h in self.plan.hops if k is not None and h.round > self.plan.hops[k].round), None)
+        self._fault(step, "agent_returned", agent, k, detail,
+                    f"planned in again from hop {nxt}" if nxt is not None else "no round left for it", now)  # fmt: skip
+        if nxt is not None and self.original is not None and self.setup.reroute is not None:
+            live = {a: h for a, h in self.hellos.items() if a not in self.lost}
+            try:
+                self._replan(step, self.setup.reroute(self.plan, self.original, nxt, live), nxt, now)
+            except (PlanError, CoordinatorError) as exc:
+                log.warning("cannot plan %s in again: %s", agent, exc)
 
     def _fault(self, step: Step, kind: str, agent: str, hop: int | None, detail: str, recovery: str, now: float) -> None:
         step.events.append(Fault(round(now - self.started_at, 3), kind, agent, hop, detail, recovery))

@@ -144,6 +144,8 @@ class TrialService:
             self._apply(ctl.job_done(job, exc if exc is not None else future.result(), self.clock.time()))
         if self.clock.monotonic() >= self._next_tick:
             self._next_tick = self.clock.monotonic() + self.tick_s
+            if not self.link.connected:
+                ctl.link_down(self.clock.time())
             self._apply(ctl.tick(self.clock.time()))
         return moved
 

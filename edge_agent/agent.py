@@ -154,6 +154,11 @@ class Agent:
                 fx.out.append(self._send(COORD, MessageType.ARTIFACT_REQUEST, to_body(ArtifactRequest(sha)), now))
         return fx
 
+    def link_down(self, now: float) -> None:
+        """Our broker link is down: transfers wait in the broker, so their timers start again from ``now``."""
+        self.outbox.postpone(now)
+        self.inbound.postpone(now)
+
     def artifact_stored(self, sha: str, ok: bool, now: float) -> Effects:
         """The service stored (or failed to store) a bundle."""
         if ok:

@@ -136,6 +136,8 @@ class AgentService:
         moved |= self._flush_batches()
         if self.clock.monotonic() >= self._next_tick:
             self._next_tick = self.clock.monotonic() + self.config.tick_s
+            if not self.link.connected:
+                self.agent.link_down(self.clock.time())
             self._apply(self.agent.tick(self.clock.time(), self.counters()))
         return moved
 

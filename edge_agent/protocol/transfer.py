@@ -143,6 +143,11 @@ class Outbox:
         pending.sent_at = now
         return [Outgoing(topics.inbox(pending.dst), pending.frames[s]) for s in seqs]
 
+    def postpone(self, now: float) -> None:
+        """The link is down: what waits for an ack is not late (the broker keeps it); count from ``now``."""
+        for p in self.pending.values():
+            p.sent_at = max(p.sent_at, now)
+
     def tick(self, now: float) -> tuple[list[Outgoing], list[PendingTransfer]]:
         """Resend unacknowledged transfers; return those that ran out of attempts."""
         out: list[Outgoing] = []
@@ -250,6 +255,11 @@ class Reassembler:
         done = Completed(first.transfer_id, part.src, part.trial_id, first.purpose, first.meta, data, first.sha256)
         ack = TransferAck(first.transfer_id, first.sha256)
         return done, [reply(env, self.me, MessageType.TRANSFER_ACK, to_body(ack), now)]
+
+    def postpone(self, now: float) -> None:
+        """The link is down: chunks still on their way are not missing yet; count from ``now``."""
+        for part in self.partial.values():
+            part.last_seen = max(part.last_seen, now)
 
     def tick(self, now: float) -> list[Outgoing]:
         """Ask for the missing chunks of transfers that stalled; give up after max_nacks."""
