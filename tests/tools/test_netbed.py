@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tools.delay_proxy import Delay, release_at, serve
-from tools.netbed import LinkSpec, link_report, loss_bytecode, parse_class_stats, shaping_commands
+from tools.netbed import LinkSpec, link_report, loss_bytecode, parse_class_stats, probe, shaping_commands
 
 
 def test_a_link_spec_parses_from_rate_loss_delay_jitter() -> None:
@@ -129,3 +129,8 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_the_probe_names_what_is_missing_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert probe()["missing"] == ["not root (network namespaces and tc need CAP_NET_ADMIN)"]
