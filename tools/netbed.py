@@ -208,7 +208,8 @@ class NetBed:
     prefix: str = field(default_factory=lambda: f"{PREFIX_ROOT}-{uuid.uuid4().hex[:6]}")
     hosts: dict[str, Host] = field(default_factory=dict)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="snake-netbed-")))
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="snake-netbed-")))  # removed on close
+    logdir: Path | None = None  # where mosquitto's and the proxies' logs go and stay (default: workdir)
     _closed: bool = False
 
     @property
@@ -277,6 +278,10 @@ class NetBed:
         self.procs.append((name, proc))
         return proc
 
+    @property
+    def logs(self) -> Path:
+        return self.logdir if self.logdir is not None else self.workdir
+
     def start_broker(self, max_packet_bytes: int = 16 << 20) -> str:
         """mosquitto on the broker host (coordinator/broker.py's config); returns its URL."""
         from coordinator.broker import _mosquitto_config, _mosquitto_major, find_mosquitto
@@ -287,7 +292,7 @@ class NetBed:
         address = self.hosts["broker"].address
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(_mosquitto_config(BROKER_PORT, address, max_packet_bytes, _mosquitto_major(exe)))
-        self.spawn("mosquitto", "broker", [str(exe), "-c", str(conf)], self.workdir / "mosquitto.log")
+        self.spawn("mosquitto", "broker", [str(exe), "-c", str(conf)], self.logs / "mosquitto.log")
         self.wait_mqtt("coord", address, BROKER_PORT)
         return f"mqtt://{address}:{BROKER_PORT}"
 
@@ -297,7 +302,7 @@ class NetBed:
         cmd = [sys.executable, "-m", "tools.delay_proxy", "--listen", f"{address}:{port}",
                "--upstream", f"{address}:{BROKER_PORT}", "--delay-ms", str(spec.delay_ms),
                "--jitter-ms", str(spec.jitter_ms), "--seed", str(seed)]  # fmt: skip
-        self.spawn(f"proxy{agent}", "broker", cmd, self.workdir / f"proxy{agent}.log")
+        self.spawn(f"proxy{agent}", "broker", cmd, self.logs / f"proxy{agent}.log")
         self.wait_mqtt(f"agent{agent}", address, port)
         return f"mqtt://{address}:{port}"
 

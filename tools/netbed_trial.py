@@ -34,7 +34,7 @@ def run_trial(
     out.mkdir(parents=True, exist_ok=True)
     paths = write_partitions(config, load_dataset(config.dataset), out / "data")
     agents = AgentProcesses()
-    with NetBed(config.agents, links) as bed:
+    with NetBed(config.agents, links, logdir=out / "logs") as bed:
         try:
             url = bed.start_broker()
             for i, path in enumerate(paths):
