@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.netbed import LinkSpec, NetBed, NetBedError
+from tools.netbed import NetBed, NetBedError
+from tools.netbed_links import LinkSpec
 
 log = logging.getLogger("netbed")
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.netbed import LinkSpec, probe
+from tools.netbed import probe
+from tools.netbed_links import LinkSpec
 
 pytestmark = [
     pytest.mark.slow,

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from tools.delay_proxy import Delay, release_at, serve
-from tools.netbed import LinkSpec, link_report, loss_bytecode, parse_class_stats, probe, shaping_commands
+from tools.netbed import probe
+from tools.netbed_links import LinkSpec, link_report, loss_bytecode, parse_class_stats, shaping_commands
 
 
 def test_a_link_spec_parses_from_rate_loss_delay_jitter() -> None:
