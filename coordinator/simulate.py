@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,10 @@ class AgentProcesses:
         threads: int,
         memory_mb: int = 0,
         calibrate: bool = True,
+        prefix: Sequence[str] = (),
     ) -> None:
-        """Start one agent; ``memory_mb`` > 0 runs it in a cgroup capped at that (an OOM kill beyond it)."""
+        """Start one agent; ``memory_mb`` > 0 runs it in a cgroup capped at that (an OOM kill beyond it);
+        ``prefix`` goes before the command (e.g. ``ip netns exec NS`` to run it on a test bed's host)."""
         log_path = out / "logs" / f"{agent_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -69,6 +72,7 @@ class AgentProcesses:
             self.caps[agent_id] = cap = MemoryCap(agent_id, memory_mb)
             cmd = cap.wrap(cmd)
             log.info("%s runs under a %d MiB memory cap (%s)", agent_id, memory_mb, cap.path)
+        cmd = [*prefix, *cmd]
         with log_path.open("wb") as fh:
             proc = subprocess.Popen(
                 cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=os.environ.copy()

@@ -6,6 +6,13 @@ receiver acknowledges the whole-transfer sha256; a receiver's ``Reassembler``
 checks each chunk's sha256, asks again for chunks that are corrupt or missing,
 and acknowledges duplicates of finished transfers again without delivering them
 twice (QoS 1 means duplicates happen).
+
+Deadlines scale with the payload and the link (``throughput.LinkRates``): the sender waits for an
+ack as long as the bytes in flight take at the throughput it measured to that receiver (a floor
+before any measurement); the receiver waits for the next chunk as long as one chunk takes at the
+rate chunks have been arriving. A sender whose deadline passes does not send the whole transfer
+again: it sends one chunk as a probe, which a receiver that has everything acknowledges again and
+a receiver that lacks chunks answers, once they stall, with a nack naming just those.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from edge_agent.protocol.envelope import Envelope, encode, new_id
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.kinds import MessageType, Purpose
 from edge_agent.protocol.messages import Chunk, TransferAck, TransferNack, body_of, to_body
+from edge_agent.protocol.throughput import LinkRates, sample_bps, transfer_deadline_s
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 1024 * 1024
@@ -66,8 +74,10 @@ class PendingTransfer:
     sha256: str
     size: int
     frames: list[bytes]  # encoded chunk frames, by seq
-    sent_at: float
-    attempts: int = 1
+    sent_at: float  # when frames were last handed to the link
+    attempts: int = 1  # sends since the receiver was last heard from (a nack resets it)
+    in_flight: int = 0  # bytes handed to the link and not known to have arrived
+    resent: bool = False  # a send time no longer tells how long the receiver took (no throughput sample)
 
 
 @dataclass(frozen=True)
@@ -84,11 +94,28 @@ class Completed:
 class Outbox:
     """Sender side: frames transfers and keeps them until acknowledged."""
 
-    def __init__(self, me: str, ack_timeout_s: float = 30.0, max_attempts: int = 6) -> None:
+    def __init__(
+        self, me: str, ack_timeout_s: float = 30.0, max_attempts: int = 6, rates: LinkRates | None = None
+    ) -> None:
         self.me = me
-        self.ack_timeout_s = ack_timeout_s
+        self.ack_timeout_s = ack_timeout_s  # allowance on top of the bytes' time on the link
         self.max_attempts = max_attempts
+        self.rates = rates if rates is not None else LinkRates()  # by receiver
         self.pending: dict[str, PendingTransfer] = {}
+        self.last_now = float("-inf")  # the latest time we were given (for an ack that brings none)
+
+    def _saw(self, now: float) -> None:
+        self.last_now = max(self.last_now, now)
+
+    def ack_wait_s(self, p: PendingTransfer) -> float:
+        """How long after ``p.sent_at`` an ack for ``p`` is due: the bytes queued on our link up to and
+        including ``p`` (every transfer handed over no later than ``p``) at the throughput to ``p.dst``."""
+        queued = sum(q.in_flight for q in self.pending.values() if q.sent_at <= p.sent_at)
+        return self.rates.deadline_s(p.dst, queued, self.ack_timeout_s)
+
+    def eta_s(self, dst: str, nbytes: int) -> float:
+        """How long ``nbytes`` to ``dst`` may take before an ack is overdue (for callers' own deadlines)."""
+        return self.rates.deadline_s(dst, nbytes, self.ack_timeout_s)
 
     def send(
         self,
@@ -103,6 +130,7 @@ class Outbox:
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
         purpose = Purpose(purpose)  # ValueError for a purpose the protocol does not know
+        self._saw(now)
         tid, digest = new_id(), sha256_hex(data)
         count = max(1, -(-len(data) // chunk_bytes))
         frames = []
@@ -116,12 +144,15 @@ class Outbox:
                     )
                 )
             )
-        pending = PendingTransfer(tid, dst, purpose, meta, digest, len(data), frames, now)
+        pending = PendingTransfer(tid, dst, purpose, meta, digest, len(data), frames, now, in_flight=_size(frames))
         self.pending[tid] = pending
         return pending, [Outgoing(topics.inbox(dst), f) for f in frames]
 
-    def on_ack(self, ack: TransferAck) -> PendingTransfer | None:
-        """The receiver has it all: drop our copy. None if unknown or digest differs."""
+    def on_ack(self, ack: TransferAck, now: float | None = None) -> PendingTransfer | None:
+        """The receiver has it all: drop our copy. None if unknown or digest differs.
+
+        A transfer acknowledged without any resend is a throughput sample for its receiver; ``now``
+        is when the ack came (default: the latest time this outbox was given, up to a tick early)."""
         pending = self.pending.get(ack.transfer_id)
         if pending is None:
             return None
@@ -130,9 +161,16 @@ class Outbox:
                 "ack for transfer %s carries digest %s, expected %s", ack.transfer_id, ack.sha256, pending.sha256
             )
             return None
+        if now is not None:
+            self._saw(now)
+        if not pending.resent:
+            rate = self.rates.observe(pending.dst, pending.in_flight, self.last_now - pending.sent_at)
+            if rate is not None:
+                log.debug("throughput to %s: %.0f kB/s (transfer %s)", pending.dst, rate / 1e3, ack.transfer_id)
         return self.pending.pop(ack.transfer_id)
 
     def on_nack(self, nack: TransferNack, now: float) -> list[Outgoing]:
+        self._saw(now)
         pending = self.pending.get(nack.transfer_id)
         if pending is None:
             return []
@@ -140,8 +178,9 @@ class Outbox:
         log.info(
             "resending %d chunk(s) of transfer %s to %s: %s", len(seqs), nack.transfer_id, pending.dst, nack.reason
         )
-        pending.sent_at = now
-        return [Outgoing(topics.inbox(pending.dst), pending.frames[s]) for s in seqs]
+        frames = [pending.frames[s] for s in seqs]
+        pending.sent_at, pending.attempts, pending.resent, pending.in_flight = now, 1, True, _size(frames)
+        return [Outgoing(topics.inbox(pending.dst), f) for f in frames]
 
     def postpone(self, now: float) -> None:
         """The link is down: what waits for an ack is not late (the broker keeps it); count from ``now``."""
@@ -149,21 +188,29 @@ class Outbox:
             p.sent_at = max(p.sent_at, now)
 
     def tick(self, now: float) -> tuple[list[Outgoing], list[PendingTransfer]]:
-        """Resend unacknowledged transfers; return those that ran out of attempts."""
+        """Probe overdue transfers with one chunk; return those that ran out of attempts.
+
+        The probe (the last chunk) is all that is resent: a receiver that has the transfer acks it
+        again, one that misses chunks nacks them (``Reassembler.tick``), and a link that is merely
+        slower than we thought carries one chunk more. The bytes in flight stay counted, so the next
+        deadline is as long as this one was."""
+        self._saw(now)
         out: list[Outgoing] = []
         failed: list[PendingTransfer] = []
+        waits = {tid: self.ack_wait_s(p) for tid, p in self.pending.items()}
         for tid, p in list(self.pending.items()):
-            timeout = self.ack_timeout_s + p.size / 1e6  # a second more per MB
-            if now - p.sent_at < timeout:
+            if now - p.sent_at < waits[tid]:
                 continue
             if p.attempts >= self.max_attempts:
                 failed.append(self.pending.pop(tid))
                 continue
-            p.attempts, p.sent_at = p.attempts + 1, now
+            p.attempts, p.sent_at, p.resent = p.attempts + 1, now, True
             log.warning(
-                "no ack for transfer %s to %s after %.0f s; resending (attempt %d)", tid, p.dst, timeout, p.attempts
-            )
-            out.extend(Outgoing(topics.inbox(p.dst), f) for f in p.frames)
+                "no ack for transfer %s to %s after %.0f s (%d bytes at %.0f kB/s); probing with chunk %d/%d (attempt %d)",
+                tid, p.dst, waits[tid], p.in_flight, self.rates.assumed_bps(p.dst) / 1e3,
+                len(p.frames) - 1, len(p.frames), p.attempts,
+            )  # fmt: skip
+            out.append(Outgoing(topics.inbox(p.dst), p.frames[-1]))
         return out, failed
 
 
@@ -174,7 +221,9 @@ class _Partial:
     trial_id: str | None
     parts: dict[int, bytes] = field(default_factory=dict)
     last_seen: float = 0.0
-    nacks: int = 0
+    nacks: int = 0  # requests since the last new chunk
+    first_seen: float = 0.0  # arrival of the first chunk stored
+    bytes_after_first: int = 0  # what arrived since then (the arrival rate's numerator)
 
 
 class Reassembler:
@@ -192,8 +241,9 @@ class Reassembler:
         self.me = me
         self.max_transfer_bytes = max_transfer_bytes
         self.max_chunk_bytes = max_chunk_bytes
-        self.stale_after_s = stale_after_s
+        self.stale_after_s = stale_after_s  # allowance on top of one chunk's time on the link
         self.max_nacks = max_nacks
+        self.rates = LinkRates()  # by sender, from chunk arrivals
         self.partial: dict[str, _Partial] = {}
         self.done: OrderedDict[str, str] = OrderedDict()  # transfer id -> sha256, most recent last
         self.remember = remember
@@ -224,6 +274,12 @@ class Reassembler:
             )
             nack = TransferNack(chunk.transfer_id, [chunk.seq], "chunk digest mismatch")
             return None, [reply(env, self.me, MessageType.TRANSFER_NACK, to_body(nack), now)]
+        if chunk.seq not in part.parts:  # progress: the sender is alive and the link moves
+            if part.parts:
+                part.bytes_after_first += len(data)
+            else:
+                part.first_seen = now
+            part.nacks = 0
         part.parts[chunk.seq] = data
         if len(part.parts) < chunk.count:
             return None, []
@@ -249,6 +305,7 @@ class Reassembler:
             nack = TransferNack(first.transfer_id, [], "transfer digest mismatch")
             return None, [reply(env, self.me, MessageType.TRANSFER_NACK, to_body(nack), now)]
         del self.partial[first.transfer_id]
+        self.rates.observe(part.src, part.bytes_after_first, now - part.first_seen)
         self.done[first.transfer_id] = first.sha256
         while len(self.done) > self.remember:
             self.done.popitem(last=False)
@@ -265,7 +322,7 @@ class Reassembler:
         """Ask for the missing chunks of transfers that stalled; give up after max_nacks."""
         out: list[Outgoing] = []
         for tid, part in list(self.partial.items()):
-            if now - part.last_seen < self.stale_after_s:
+            if now - part.last_seen < self.stale_after(part):
                 continue
             if part.nacks >= self.max_nacks:
                 log.error(
@@ -286,6 +343,18 @@ class Reassembler:
             )
             out.append(Outgoing(topics.inbox(part.src), encode(env)))
         return out
+
+    def stale_after(self, part: _Partial) -> float:
+        """Seconds without a chunk before ``part`` counts as stalled: the allowance plus one chunk's
+        time at the rate its chunks have been arriving (else at what this sender's last transfers showed)."""
+        own = sample_bps(part.bytes_after_first, part.last_seen - part.first_seen)
+        rates = self.rates
+        rate = max(rates.floor_bps, own / rates.safety) if own is not None else rates.assumed_bps(part.src)
+        return transfer_deadline_s(-(-part.first.size // part.first.count), rate, self.stale_after_s)
+
+
+def _size(frames: list[bytes]) -> int:
+    return sum(len(f) for f in frames)
 
 
 def _join(parts: dict[int, bytes], count: int) -> bytes:
