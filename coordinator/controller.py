@@ -517,13 +517,16 @@ class Controller:
         holder = self.plan.hops[k - 1].agent if k > 0 and self.plan.mode == "p2p" else None
         waiting = k not in self.hop_started_at  # the hop's model has not reached its agent yet
         for agent in sorted({h.agent for h in self.plan.hops[max(k - 1, 0) :]} - set(self.lost)):
-            grace = self.setup.holder_grace_s if agent == holder and waiting else self.setup.offline_grace_s
+            handing_on = agent == holder and waiting
+            grace = self.setup.holder_grace_s if handing_on else self.setup.offline_grace_s
             off = self.offline_since.get(agent)
             heard = self.last_heard.get(agent, self.last_progress)
             if off is not None and now - off > grace:
                 self._lose(step, agent, f"offline (last will) for {now - off:.0f} s", now)
                 return
-            if agent in self.heartbeating and now - heard > max(grace, self.setup.silence_s):
+            # a sender's heartbeats queue behind the model it uploads: allow the model's travel time
+            silence = max(grace, self.setup.silence_s) + (self._travel_s(k) if handing_on else 0.0)
+            if agent in self.heartbeating and now - heard > silence:
                 self._lose(step, agent, f"silent for {now - heard:.0f} s", now)
                 return
         deadline = self._deadline(k)
@@ -535,9 +538,13 @@ class Controller:
     def _deadline(self, k: int) -> float:
         """How long hop ``k`` may go without news: the floor, plus its estimate, plus its model's travel."""
         assert self.plan is not None
+        return self.setup.hop_timeout_s + 4 * self.plan.hops[k].est_s + self._travel_s(k)
+
+    def _travel_s(self, k: int) -> float:
+        """The time the model hop ``k`` starts from may take to reach its agent at ``min_throughput_bps``."""
         before = self.done_hops.get(k - 1)
         size = before.model_bytes if before is not None else len(self.setup.initial_model)
-        return self.setup.hop_timeout_s + 4 * self.plan.hops[k].est_s + size / self.setup.min_throughput_bps
+        return size / self.setup.min_throughput_bps
 
     def _lose(self, step: Step, agent: str, why: str, now: float) -> None:
         """``agent`` is out of the trial: re-route the rest around it."""

@@ -185,7 +185,7 @@ class Outbox:
     def postpone(self, now: float) -> None:
         """The link is down: what waits for an ack is not late (the broker keeps it); count from ``now``."""
         for p in self.pending.values():
-            p.sent_at = max(p.sent_at, now)
+            p.sent_at, p.resent = max(p.sent_at, now), True  # an outage says nothing of the link's rate
 
     def tick(self, now: float) -> tuple[list[Outgoing], list[PendingTransfer]]:
         """Probe overdue transfers with one chunk; return those that ran out of attempts.
