@@ -101,7 +101,7 @@ def bench_trial(size: int, layout: str, rounds: int, scale: float, memory: bool,
             "hops_per_s_first_tenth": tenth / max(done[tenth - 1] - trial.timeline.built, 1e-9),
             "hops_per_s_last_tenth": tenth / max(done[-1] - done[-tenth - 1], 1e-9) if len(done) > tenth else None,
             "broker_messages": dict(trial.traffic.messages),
-            "broker_bytes": dict(trial.traffic.bytes),
+            "broker_bytes": dict(trial.traffic.sizes),
             "simulated_s": trial.clock.now - 1_000.0,
         }
     say(f"trial {size:5} agents: wall {row['phases_s']['wall_s']:.2f} s " + _phases(row["phases_s"]))

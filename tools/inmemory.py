@@ -59,12 +59,12 @@ class Traffic:
     """Every publish through the broker (a ``Tamper`` that changes nothing): messages and bytes by kind."""
 
     messages: dict[str, int] = field(default_factory=dict)
-    bytes: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes
 
     def __call__(self, topic: str, payload: bytes) -> list[Delivery]:
         kind = "chunk" if payload[:4] == b"SNK1" else "status" if topic.endswith("/status") else "control"
         self.messages[kind] = self.messages.get(kind, 0) + 1
-        self.bytes[kind] = self.bytes.get(kind, 0) + len(payload)
+        self.sizes[kind] = self.sizes.get(kind, 0) + len(payload)
         return [Delivery(payload)]
 
 
