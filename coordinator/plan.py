@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from coordinator.errors import ConfigError
 from edge_agent.protocol.delta import INITIAL
@@ -68,17 +69,40 @@ class Plan:
 
     def versions_after(self, hop: int) -> dict[str, int]:
         """Each group's version (the last hop that trained it) once ``hop`` is done; -1: the initial model."""
-        versions = {g: INITIAL for g, _ in self.layout}
-        for h in self.hops[: hop + 1]:
-            versions.update({g: h.hop for g in self.segments[h.segment].groups if g in versions})
-        return versions
+        last = min(hop, len(self.hops) - 1)
+        return dict(zip(self._layout_names, self._versions[last], strict=True)) if last >= 0 else self._initial()
 
     def held_by(self, hop: int) -> dict[str, int]:
         """The versions the agent of ``hop`` holds on disk when its model arrives: its previous hop's output
         (empty on its first hop: it holds nothing)."""
-        agent = self.hops[hop].agent
-        before = [h.hop for h in self.hops[:hop] if h.agent == agent]
-        return self.versions_after(before[-1]) if before else {}
+        before = self._previous[hop]
+        return self.versions_after(before) if before is not None else {}
+
+    def _initial(self) -> dict[str, int]:
+        return dict.fromkeys(self._layout_names, INITIAL)
+
+    @cached_property
+    def _layout_names(self) -> tuple[str, ...]:
+        return tuple(g for g, _ in self.layout)
+
+    @cached_property
+    def _versions(self) -> list[tuple[int, ...]]:
+        """Per hop, every layout group's version once it is done (computed once: a trial asks per hop)."""
+        current, out = self._initial(), []
+        for h in self.hops:
+            current.update({g: h.hop for g in self.segments[h.segment].groups if g in current})
+            out.append(tuple(current.values()))
+        return out
+
+    @cached_property
+    def _previous(self) -> list[int | None]:
+        """Per hop, its agent's previous hop (None: its first)."""
+        last: dict[str, int] = {}
+        out: list[int | None] = []
+        for h in self.hops:
+            out.append(last.get(h.agent))
+            last[h.agent] = h.hop
+        return out
 
     @property
     def rounds(self) -> int:

@@ -11,6 +11,11 @@ assignments that keep hop times within ``TIME_SLACK`` and the largest hop's memo
 they have not met), then fewer parameters on the wire, then memory, then a lighter share for a
 slower agent. ``fedavg_plan`` and ``split_plan`` build the baselines' plans; ``hop_tasks`` turns a
 plan into what each agent is told.
+
+Planning time grows linearly with the fleet (1,000 agents: well under a second): cost estimates and
+splits are memoised per kind of agent (alike profiles), not per agent, and what each candidate sweep
+would put on the wire is counted from the copies agents hold after the hops planned so far
+(``_Copies``), not by replaying the plan from its first hop for every candidate.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from coordinator import costmodel
 from coordinator.plan import AgentProfile, GroupInfo, Plan, PlanError, PlannedHop, Segment, _segment
@@ -84,18 +89,46 @@ def _forbidden(value: float | tuple[float, ...]) -> bool:
 
 @dataclass
 class _Costs:
-    """Per agent, the estimated memory and time of training each run of groups ``[lo, hi)``."""
+    """Per agent, the estimated memory and time of training each run of groups ``[lo, hi)``, and the
+    min-max splits of the layers over an order of agents. Both depend on an agent's profile but not
+    on its name, so a fleet of many alike agents computes each once: agents are numbered by **kind**
+    (alike profiles, one number) and the memos are keyed by kinds."""
 
     groups: Sequence[GroupInfo]
     batch: int
     optimizer: str
 
     def __post_init__(self) -> None:
-        self.memo: dict[tuple[str, int, int], tuple[float, float]] = {}
+        self.profiles: list[AgentProfile] = []  # per kind, the profile without a name
+        self.kinds: dict[AgentProfile, int] = {}  # nameless profile -> its kind
+        self.kind_of: dict[str, int] = {}  # agent -> its kind (agents' names are unique)
+        self.memo: dict[tuple[int, int, int], tuple[float, float]] = {}
+        self.timed: dict[tuple[int, ...], tuple[float, list[int]] | None] = {}  # fastest split per kinds
+        self.balanced: dict[tuple[tuple[int, ...], float, float], tuple[Balance, list[int]] | None] = {}
+        self.params = [0]  # parameters of groups [0, i)
+        for g in self.groups:
+            self.params.append(self.params[-1] + g.num_params)
+
+    def kind(self, p: AgentProfile) -> int:
+        if p.agent not in self.kind_of:
+            nameless = dataclasses.replace(p, agent="")
+            if nameless not in self.kinds:
+                self.kinds[nameless] = len(self.profiles)
+                self.profiles.append(nameless)
+            self.kind_of[p.agent] = self.kinds[nameless]
+        return self.kind_of[p.agent]
 
     def of(self, p: AgentProfile, lo: int, hi: int) -> tuple[float, float]:
-        key = (p.agent, lo, hi)
+        """(peak MiB, seconds) of ``p`` training groups ``[lo, hi)``."""
+        return self._cost(self.kind(p), lo, hi)
+
+    def fits(self, p: AgentProfile, lo: int, hi: int) -> bool:
+        return self._fits(self.kind(p), lo, hi)
+
+    def _cost(self, kind: int, lo: int, hi: int) -> tuple[float, float]:
+        key = (kind, lo, hi)
         if key not in self.memo:
+            p = self.profiles[kind]
             mem = costmodel.hop_memory_mb(
                 self.groups, lo, hi, self.batch, p.baseline_mb, self.optimizer, p.backend, p.data_mb
             )
@@ -103,8 +136,37 @@ class _Costs:
             self.memo[key] = (mem, seconds)
         return self.memo[key]
 
-    def fits(self, p: AgentProfile, lo: int, hi: int) -> bool:
-        return p.budget_mb <= 0 or self.of(p, lo, hi)[0] <= p.budget_mb
+    def _fits(self, kind: int, lo: int, hi: int) -> bool:
+        budget = self.profiles[kind].budget_mb
+        return budget <= 0 or self._cost(kind, lo, hi)[0] <= budget
+
+    def fastest(self, kinds: tuple[int, ...]) -> tuple[float, list[int]] | None:
+        """The split of the layers over agents of ``kinds`` (in order, the first on the input side) whose
+        slowest hop is fastest, every hop within its agent's budget: (that hop's seconds, cut points) or None."""
+
+        def hop_time(j: int, lo: int, hi: int) -> float:
+            return self._cost(kinds[j], lo, hi)[1] if self._fits(kinds[j], lo, hi) else float("inf")
+
+        if kinds not in self.timed:
+            self.timed[kinds] = _min_max_split(len(self.groups), len(kinds), hop_time)
+        return self.timed[kinds]
+
+    def lightest(self, kinds: tuple[int, ...], limit: float, reference: float) -> tuple[Balance, list[int]] | None:
+        """The split over agents of ``kinds`` whose largest hop has the smallest :data:`Balance` (memory share
+        of ``reference`` MiB, then parameters per speed), every hop within its budget and ``limit`` seconds."""
+
+        def share(j: int, lo: int, hi: int) -> Balance:
+            p = self.profiles[kinds[j]]
+            mem, hop_s = self._cost(kinds[j], lo, hi)
+            if not self._fits(kinds[j], lo, hi) or hop_s > limit:
+                return (float("inf"), float("inf"))
+            pressure = round(mem * (reference / p.budget_mb if p.budget_mb > 0 else 1.0) / MEMORY_STEP_MB)
+            return (float(pressure), (self.params[hi] - self.params[lo]) / (p.gflops or 1.0))
+
+        key = (kinds, limit, reference)
+        if key not in self.balanced:
+            self.balanced[key] = _min_max_split(len(self.groups), len(kinds), share)
+        return self.balanced[key]
 
 
 SAME_SPEED = 2.0  # calibrations within this factor of the fleet's median count as the median
@@ -183,6 +245,7 @@ def snake_plan(
     if not fleet:
         raise PlanError("no agent can train any layer group: " + "; ".join(f"{a}: {r}" for a, r in excluded))
     covered: set[tuple[str, int]] = set()
+    copies = _Copies(groups)
     runs: dict[tuple[int, int], int] = {}
     hops: list[tuple[int, AgentProfile, int, int]] = []
     for r in range(rounds):
@@ -191,10 +254,10 @@ def snake_plan(
         sweeps = -(-len(fleet) // n)
         for s in range(sweeps):
             members = rotated[s::sweeps]
-            history = [(p.agent, lo, hi) for _, p, lo, hi in hops]
-            order, cuts = _best_sweep(members, costs, n, covered, r, history)
+            order, cuts = _best_sweep(members, costs, covered, r, copies)
             for p, lo, hi in zip(order, [0, *cuts], [*cuts, n], strict=True):
                 covered.update((p.agent, g) for g in range(lo, hi))
+                copies.add(p.agent, lo, hi)
                 runs.setdefault((lo, hi), len(runs))
                 hops.append((r, p, lo, hi))
     index = {run: i for i, run in enumerate(sorted(runs))}
@@ -206,82 +269,107 @@ def snake_plan(
     return Plan(mode, segments, planned, excluded=tuple(excluded), layout=tuple((g.name, g.params) for g in groups))
 
 
+class _Copies:
+    """The version of every layer group (the hop that trained it last) after the hops planned so far, and
+    the versions each agent kept from its last hop: what the next hops would receive. Kept as the plan
+    grows, so weighing a sweep's candidates costs the sweep's hops, not the whole history's."""
+
+    def __init__(self, groups: Sequence[GroupInfo]) -> None:
+        self.sizes = [g.num_params for g in groups]
+        self.version = [-1] * len(groups)
+        self.held: dict[str, list[int]] = {}  # per agent, the versions of the model it handed on last
+        self.hops = 0
+
+    def add(self, agent: str, lo: int, hi: int) -> None:
+        """Plan the next hop: ``agent`` trains groups ``[lo, hi)``."""
+        self.version[lo:hi] = [self.hops] * (hi - lo)
+        self.held[agent] = list(self.version)
+        self.hops += 1
+
+    def received(self, runs: Sequence[tuple[str, int, int]]) -> int:
+        """Parameters the hops ``runs`` (agent, lo, hi), if planned next, would receive: every group whose
+        version differs from the copy the receiving agent kept after its previous hop (all on its first)."""
+        version, held, total = list(self.version), dict[str, list[int]](), 0
+        for i, (agent, lo, hi) in enumerate(runs, self.hops):
+            mine = held.get(agent, self.held.get(agent))
+            stale = (
+                self.sizes if mine is None else [s for s, v, h in zip(self.sizes, version, mine, strict=True) if v != h]
+            )
+            total += sum(stale)
+            version[lo:hi] = [i] * (hi - lo)
+            held[agent] = list(version)
+        return total
+
+
 def _sent_params(hops: Sequence[tuple[str, int, int]], first: int, groups: Sequence[GroupInfo]) -> int:
-    """Parameters the hops from index ``first`` on receive: every group whose version differs from the
-    copy the receiving agent kept after its previous hop (all of them on its first hop)."""
-    version = [-1] * len(groups)  # per group, the hop that trained it last
-    held: dict[str, list[int]] = {}  # per agent, the versions of the model it handed on last
-    total = 0
-    for i, (agent, lo, hi) in enumerate(hops):
-        if i >= first:
-            mine = held.get(agent)
-            total += sum(g.num_params for k, g in enumerate(groups) if mine is None or mine[k] != version[k])
-        version[lo:hi] = [i] * (hi - lo)
-        held[agent] = list(version)
-    return total
+    """Parameters the hops from index ``first`` on receive (see :meth:`_Copies.received`)."""
+    copies = _Copies(groups)
+    for hop in hops[:first]:
+        copies.add(*hop)
+    return copies.received(hops[first:])
+
+
+class _Candidate(NamedTuple):
+    """One order of a sweep's agents along the layers and its best split."""
+
+    k: int  # the order's place among those tried (the last tie-break)
+    order: tuple[int, ...]  # indices of the sweep's members, input side first
+    kinds: tuple[int, ...]  # their kinds (``_Costs.kind``)
+    seconds: float = 0.0  # the slowest hop of the fastest split
+    worst: Balance = (0.0, 0.0)  # the largest hop's balance in the lightest split within the time limit
+    cuts: tuple[int, ...] = ()  # that split's cut points
 
 
 def _best_sweep(
-    members: list[AgentProfile],
-    costs: _Costs,
-    n: int,
-    covered: set[tuple[str, int]],
-    round_: int,
-    history: Sequence[tuple[str, int, int]] = (),
+    members: list[AgentProfile], costs: _Costs, covered: set[tuple[str, int]], round_: int, copies: _Copies
 ) -> tuple[list[AgentProfile], list[int]]:
     """The agents' order along the layers and the cut points for one sweep (see ``snake_plan``)."""
-    m = min(len(members), n)
-    if m < len(members):  # more agents than groups in one sweep cannot happen (sweeps split them)
-        members = members[:m]
+    n = len(costs.groups)
+    members = members[:n]  # more agents than groups in one sweep cannot happen (sweeps split them)
+    m, kind = len(members), [costs.kind(p) for p in members]
     if m <= 5:
-        orders = [list(o) for o in itertools.permutations(members)]
+        orders = list(itertools.permutations(range(m)))
     else:
-        orders = [members[i:] + members[:i] for i in range(m)]
+        orders = [(*range(i, m), *range(i)) for i in range(m)]
         orders += [o[::-1] for o in orders]
-    candidates = []
+    timed = []
     for k, order in enumerate(orders):
-
-        def hop_time(j: int, lo: int, hi: int, o: list[AgentProfile] = order) -> float:
-            return costs.of(o[j], lo, hi)[1] if costs.fits(o[j], lo, hi) else float("inf")
-
-        timed = _min_max_split(n, m, hop_time)
-        if timed is None:
-            continue
-        candidates.append((timed[0], k, order))
-    if not candidates:
+        kinds = tuple(kind[i] for i in order)
+        fast = costs.fastest(kinds)
+        if fast is not None:
+            timed.append(_Candidate(k, order, kinds, fast[0]))
+    if not timed:
         names = ", ".join(f"{p.agent} ({p.budget_mb:.0f} MiB)" for p in members)
         raise PlanError(f"round {round_}: no assignment of the layers to {names} fits their memory budgets")
-    fastest = min(t for t, _, _ in candidates)
+    fastest = min(c.seconds for c in timed)
     reference = max(p.budget_mb for p in members)
-    balanced: list[tuple[Balance, int, list[AgentProfile], list[int]]] = []
-    for seconds, k, order in candidates:
-        if seconds > fastest * TIME_SLACK + 1e-12:
+    balanced = []
+    for c in timed:
+        if c.seconds > fastest * TIME_SLACK + 1e-12:
             continue
-        limit = max(seconds, fastest) * TIME_SLACK + 1e-12
-
-        def share(j: int, lo: int, hi: int, o: list[AgentProfile] = order, limit: float = limit) -> Balance:
-            p = o[j]
-            mem, hop_s = costs.of(p, lo, hi)
-            if not costs.fits(p, lo, hi) or hop_s > limit:
-                return (float("inf"), float("inf"))
-            pressure = round(mem * (reference / p.budget_mb if p.budget_mb > 0 else 1.0) / MEMORY_STEP_MB)
-            return (float(pressure), sum(g.num_params for g in costs.groups[lo:hi]) / (p.gflops or 1.0))
-
-        split = _min_max_split(n, m, share)
-        if split is not None:
-            balanced.append((split[0], k, order, split[1]))
+        light = costs.lightest(c.kinds, max(c.seconds, fastest) * TIME_SLACK + 1e-12, reference)
+        if light is not None:
+            balanced.append(c._replace(worst=light[0], cuts=tuple(light[1])))
     assert balanced  # the fastest candidate always passes its own limit
-    lightest = min(b[0][0] for b in balanced)
+    lightest = min(c.worst[0] for c in balanced)
+    # per member, how many of the groups [0, g) have not met its data yet
+    unmet = [list(itertools.accumulate(((p.agent, g) not in covered for g in range(n)), initial=0)) for p in members]
 
-    def key(b: tuple[Balance, int, list[AgentProfile], list[int]]) -> tuple[float, int, Balance, int]:
-        worst, k, order, cuts = b
-        runs = [(p.agent, lo, hi) for p, lo, hi in zip(order, [0, *cuts], [*cuts, n], strict=True)]
-        fresh = sum((agent, g) not in covered for agent, lo, hi in runs for g in range(lo, hi))
-        return (-float(fresh), _sent_params([*history, *runs], len(history), costs.groups), worst, k)
+    def runs(c: _Candidate) -> list[tuple[int, int, int]]:  # (member, lo, hi) per hop
+        return list(zip(c.order, (0, *c.cuts), (*c.cuts, n), strict=True))
 
-    # rotation only among assignments whose largest hop is within MEMORY_SLACK of the lightest possible
-    _, _, order, cuts = min((b for b in balanced if b[0][0] <= lightest * MEMORY_SLACK + 1), key=key)
-    return order, cuts
+    def fresh(c: _Candidate) -> int:  # (layer group, agent) pairs the sweep would meet for the first time
+        return sum(unmet[i][hi] - unmet[i][lo] for i, lo, hi in runs(c))
+
+    def sent(c: _Candidate) -> int:
+        return copies.received([(members[i].agent, lo, hi) for i, lo, hi in runs(c)])
+
+    # rotation only among assignments whose largest hop is within MEMORY_SLACK of the lightest possible;
+    # then the fewest parameters on the wire, the lightest largest hop, the first order tried
+    scored = [(fresh(c), c) for c in balanced if c.worst[0] <= lightest * MEMORY_SLACK + 1]
+    most = max(f for f, _ in scored)
+    best = min((c for f, c in scored if f == most), key=lambda c: (sent(c), c.worst, c.k))
+    return [members[i] for i in best.order], list(best.cuts)
 
 
 def fedavg_plan(

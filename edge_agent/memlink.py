@@ -104,6 +104,11 @@ class MemoryBroker:
         self.record = record
         self._order = itertools.count()
         self._lock = threading.Condition()
+        # who may have subscribed to what, so a publish need not try every session's filters (a thousand
+        # agents: a thousand sessions); entries may be stale (session gone or renewed): checked on use
+        self._exact: dict[str, dict[str, None]] = {}  # topic (a filter without wildcards) -> clients
+        self._wildcard: dict[str, None] = {}  # clients that subscribed to a filter with wildcards
+        self._waiting: dict[str, None] = {}  # clients with queued messages (due or not)
 
     # -- sessions --------------------------------------------------------------------------------
     def connect(self, client: str, clean: bool, will: tuple[str, bytes, bool] | None) -> None:
@@ -131,10 +136,18 @@ class MemoryBroker:
             session = self.sessions.setdefault(client, _Session())
             if pattern not in session.subscriptions:
                 session.subscriptions.append(pattern)
+            if "+" in pattern or "#" in pattern:
+                self._wildcard[client] = None
+            else:
+                self._exact.setdefault(pattern, {})[client] = None
             now = self.clock.monotonic()
-            for topic, payload in self.retained.items():
-                if topic_matches(pattern, topic):
-                    heapq.heappush(session.queue, (now, next(self._order), topic, payload))
+            if "+" in pattern or "#" in pattern:
+                retained = [(t, p) for t, p in self.retained.items() if topic_matches(pattern, t)]
+            else:  # a thousand agents each subscribing: no scan of everyone's retained status
+                retained = [(pattern, self.retained[pattern])] if pattern in self.retained else []
+            for topic, payload in retained:
+                heapq.heappush(session.queue, (now, next(self._order), topic, payload))
+                self._waiting[client] = None
 
     # -- traffic ---------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -145,11 +158,21 @@ class MemoryBroker:
             if retain:
                 self.retained[topic] = payload
             now = self.clock.monotonic()
-            for session in self.sessions.values():
-                if any(topic_matches(p, topic) for p in session.subscriptions):
-                    for d in deliveries:
-                        heapq.heappush(session.queue, (now + d.delay, next(self._order), topic, d.payload))
+            for client, session in self._subscribers(topic):
+                for d in deliveries:
+                    heapq.heappush(session.queue, (now + d.delay, next(self._order), topic, d.payload))
+                self._waiting[client] = None
             self._lock.notify_all()
+
+    def _subscribers(self, topic: str) -> list[tuple[str, _Session]]:
+        """The clients whose session has a filter matching ``topic`` (each once), from the index."""
+        found: dict[str, _Session] = {}
+        for client in (*self._exact.get(topic, ()), *self._wildcard):
+            session = self.sessions.get(client)
+            if session is not None and client not in found:
+                if any(topic_matches(p, topic) for p in session.subscriptions):
+                    found[client] = session
+        return list(found.items())
 
     def take(self, client: str, timeout: float | None = None) -> Incoming | None:
         """The client's next due message. Waits (real time) only on a real clock."""
@@ -159,6 +182,8 @@ class MemoryBroker:
                 if session is not None and session.connected and session.queue:
                     if session.queue[0][0] <= self.clock.monotonic():
                         _, _, topic, payload = heapq.heappop(session.queue)
+                        if not session.queue:
+                            self._waiting.pop(client, None)
                         return Incoming(topic, payload)
                 if isinstance(self.clock, ManualClock) or timeout == 0:
                     return None
@@ -167,6 +192,18 @@ class MemoryBroker:
                         timeout -= 0.01
                         if timeout <= 0:
                             return None
+
+    def ready(self) -> list[str]:
+        """The connected clients with a message they could take now (a simulation polls only those)."""
+        with self._lock:
+            now, out = self.clock.monotonic(), []
+            for client in list(self._waiting):
+                session = self.sessions.get(client)
+                if session is None or not session.queue:
+                    del self._waiting[client]
+                elif session.connected and session.queue[0][0] <= now:
+                    out.append(client)
+            return out
 
     def queued(self) -> int:
         """Messages waiting in connected sessions (due or not)."""

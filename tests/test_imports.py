@@ -36,6 +36,8 @@ PUBLIC_AGENT_API = (
 TOOLS_REACHING_IN = {  # benchmarks of the agent itself: they drive its internals on purpose
     "tools/bench_agent_memory.py": "runs one AgentService hop in-process and measures its memory",
     "tools/bench_backends.py": "times and measures the trainer backends directly",
+    "tools/fakes.py": "fake trainers, model cache and jobs implementing the agent's internal interfaces",
+    "tools/inmemory.py": "runs a whole fleet of AgentServices in-process over the in-memory broker",
 }
 
 

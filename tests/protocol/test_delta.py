@@ -142,7 +142,7 @@ def test_a_trainer_that_changes_a_frozen_group_is_refused() -> None:
     from edge_agent.handover import hand_on
     from edge_agent.protocol.messages import HopTask
     from edge_agent.trainer import TrainerError
-    from tests.fakes import MemoryModelCache
+    from tools.fakes import MemoryModelCache
 
     task = HopTask(0, 4, 1, ["b"], ["b.w"], "0" * 64, 1, "x", "y", 1, 8, 0.1, 0, next_holds={"a": 0, "b": 0, "c": 0})
     before = model()

@@ -29,7 +29,7 @@ from edge_agent.protocol.split import (
     parse_batch,
 )
 from edge_agent.protocol.transfer import Completed, Outbox, Reassembler
-from tests.fakes import CountingBack
+from tools.fakes import CountingBack
 from tests.protocol.trial_bed import GROUPS, hello
 
 A = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2) / 7

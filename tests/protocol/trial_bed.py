@@ -34,7 +34,7 @@ from edge_agent.protocol.codec import decode_tensors, encode_tensors
 from edge_agent.protocol.envelope import Envelope, decode
 from edge_agent.protocol.messages import Hello
 from edge_agent.service import AgentService, status_payload
-from tests.fakes import CountingBack, FakeJobs, FakeTrainers, InlineExecutor, MemoryModelCache, Trained
+from tools.fakes import CountingBack, FakeJobs, FakeTrainers, InlineExecutor, MemoryModelCache, Trained
 
 GROUPS = [GroupInfo(f"g{i}", (f"g{i}.w",), (f"g{i}.stat",), 10 * (i + 1)) for i in range(4)]
 SIZE = 1024  # floats per tensor: parameters dominate the bytes, as in a real model

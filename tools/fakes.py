@@ -1,7 +1,9 @@
 """Written fakes (not patches) that implement the real interfaces: trainers, a model cache, a
 split-learning back, the coordinator's jobs, and an executor that runs work inline.
 
-The in-memory broker itself is real code (``edge_agent.memlink``), shared with simulations.
+The tests' in-memory trials (``tests/protocol/trial_bed.py``) and the control-plane benchmark
+(``tools/inmemory.py``, ``tools/bench_control.py``) use them. The in-memory broker itself is real code
+(``edge_agent.memlink``), shared with simulations.
 """
 
 from __future__ import annotations
@@ -121,9 +123,10 @@ class FakeTrainers:
     backend: str = "fake"
     log: list[Trained] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # the coordinator's loss per split batch
+    record: bool = True  # False: keep no log (a thousand hops of copies add up)
 
     def make(self) -> FakeTrainer:
-        return FakeTrainer(log=self.log)
+        return FakeTrainer(log=self.log if self.record else None)
 
     def make_front(self) -> FakeFrontTrainer:
         return FakeFrontTrainer(self.log, self.losses)
