@@ -29,8 +29,8 @@ from edge_agent.protocol.split import (
     parse_batch,
 )
 from edge_agent.protocol.transfer import Completed, Outbox, Reassembler
-from tools.fakes import CountingBack
 from tests.protocol.trial_bed import GROUPS, hello
+from tools.fakes import CountingBack
 
 A = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2) / 7
 LABELS = np.array([3, 9])

@@ -20,8 +20,8 @@ from edge_agent.protocol.delta import decode_model, newer
 from edge_agent.protocol.envelope import Envelope, decode, encode
 from edge_agent.protocol.messages import to_body
 from edge_agent.protocol.split import encode_activations
-from tools.fakes import SPLIT_BATCHES
 from tests.protocol.trial_bed import TrialBed, hello
+from tools.fakes import SPLIT_BATCHES
 
 
 @pytest.mark.parametrize("mode", ["p2p", "cs"])
