@@ -192,11 +192,26 @@ def simulate(
 @click.option(
     "--keep-agents/--stop-agents", default=True, show_default=True, help="Leave agents running for the next trial."
 )
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Carry on the trial in this run directory (its coordinator was stopped or killed); same trial file.",
+)
 @trial_options
 def run(
-    trial_file: Path, broker: str, keep_agents: bool, out: Path | None, as_json: bool, log_level: str, **opts: Any
+    trial_file: Path,
+    broker: str,
+    keep_agents: bool,
+    resume: Path | None,
+    out: Path | None,
+    as_json: bool,
+    log_level: str,
+    **opts: Any,
 ) -> None:
-    """Drive a trial on agents that are already running and connected to BROKER."""
+    """Drive a trial on agents that are already running and connected to BROKER.
+
+    Every finished hop is journaled in the run directory (journal.sqlite); after a crash, the same command
+    with --resume RUN_DIR carries the trial on from its first unfinished hop."""
     setup_logging(log_level)
 
     def go() -> None:
@@ -205,9 +220,12 @@ def run(
 
         config = build_config(trial_file, opts)
         check_broker(broker)
-        run_dir = out or default_out(config)
+        if resume is not None and out is not None and out != resume:
+            raise click.UsageError("--resume names the run directory; leave out --out")
+        run_dir = resume or out or default_out(config)
         summary = run_trial(config, broker, run_dir, load_dataset(config.dataset), exit_agents=not keep_agents,
-                            show_progress=sys.stderr.isatty(), extra={"broker": "external"})  # fmt: skip
+                            show_progress=sys.stderr.isatty(), extra={"broker": "external"},
+                            resume=resume is not None)  # fmt: skip
         finish(summary, run_dir, as_json)
 
     with exit_guard(log):

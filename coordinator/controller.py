@@ -33,6 +33,7 @@ from coordinator.events import (
     Job,
     Joined,
     Planned,
+    Relayed,
     Replanned,
     RoundEvaluated,
     RoundModel,
@@ -137,6 +138,9 @@ class Controller:
         self.hops_lost = 0  # finished hops whose output was lost with its agent (trained again)
         self.reroutes = 0
         self.link_down_at = float("-inf")
+        self.resumed = False  # started again from a journal
+        self.held: tuple[int, bytes] | None = None  # client-server, resumed: the model the coordinator held
+        self.nudged: set[int] = set()  # hops whose starting model was sent again for want of news
         self.bytes_retransmitted = 0  # sent again: resent chunks and transfers, models re-sent after a fault
 
     @property
@@ -196,6 +200,46 @@ class Controller:
             )
         return self._counted(step)
 
+    def resume(
+        self, events: list[Event], counters: Mapping[str, int], held: tuple[int, bytes] | None, now: float
+    ) -> Step:
+        """A coordinator started again on a trial's journal: rebuild what the events say (who joined, the
+        plan and its re-plans, finished hops, lost agents, evaluated rounds), then have the plan's artifacts
+        built (cached by content) and carry on from the first unfinished hop (``job_done``)."""
+        for event in events:
+            if isinstance(event, Joined):
+                self.hellos[event.agent] = event.hello
+            elif isinstance(event, Planned):
+                self.plan = self.original = event.plan
+            elif isinstance(event, Replanned):
+                self.plan = event.plan
+                self.done_hops = {h: d for h, d in self.done_hops.items() if h < event.start}
+            elif isinstance(event, HopFinished):
+                self.done_hops[event.report.hop] = event.report
+            elif isinstance(event, Fault) and event.kind == "agent_lost":
+                self.lost[event.agent] = event.detail
+            elif isinstance(event, Fault) and event.kind == "agent_returned":
+                self.lost.pop(event.agent, None)
+            elif isinstance(event, RoundEvaluated):
+                self.evaluated.add(event.round)
+        if self.plan is None:
+            raise CoordinatorError("the journal holds no plan: the trial never started; run it again")
+        if self.plan.algorithm != "snake":
+            raise CoordinatorError(f"only snake trials resume; this one is {self.plan.algorithm}")
+        for key in ("hops_retried", "hops_lost", "reroutes", "bytes_retransmitted", "checkpoint_bytes"):
+            setattr(self, key, int(counters.get(key, 0)))
+        self.resumed, self.held = True, held
+        self.last_progress = now
+        done = ", ".join(map(str, sorted(self.done_hops))) or "none"
+        log.info("resuming trial %s: %d of %d hops done (%s)", self.setup.trial_id, len(self.done_hops),
+                 self.total_hops, done)  # fmt: skip
+        return Step(jobs=[BuildArtifacts(self.plan)])
+
+    def counters(self) -> dict[str, int]:
+        """What a journal keeps besides events (a resumed coordinator carries on counting)."""
+        keys = ("hops_retried", "hops_lost", "reroutes", "bytes_retransmitted", "checkpoint_bytes")
+        return {key: int(getattr(self, key)) for key in keys}
+
     def link_down(self, now: float) -> None:
         """Our broker link is down: nobody is late meanwhile (messages wait in the broker); the fault
         detectors start again ``SETTLE_S`` after the link is back, once the agents have reconnected."""
@@ -210,7 +254,10 @@ class Controller:
         if isinstance(job, BuildArtifacts):
             if isinstance(result, Built):
                 self.artifacts, self.blobs = result.artifacts, result.blobs
-                self._assign_all(step, now)
+                if self.resumed:
+                    self._carry_on(step, now)
+                else:
+                    self._assign_all(step, now)
             else:
                 self._fail(step, f"cannot build the plan's artifacts: {result}")
         elif isinstance(job, BackStep):
@@ -367,6 +414,22 @@ class Controller:
         samples = {agent: self.hellos[agent].num_train for agent in agents}
         self._send_models(step, self.setup.strategy.start(self.plan, self.setup.initial_model, samples), now)
 
+    def _carry_on(self, step: Step, now: float) -> None:
+        """Resumed, artifacts ready: every available agent gets its hops from the first unfinished one on
+        (one training keeps training: the tasks are the same); the starting model goes out again only when
+        nothing is heard of that hop (``_watch``)."""
+        assert self.plan is not None
+        backends = {a: h.backend for a, h in self.hellos.items()}
+        self.tasks = hop_tasks(self.plan, self.artifacts, self.setup.settings, backends)
+        self.setup.strategy.resume(self.plan, self.setup.initial_model, self.held)  # type: ignore[attr-defined]
+        k = self._current()
+        if k is None:  # the last agent keeps sending the final model until we acknowledge it
+            log.info("every hop is done; waiting for the final model")
+            return
+        for agent in sorted({h.agent for h in self.plan.hops} - set(self.lost)):
+            step.out.append(self._assign(agent, now, replace_from=k))
+        self.last_progress = now
+
     def _send_models(self, step: Step, sends: list[ModelSend], now: float) -> None:
         for s in sends:
             _, out = self.outbox.send(
@@ -461,6 +524,8 @@ class Controller:
         if isinstance(src_hop, int) and not self._assignee(done.src, src_hop):
             return
         decision = self.setup.strategy.on_model(self.plan, done)
+        if decision.sends and self.plan.mode == "cs" and self.plan.algorithm == "snake":
+            step.events.append(Relayed(int(done.meta.get("hop", -1))))  # before the sends go out
         self._decide(step, decision, done.src, now)
         if decision.final is not None and self.final_model is None:
             self.final_model = decision.final
@@ -529,6 +594,10 @@ class Controller:
             if agent in self.heartbeating and now - heard > silence:
                 self._lose(step, agent, f"silent for {now - heard:.0f} s", now)
                 return
+        if waiting and k not in self.nudged and now - self.last_progress > 2 * self.setup.silence_s + self._travel_s(k):
+            self.nudged.add(k)  # its hand-off may be lost (a resumed coordinator, a message gone): once more
+            log.info("no news of hop %d for %.0f s; its starting model goes out again", k, now - self.last_progress)
+            self._send_input(step, k, now, f"no news of hop {k}")
         deadline = self._deadline(k)
         if now - self.last_progress > deadline:
             agent = self.plan.hops[k].agent
@@ -610,6 +679,7 @@ class Controller:
         backends = {a: h.backend for a, h in self.hellos.items()}
         self.tasks = hop_tasks(plan, self.artifacts, self.setup.settings, backends)
         self.last_progress = now
+        self.nudged.clear()
         step.events.append(Replanned(plan, start))
         for agent in sorted((before | {h.agent for h in plan.hops}) - set(self.lost)):
             step.out.append(self._assign(agent, now, replace_from=start))

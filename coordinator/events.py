@@ -74,6 +74,13 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class Relayed:
+    """Client-server: the coordinator now holds the model hop ``hop`` starts from (a journal keeps it)."""
+
+    hop: int
+
+
+@dataclass(frozen=True)
 class Replanned:
     """The rest of the trial runs on a new route (from hop ``start`` on)."""
 
@@ -116,7 +123,7 @@ class Failed:
 
 Event = (
     Joined | Planned | Excluded | HopBegan | HopMoved | HopFinished | Warned | SaidBye | RoundModel | RoundEvaluated
-    | Finished | Failed | Fault | Replanned
+    | Finished | Failed | Fault | Replanned | Relayed
 )  # fmt: skip
 
 # -- jobs and their results -------------------------------------------------------------------------

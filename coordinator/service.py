@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -77,11 +77,13 @@ class TrialService:
         clock: Clock | None = None,
         executor: Executor | None = None,
         tick_s: float = 0.5,
+        resume_from: tuple[list[Event], Mapping[str, int], tuple[int, bytes] | None] | None = None,
     ) -> None:
         self.link, self.setup, self.jobs, self.on_event = link, setup, jobs, on_event
         self.clock = clock or SystemClock()
         self.pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator-job")
         self.tick_s = tick_s
+        self.resume_from = resume_from  # a journal's events, counters and held model: carry on a trial
         self.controller = Controller(setup, self.clock.time())
         self.running: deque[tuple[Job, Future[object]]] = deque()
         self._next_tick = 0.0
@@ -111,6 +113,8 @@ class TrialService:
 
     def start(self) -> None:
         self.link.start(timeout=30.0)
+        if self.resume_from is not None:
+            self._apply(self.controller.resume(*self.resume_from, self.clock.time()))
 
     def finish(self, exit_agents: bool, bye_timeout_s: float) -> float:
         """Tell the agents the trial is over; returns the deadline for their byes."""

@@ -93,6 +93,17 @@ class SnakeStrategy(WholeModels):
         data = encode_model(self.model, layout, self.versions, self.digests, list(layout))  # fp32, as exported
         return [ModelSend(plan.hops[0].agent, {"hop": 0, "from_hop": -1, "round": 0}, data)]
 
+    def snapshot(self, plan: Plan) -> tuple[int, bytes]:
+        """The model the coordinator holds (the input of hop ``self.hop``), for a resumed coordinator."""
+        return self.hop, self._encode(plan, list(plan.groups()), "none")
+
+    def resume(self, plan: Plan, initial: bytes, held: tuple[int, bytes] | None) -> None:
+        """A resumed coordinator: the initial model, or the model it held when it stopped (client-server)."""
+        self.start(plan, initial, {})
+        if held is not None:
+            self.hop = held[0]
+            self._merge(plan, held[1])
+
     def on_model(self, plan: Plan, done: Completed) -> Decision:
         hop = done.meta.get("hop")
         if not isinstance(hop, int) or not 0 < hop <= len(plan.hops):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -12,9 +14,10 @@ from typing import Any
 from coordinator.config import TrialConfig
 from coordinator.controller import TrialSetup
 from coordinator.display import TrialDisplay
-from coordinator.errors import TrialError
+from coordinator.errors import ConfigError, TrialError
 from coordinator.evaluate import evaluate_onnx, finalize
-from coordinator.events import BackStep, BuildArtifacts, Built, EvaluateRound, Evaluation, Event, Stepped
+from coordinator.events import BackStep, BuildArtifacts, Built, EvaluateRound, Evaluation, Event, Relayed, Stepped
+from coordinator.journal import Journal, Journaled
 from coordinator.prepare import Prepared, prepare
 from coordinator.results import RunRecord
 from coordinator.scheduler import HopSettings
@@ -34,7 +37,9 @@ def input_spec(ds: Dataset) -> InputSpec:
     return InputSpec(c, h, w, ds.num_classes)
 
 
-def trial_setup(config: TrialConfig, prepared: Prepared, back: Back | None = None) -> TrialSetup:
+def trial_setup(
+    config: TrialConfig, prepared: Prepared, back: Back | None = None, trial_id: str | None = None
+) -> TrialSetup:
     t = config.train
     strategy: Strategy = (
         FedAvgStrategy(config.transfer.compression)
@@ -45,7 +50,7 @@ def trial_setup(config: TrialConfig, prepared: Prepared, back: Back | None = Non
         assert back is not None, "split learning needs the coordinator's back"
         strategy = SplitStrategy(back, config.transfer.compression)
     return TrialSetup(
-        trial_id=f"{config.name}-{uuid.uuid4().hex[:8]}",
+        trial_id=trial_id or f"{config.name}-{uuid.uuid4().hex[:8]}",
         expected_agents=config.agents,
         plan_for=prepared.plan_for(config),
         initial_model=encode_tensors(prepared.forward.tensors),
@@ -115,24 +120,43 @@ def run_trial(
     stop: Callable[[], bool] = lambda: False,
     show_progress: bool = True,
     extra: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run a whole trial against agents on ``broker``; returns (and writes) the summary."""
+    """Run a whole trial against agents on ``broker``; returns (and writes) the summary. ``resume``: carry on
+    the trial whose journal is in ``out`` (its coordinator was killed)."""
     started = time.monotonic()
+    journal = Journal(out)
+    journaled = read_journal(journal, config) if resume else None
     record = RunRecord(out)
     with TrialDisplay(enabled=show_progress) as display:
         display.status(f"exporting {config.model} and measuring its layer groups")
         prepared = prepare(config, input_spec(dataset), out / "work")
         back = make_back(config, prepared)
-        setup = trial_setup(config, prepared, back)
+        setup = trial_setup(config, prepared, back, journaled.trial_id if journaled else None)
+        if journaled is None:
+            journal.start(setup.trial_id, config_json(config))
+        else:
+            for event in journaled.events:  # metrics.jsonl, rounds.jsonl and the figures, as they were
+                record.record(event)
         display.status(f"trial {setup.trial_id}: waiting for {config.agents} agent(s)")
         jobs = TrialJobs(prepared, dataset, out / "work", back)
+        service: TrialService
 
         def on_event(event: Event) -> None:
+            journal.record(event)  # before the step's messages go out
+            if isinstance(event, Relayed) and isinstance(setup.strategy, SnakeStrategy):
+                assert service.controller.plan is not None
+                journal.keep_model(*setup.strategy.snapshot(service.controller.plan))
+            journal.count(service.controller.counters())
             record.record(event)
             display(event)
 
-        service = TrialService(mqtt_link(broker, setup.trial_id), setup, jobs, on_event)
-        outcome = service.run(exit_agents, stop)
+        held = (journaled.events, journaled.counters, journaled.model) if journaled else None
+        service = TrialService(mqtt_link(broker, setup.trial_id), setup, jobs, on_event, resume_from=held)
+        try:
+            outcome = service.run(exit_agents, stop)
+        finally:
+            journal.close()
         if outcome.failed is not None or outcome.final_model is None:
             summary = record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)
             record.write_summary(summary | faults_summary(service, record))
@@ -154,6 +178,10 @@ def run_trial(
     ctl = service.controller
     summary = record.summary(base, outcome.bytes_sent, ctl.checkpoint_bytes, outcome.bytes_received)
     summary |= faults_summary(service, record)
+    if ctl.plan is not None and ctl.plan != ctl.original:
+        summary["route"] = ctl.plan.as_dict()["hops"]  # the plan as re-routed around faults
+    if journaled is not None:
+        summary["resumed"] = True
     if config.algorithm == "split":
         summary |= {"split_cut": prepared.cut, "bytes_activations": ctl.activation_bytes,
                     "bytes_gradients": ctl.gradient_bytes}  # fmt: skip
@@ -161,6 +189,23 @@ def run_trial(
     record.plot()
     log.info("final test accuracy %.4f (loss %.4f) on %d samples", test.accuracy, test.loss, test.samples)
     return summary
+
+
+def config_json(config: TrialConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def read_journal(journal: Journal, config: TrialConfig) -> Journaled:
+    """The journal of the trial to resume; refuses a trial file that differs from the one it ran with."""
+    journaled = journal.read()
+    now = config_json(config)
+    changed = sorted(k for k in set(now) | set(journaled.config) if now.get(k) != journaled.config.get(k))
+    if changed:
+        raise ConfigError(
+            f"the trial in {journal.dir} ran with other settings ({', '.join(changed)} differ); "
+            "resume it with the same trial file and options"
+        )
+    return journaled
 
 
 def faults_summary(service: TrialService, record: RunRecord) -> dict[str, Any]:
