@@ -183,6 +183,7 @@ class Reassembler:
         stale_after_s: float = 10.0,
         max_nacks: int = 5,
         remember: int = 1024,
+        max_partial: int = 256,
     ) -> None:
         self.me = me
         self.max_transfer_bytes = max_transfer_bytes
@@ -192,6 +193,7 @@ class Reassembler:
         self.partial: dict[str, _Partial] = {}
         self.done: OrderedDict[str, str] = OrderedDict()  # transfer id -> sha256, most recent last
         self.remember = remember
+        self.max_partial = max_partial  # transfers in progress at once (a flood of first chunks cannot exhaust memory)
 
     def add(self, env: Envelope, now: float) -> tuple[Completed | None, list[Outgoing]]:
         """One chunk frame in; maybe a finished transfer and replies out."""
@@ -202,14 +204,12 @@ class Reassembler:
             return None, [reply(env, self.me, MessageType.TRANSFER_ACK, to_body(ack), now)]
         problem = self._refuse(chunk, data)
         if problem is not None:
-            code, message = problem
-            self.partial.pop(chunk.transfer_id, None)
-            raise ProtocolError(code, message)
-        part = self.partial.setdefault(chunk.transfer_id, _Partial(chunk, env.src, env.trial_id))
-        part.last_seen = now
-        if (chunk.count, chunk.size, chunk.sha256) != (part.first.count, part.first.size, part.first.sha256):
+            raise ProtocolError(*problem)  # a transfer in progress keeps its chunks: this one may be foreign
+        part = self.partial.get(chunk.transfer_id)
+        first = part.first if part is not None else chunk
+        if (chunk.count, chunk.size, chunk.sha256) != (first.count, first.size, first.sha256):
             raise ProtocolError("malformed", f"chunk {chunk.seq} of {chunk.transfer_id} disagrees with earlier chunks")
-        if sha256_hex(data) != chunk.chunk_sha256:
+        if sha256_hex(data) != chunk.chunk_sha256:  # nothing is kept of a chunk that fails its digest
             log.warning(
                 "chunk %d/%d of transfer %s from %s failed its digest; asking again",
                 chunk.seq,
@@ -219,6 +219,11 @@ class Reassembler:
             )
             nack = TransferNack(chunk.transfer_id, [chunk.seq], "chunk digest mismatch")
             return None, [reply(env, self.me, MessageType.TRANSFER_NACK, to_body(nack), now)]
+        if part is None:
+            if len(self.partial) >= self.max_partial:
+                raise ProtocolError("busy", f"{len(self.partial)} transfers already in progress here")
+            part = self.partial[chunk.transfer_id] = _Partial(chunk, env.src, env.trial_id)
+        part.last_seen = now
         part.parts[chunk.seq] = data
         if len(part.parts) < chunk.count:
             return None, []
@@ -257,8 +262,8 @@ class Reassembler:
         for tid, part in list(self.partial.items()):
             if now - part.last_seen < self.stale_after_s:
                 continue
-            if part.nacks >= self.max_nacks:
-                log.error(
+            if part.nacks >= self.max_nacks:  # a real sender keeps its data and resends: nothing is lost here
+                log.warning(
                     "giving up on transfer %s from %s: %d/%d chunks after %d requests",
                     tid,
                     part.src,
