@@ -96,7 +96,6 @@ class Controller:
         self.setup = setup
         self.started_at = now
         self.outbox = Outbox(ME)
-        self.inbound = Reassembler(ME)
         self.hellos: dict[str, Hello] = {}
         self.online: dict[str, bool] = {}
         self.plan: Plan | None = None
@@ -116,6 +115,7 @@ class Controller:
         self.failed: str | None = None
         self.seen: OrderedDict[str, None] = OrderedDict()
         self.guard = Guard(ME)
+        self.inbound = Reassembler(ME, rejections=self.guard.rejections)
 
     @property
     def total_hops(self) -> int:

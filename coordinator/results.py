@@ -38,6 +38,8 @@ class RunRecord:
     hops: list[dict[str, Any]] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)  # test-set evaluation after each round
     excluded: dict[str, str] = field(default_factory=dict)  # agent -> why the plan left it out
+    # inbound messages refused, by receiver ("coordinator" or an agent id from its bye) and reason
+    rejections: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,7 @@ class RunRecord:
         fig = self.agents.setdefault(agent, AgentFigures(agent))
         fig.peak_rss_mb = max(fig.peak_rss_mb, bye.peak_rss_mb)
         fig.bytes_sent, fig.bytes_received = bye.bytes_sent, bye.bytes_received
+        self.rejections[agent] = dict(bye.rejected)
 
     def summary(
         self,
@@ -119,6 +122,7 @@ class RunRecord:
         out["agents"] = agents
         out["hops"] = len(self.hops)
         out["excluded"] = dict(self.excluded)
+        out["rejections"] = {who: dict(self.rejections[who]) for who in sorted(self.rejections, key=_coordinator_first)}
         return out
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
@@ -149,6 +153,10 @@ class RunRecord:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def _coordinator_first(who: str) -> tuple[bool, str]:
+    return who != "coordinator", who
 
 
 def _num(value: float | None) -> float | None:

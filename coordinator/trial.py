@@ -129,6 +129,7 @@ def run_trial(
 
         service = TrialService(mqtt_link(broker, setup.trial_id), setup, jobs, on_event)
         outcome = service.run(exit_agents, stop)
+        record.rejections["coordinator"] = service.controller.rejections.as_dict()
         if outcome.failed is not None or outcome.final_model is None:
             record.write_summary(
                 record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)

@@ -77,7 +77,6 @@ class Agent:
         self.artifacts = set(artifacts)  # bundles present in the store
         self.chunk_bytes = chunk_bytes
         self.outbox = Outbox(self.me)
-        self.inbound = Reassembler(self.me)
         self.trial_id: str | None = None
         self.compression = "none"
         self.layout: dict[str, list[str]] = {}  # layer group -> parameter names, from the assignment
@@ -91,6 +90,7 @@ class Agent:
         self.seen: OrderedDict[str, None] = OrderedDict()  # control message ids (QoS 1 duplicates)
         self.last_hello = float("-inf")
         self.guard = Guard(self.me)
+        self.inbound = Reassembler(self.me, rejections=self.guard.rejections)
 
     # -- entry points -------------------------------------------------------------------------
     def start(self, now: float) -> Effects:

@@ -14,37 +14,20 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
 
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, decode
-from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.errors import ProtocolError, Rejections
 from edge_agent.protocol.kinds import MessageType
 from edge_agent.protocol.transfer import Outgoing, error_reply
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+__all__ = ["INTERNAL", "Guard", "Rejections", "is_address"]
 INTERNAL = "internal"  # the reason code of a bug (an exception that is not a ProtocolError)
 MAX_REASON_CHARS = 300  # an error reply's message and a log line's reason are cut here
-
-
-class Rejections:
-    """Refused inbound messages, counted by reason code (``malformed``, ``wrong_trial``, ``internal``...)."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def add(self, code: str) -> None:
-        self.counts[code] += 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(sorted(self.counts.items()))
 
 
 class Guard:

@@ -188,7 +188,7 @@ class Shutdown:
 T = TypeVar("T")
 # integer fields that cannot be negative (counts, sizes, indices); the decoder already bounds every integer
 # to 64 bits and every number to finite values
-_NON_NEGATIVE = {
+NON_NEGATIVE = {
     "HopTask": ("round", "hop", "segment", "artifact_size", "epochs", "batch_size", "max_steps"),
     "Assign": ("chunk_bytes",),
     "ModelRequest": ("hop",),
@@ -224,7 +224,7 @@ def _build(kind: type, body: Any, where: str) -> Any:
             values[f.name] = _check(hints[f.name], body[f.name], f"{where}.{f.name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ProtocolError("malformed", f"{where}: missing field {f.name!r}")
-    for name in _NON_NEGATIVE.get(kind.__name__, ()):
+    for name in NON_NEGATIVE.get(kind.__name__, ()):
         if _negative(values.get(name)):
             raise ProtocolError("malformed", f"{where}.{name} is negative")
     return kind(**values)

@@ -18,7 +18,7 @@ from typing import Any
 
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, encode, new_id
-from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.errors import ProtocolError, Rejections
 from edge_agent.protocol.kinds import MessageType, Purpose
 from edge_agent.protocol.messages import Chunk, TransferAck, TransferNack, body_of, to_body
 
@@ -184,6 +184,7 @@ class Reassembler:
         max_nacks: int = 5,
         remember: int = 1024,
         max_partial: int = 256,
+        rejections: Rejections | None = None,
     ) -> None:
         self.me = me
         self.max_transfer_bytes = max_transfer_bytes
@@ -193,6 +194,7 @@ class Reassembler:
         self.partial: dict[str, _Partial] = {}
         self.done: OrderedDict[str, str] = OrderedDict()  # transfer id -> sha256, most recent last
         self.remember = remember
+        self.rejections = rejections or Rejections()  # chunks that fail their digest, transfers given up
         self.max_partial = max_partial  # transfers in progress at once (a flood of first chunks cannot exhaust memory)
 
     def add(self, env: Envelope, now: float) -> tuple[Completed | None, list[Outgoing]]:
@@ -217,6 +219,7 @@ class Reassembler:
                 chunk.transfer_id,
                 env.src,
             )
+            self.rejections.add("digest")
             nack = TransferNack(chunk.transfer_id, [chunk.seq], "chunk digest mismatch")
             return None, [reply(env, self.me, MessageType.TRANSFER_NACK, to_body(nack), now)]
         if part is None:
@@ -246,6 +249,7 @@ class Reassembler:
                 "transfer %s from %s failed its whole digest; asking for all of it again", first.transfer_id, part.src
             )
             part.parts.clear()
+            self.rejections.add("digest")
             nack = TransferNack(first.transfer_id, [], "transfer digest mismatch")
             return None, [reply(env, self.me, MessageType.TRANSFER_NACK, to_body(nack), now)]
         del self.partial[first.transfer_id]
@@ -272,6 +276,7 @@ class Reassembler:
                     part.nacks,
                 )
                 del self.partial[tid]
+                self.rejections.add("stalled")
                 continue
             part.nacks, part.last_seen = part.nacks + 1, now
             missing = [s for s in range(part.first.count) if s not in part.parts]
