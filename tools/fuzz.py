@@ -167,7 +167,7 @@ def field_paths(kind: type, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tupl
             yield from field_paths(typing.cast(type, inner), path)
 
 
-def _set(obj: Any, path: tuple[Any, ...], value: Any) -> None:
+def set_path(obj: Any, path: tuple[Any, ...], value: Any) -> None:
     for key in path[:-1]:
         obj = obj[key]
     obj[path[-1]] = value
@@ -269,7 +269,7 @@ class Fuzzer:
         elif where < 0.4:
             header["v"] = "@NUM@"
         else:
-            _set(header["body"], path, "@NUM@")
+            set_path(header["body"], path, "@NUM@")
         text = json.dumps(header, separators=(",", ":")).encode().replace(b'"@NUM@"', self.rng.choice(NUMBERS))
         return target.topic, self._frame_or_json(kind, text)
 
@@ -288,7 +288,7 @@ class Fuzzer:
             name = self.rng.choice(sorted(ENVELOPE_WRONG))
             header[name] = self.rng.choice(ENVELOPE_WRONG[name])
         else:
-            _set(header["body"], path, value)
+            set_path(header["body"], path, value)
         return target.topic, self._frame_or_json(kind, canonical_json_lenient(header))
 
     def _unknown_type(self, target: Target) -> tuple[str, bytes]:
