@@ -129,8 +129,8 @@ class AgentService:
             fx = self.agent.handle(msg.topic, msg.payload, self.clock.time())  # never raises
             try:
                 self._apply(fx)
-            except Exception as exc:  # a bug carrying out what a message asked: the loop goes on
-                self.agent.guard.internal(exc, f"carrying out a message on {msg.topic}")
+            except Exception as bug:  # a bug carrying out what a message asked: the loop goes on
+                self.agent.guard.internal(bug, f"carrying out a message on {msg.topic}")
         moved = msg is not None
         moved |= self._collect_training()
         moved |= self._flush_progress()

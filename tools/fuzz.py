@@ -212,7 +212,7 @@ class Fuzzer:
             env = decode(payload)
         except ProtocolError:
             return
-        if env.src == FUZZER or env.type == MessageType.ERROR or env.error is not None:
+        if FUZZER in (env.src, env.dst) or env.type == MessageType.ERROR or env.error is not None:
             return
         if len(self.observed) < self.max_observed:
             self.observed.append((topic, payload))
@@ -418,6 +418,7 @@ class FuzzClient:
             self.report.topics[topic] += 1
             if self.report.sent % 100 == 0:
                 self.link.wait_published(timeout=10.0)  # do not run ahead of the broker
+            self.report.duration_s = time.monotonic() - started
             delay = started + self.report.sent / self.rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
