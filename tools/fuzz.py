@@ -416,7 +416,7 @@ class FuzzClient:
             self.report.sent += 1
             self.report.families[family] += 1
             self.report.topics[topic] += 1
-            if self.report.sent % 100 == 0:
+            if self.report.sent % 500 == 0:
                 self.link.wait_published(timeout=10.0)  # do not run ahead of the broker
             self.report.duration_s = time.monotonic() - started
             delay = started + self.report.sent / self.rate - time.monotonic()

@@ -10,12 +10,14 @@ Commands are imperative (``assign``, ``artifact_request``, ``abort``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar, Union
 
+from edge_agent.protocol.envelope import MAX_INT
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.kinds import Purpose
 
@@ -274,7 +276,11 @@ def _scalar(hint: Any, value: Any, where: str) -> Any:
         if isinstance(value, str) and value in known:
             return hint(value)
         raise ProtocolError("malformed", f"{where} is {_show(value)}, not one of {', '.join(known)}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_INT < value < MAX_INT:
+        raise ProtocolError("bad_number", f"{where} does not fit in 64 bits")  # the decoder refuses these too
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ProtocolError("bad_number", f"{where} is not finite")
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
         return value

@@ -14,9 +14,9 @@ import pytest
 
 from coordinator.controller import Controller
 from edge_agent.agent import Agent
-from edge_agent.protocol import topics
+from edge_agent.protocol import messages, topics
 from edge_agent.protocol.envelope import FRAME_MAGIC, Envelope, canonical_json, decode
-from edge_agent.protocol.errors import Rejections
+from edge_agent.protocol.errors import ProtocolError, Rejections
 from edge_agent.protocol.guard import Guard
 from edge_agent.protocol.kinds import MessageType
 from edge_agent.protocol.transfer import Outgoing
@@ -228,3 +228,26 @@ def test_a_whole_in_memory_trial_under_fuzz_ends_with_the_same_model(tmp_path: P
     for name, service in fuzzed.services.items():
         assert service.agent.rejections.total > 50 and "internal" not in service.agent.rejections.counts
         assert fuzzed.ctl.byes[name].rejected == service.agent.rejections.as_dict()  # the bye carries them
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "code"),
+    [
+        (messages.Chunk, {**sample(messages.Chunk), "size": 10**400}, "bad_number"),  # a body built in Python
+        (messages.HopProgress, {**sample(messages.HopProgress), "loss": float("inf")}, "bad_number"),
+        (messages.Chunk, {**sample(messages.Chunk), "seq": True}, "malformed"),  # a bool is no int
+        (messages.Chunk, {**sample(messages.Chunk), "size": -1}, "malformed"),
+        (messages.TransferNack, {"transfer_id": "t", "missing": [[1]], "reason": "r"}, "malformed"),
+        (messages.TransferNack, {"transfer_id": "t", "missing": [-1], "reason": "r"}, "malformed"),
+        (messages.Bye, {**sample(messages.Bye), "rejected": {"x": -1}}, "malformed"),
+    ],
+)
+def test_body_of_refuses_what_the_decoder_never_lets_through(kind: type, body: dict[str, Any], code: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        messages.body_of(kind, body)
+    assert caught.value.code == code and len(caught.value.message) < 200
+
+
+def test_an_old_bye_without_rejections_still_reads() -> None:
+    old = {"bytes_sent": 1, "bytes_received": 2, "peak_rss_mb": 3.0, "hops": 4}
+    assert messages.body_of(messages.Bye, old).rejected == {}
