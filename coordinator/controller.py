@@ -45,8 +45,9 @@ from coordinator.plan import Plan, PlanError
 from coordinator.scheduler import HopSettings, artifact_kind, hop_tasks
 from coordinator.strategy import Decision, ModelSend, SnakeStrategy, Strategy
 from edge_agent.protocol import topics
-from edge_agent.protocol.envelope import Envelope, decode, encode
+from edge_agent.protocol.envelope import Envelope, encode
 from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.guard import Guard, Rejections
 from edge_agent.protocol.kinds import MessageType, Purpose
 from edge_agent.protocol.messages import (
     ArtifactRequest,
@@ -66,7 +67,7 @@ from edge_agent.protocol.messages import (
     body_of,
     to_body,
 )
-from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassembler, error_message, error_reply
+from edge_agent.protocol.transfer import Completed, Outbox, Outgoing, Reassembler, error_message
 
 log = logging.getLogger(__name__)
 ME = topics.COORDINATOR
@@ -108,7 +109,6 @@ class Controller:
         self.setup = setup
         self.started_at = now
         self.outbox = Outbox(ME)
-        self.inbound = Reassembler(ME)
         self.hellos: dict[str, Hello] = {}
         self.online: dict[str, bool] = {}
         self.plan: Plan | None = None
@@ -142,6 +142,8 @@ class Controller:
         self.held: tuple[int, bytes] | None = None  # client-server, resumed: the model the coordinator held
         self.nudged: set[int] = set()  # hops whose starting model was sent again for want of news
         self.bytes_retransmitted = 0  # sent again: resent chunks and transfers, models re-sent after a fault
+        self.guard = Guard(ME)
+        self.inbound = Reassembler(ME, rejections=self.guard.rejections)
 
     @property
     def total_hops(self) -> int:
@@ -153,22 +155,21 @@ class Controller:
 
     # -- entry points -------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, now: float) -> Step:
-        """Any inbound publish. Never raises: bad input is logged, answered where possible, dropped."""
+        """Any inbound publish. Never raises: bad input is logged, counted (``rejections``), answered, dropped."""
         parsed = topics.parse(topic)
-        try:
-            env = decode(payload)
-        except ProtocolError as exc:
-            log.warning("dropped %d-byte message on %s: %s", len(payload), topic, exc)
-            return Step()
-        try:
+
+        def dispatch(env: Envelope) -> Step:
             if parsed is not None and parsed.kind == "status":
-                return self._counted(self._on_status(parsed.owner, env, now))
+                return self._on_status(parsed.owner, env, now)
             if env.dst == ME and env.trial_id == self.setup.trial_id:
                 self.last_heard[env.src] = now
-            return self._counted(self._dispatch(env, now))
-        except ProtocolError as exc:
-            log.warning("refused %s %s from %s: %s", env.type, env.id, env.src, exc)
-            return self._counted(Step([error_reply(env, ME, exc.code, exc.message, now)] if env.src != ME else []))
+            return self._dispatch(env, now)
+
+        return self._counted(self.guard.receive(topic, payload, now, dispatch, Step))
+
+    @property
+    def rejections(self) -> Rejections:
+        return self.guard.rejections
 
     def tick(self, now: float) -> Step:
         step = Step(self.inbound.tick(now))
@@ -286,7 +287,11 @@ class Controller:
 
     # -- dispatch -----------------------------------------------------------------------------
     def _on_status(self, agent: str, env: Envelope, now: float) -> Step:
+        if env.type != MessageType.STATUS or env.src != agent:
+            raise ProtocolError("malformed", f"{env.type} from {env.src} on the status topic of {agent}")
         state = body_of(Status, env.body).state
+        if state not in ("online", "offline"):
+            raise ProtocolError("malformed", f"status of {agent} is neither online nor offline")
         was = self.online.get(agent)
         self.online[agent] = state == "online"
         step = Step()

@@ -40,6 +40,8 @@ class RunRecord:
     excluded: dict[str, str] = field(default_factory=dict)  # agent -> why the plan left it out
     faults: list[dict[str, Any]] = field(default_factory=list)  # what went wrong, when, how it was recovered
     retransmitted: dict[str, int] = field(default_factory=dict)  # agent -> bytes it sent again (its bye)
+    # inbound messages refused, by receiver ("coordinator" or an agent id from its bye) and reason
+    rejections: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +105,7 @@ class RunRecord:
         fig.peak_rss_mb = max(fig.peak_rss_mb, bye.peak_rss_mb)
         fig.bytes_sent, fig.bytes_received = bye.bytes_sent, bye.bytes_received
         self.retransmitted[agent] = bye.bytes_retransmitted
+        self.rejections[agent] = dict(bye.rejected)
 
     def summary(
         self,
@@ -125,6 +128,7 @@ class RunRecord:
         out["hops"] = len(self.hops)
         out["excluded"] = dict(self.excluded)
         out["faults"] = list(self.faults)
+        out["rejections"] = {who: dict(self.rejections[who]) for who in sorted(self.rejections, key=_coordinator_first)}
         return out
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
@@ -155,6 +159,10 @@ class RunRecord:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def _coordinator_first(who: str) -> tuple[bool, str]:
+    return who != "coordinator", who
 
 
 def _num(value: float | None) -> float | None:

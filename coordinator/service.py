@@ -139,7 +139,11 @@ class TrialService:
         msg = self.link.get(timeout=timeout)
         while msg is not None:
             moved = True
-            self._apply(ctl.handle(msg.topic, msg.payload, self.clock.time()))
+            step = ctl.handle(msg.topic, msg.payload, self.clock.time())  # never raises
+            try:
+                self._apply(step)
+            except Exception as bug:  # a bug carrying out what a message asked: the loop goes on
+                ctl.guard.internal(bug, f"carrying out a message on {msg.topic}")
             msg = self.link.get(timeout=0)
         while self.running and self.running[0][1].done():
             moved = True

@@ -157,6 +157,7 @@ def run_trial(
             outcome = service.run(exit_agents, stop)
         finally:
             journal.close()
+        record.rejections["coordinator"] = service.controller.rejections.as_dict()
         if outcome.failed is not None or outcome.final_model is None:
             summary = record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)
             record.write_summary(summary | faults_summary(service, record))

@@ -35,8 +35,9 @@ from edge_agent.actions import (
     Train,
 )
 from edge_agent.protocol import topics
-from edge_agent.protocol.envelope import Envelope, decode, encode
+from edge_agent.protocol.envelope import Envelope, encode
 from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.guard import Guard, Rejections
 from edge_agent.protocol.kinds import MessageType, Purpose
 from edge_agent.protocol.messages import (
     Abort,
@@ -63,7 +64,6 @@ from edge_agent.protocol.transfer import (
     PendingTransfer,
     Reassembler,
     error_message,
-    error_reply,
     sha256_hex,
 )
 
@@ -83,7 +83,6 @@ class Agent:
         self.artifacts = set(artifacts)  # bundles present in the store
         self.chunk_bytes = chunk_bytes
         self.outbox = Outbox(self.me)
-        self.inbound = Reassembler(self.me)
         self.trial_id: str | None = None
         self.compression = "none"
         self.layout: dict[str, list[str]] = {}  # layer group -> parameter names, from the assignment
@@ -99,6 +98,8 @@ class Agent:
         self.heartbeat_s = heartbeat_s
         self.last_heartbeat = float("-inf")
         self.retransmitted = 0  # bytes sent again: resent chunks, whole-model resends
+        self.guard = Guard(self.me)
+        self.inbound = Reassembler(self.me, rejections=self.guard.rejections)
 
     # -- entry points -------------------------------------------------------------------------
     def start(self, now: float) -> Effects:
@@ -106,17 +107,12 @@ class Agent:
         return Effects([self._send(COORD, MessageType.HELLO, to_body(self.hello), now)])
 
     def handle(self, topic: str, payload: bytes, now: float) -> Effects:
-        """Any inbound publish. Never raises: bad input is logged (and answered) and dropped."""
-        try:
-            env = decode(payload)
-        except ProtocolError as exc:
-            log.warning("dropped %d-byte message on %s: %s", len(payload), topic, exc)
-            return Effects()
-        try:
-            return self._dispatch(env, now)
-        except ProtocolError as exc:
-            log.warning("refused %s %s from %s: %s", env.type, env.id, env.src, exc)
-            return Effects([error_reply(env, self.me, exc.code, exc.message, now)])
+        """Any inbound publish. Never raises: bad input is logged, counted (``rejections``), answered, dropped."""
+        return self.guard.receive(topic, payload, now, lambda env: self._dispatch(env, now), Effects)
+
+    @property
+    def rejections(self) -> Rejections:
+        return self.guard.rejections
 
     def tick(self, now: float, counters: Counters) -> Effects:
         fx = Effects(self.inbound.tick(now))
@@ -224,7 +220,7 @@ class Agent:
 
     def bye(self, counters: Counters, now: float) -> Outgoing:
         body = Bye(counters.bytes_sent, counters.bytes_received, counters.peak_rss_mb, len(self.finished),
-                   self.retransmitted)  # fmt: skip
+                   bytes_retransmitted=self.retransmitted, rejected=self.rejections.as_dict())  # fmt: skip
         return self._send(COORD, MessageType.BYE, to_body(body), now)
 
     # -- dispatch -----------------------------------------------------------------------------
@@ -364,6 +360,10 @@ class Agent:
     def _on_artifact(self, done: Completed) -> Effects:
         if done.meta.get("sha256") != done.sha256:
             raise ProtocolError("malformed", f"artifact transfer {done.transfer_id} names a different digest")
+        if done.sha256 in self.artifacts:
+            return Effects()  # a second answer to a repeated request: stored already
+        if done.sha256 not in self.requested:
+            raise ProtocolError("unexpected", f"artifact {done.sha256[:12]} was not requested")
         return Effects(actions=[StoreArtifact(done.sha256, done.data)])
 
     def _on_gradient(self, done: Completed) -> Effects:

@@ -129,7 +129,11 @@ class AgentService:
         """One turn of the loop: at most one message, the worker's news, timers. True if anything happened."""
         msg = self.link.get(timeout=timeout)
         if msg is not None:
-            self._apply(self.agent.handle(msg.topic, msg.payload, self.clock.time()))
+            fx = self.agent.handle(msg.topic, msg.payload, self.clock.time())  # never raises
+            try:
+                self._apply(fx)
+            except Exception as bug:  # a bug carrying out what a message asked: the loop goes on
+                self.agent.guard.internal(bug, f"carrying out a message on {msg.topic}")
         moved = msg is not None
         moved |= self._collect_training()
         moved |= self._flush_progress()

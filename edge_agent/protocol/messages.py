@@ -10,12 +10,14 @@ Commands are imperative (``assign``, ``artifact_request``, ``abort``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar, Union
 
+from edge_agent.protocol.envelope import MAX_INT
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.kinds import Purpose
 
@@ -192,6 +194,7 @@ class Bye:
     peak_rss_mb: float
     hops: int
     bytes_retransmitted: int = 0  # resent chunks and whole-model resends (recovery), part of bytes_sent
+    rejected: dict[str, int] = field(default_factory=dict)  # inbound messages refused, by reason (since 1.x)
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,22 @@ class Shutdown:
 
 
 T = TypeVar("T")
+# integer fields that cannot be negative (counts, sizes, indices); the decoder already bounds every integer
+# to 64 bits and every number to finite values
+NON_NEGATIVE = {
+    "HopTask": ("round", "hop", "segment", "artifact_size", "epochs", "batch_size", "max_steps"),
+    "Assign": ("chunk_bytes",),
+    "ModelRequest": ("hop",),
+    "Chunk": ("seq", "count", "size"),
+    "TransferNack": ("missing",),
+    "HopStarted": ("round", "hop", "segment", "total_steps"),
+    "HopProgress": ("round", "hop", "step", "total_steps"),
+    "HopDone": ("round", "hop", "segment", "steps", "samples", "trainable_params", "model_bytes", "bytes_sent",
+                "bytes_received"),
+    "Bye": ("bytes_sent", "bytes_received", "hops", "rejected"),
+    "Hello": ("cores", "memory_mb", "memory_budget_mb", "num_train", "num_val", "num_classes", "input_shape",
+              "label_histogram"),
+}  # fmt: skip
 
 
 def to_body(message: Any) -> dict[str, Any]:
@@ -228,7 +247,24 @@ def _build(kind: type, body: Any, where: str) -> Any:
             values[f.name] = _check(hints[f.name], body[f.name], f"{where}.{f.name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ProtocolError("malformed", f"{where}: missing field {f.name!r}")
+    for name in NON_NEGATIVE.get(kind.__name__, ()):
+        if _negative(values.get(name)):
+            raise ProtocolError("malformed", f"{where}.{name} is negative")
     return kind(**values)
+
+
+def _negative(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_negative(v) for v in value)
+    if isinstance(value, dict):
+        return any(_negative(v) for v in value.values())
+    return isinstance(value, int | float) and value < 0
+
+
+def _show(value: Any) -> str:
+    """A value from the wire, short enough for an error message (never the whole payload)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check(hint: Any, value: Any, where: str) -> Any:
@@ -247,7 +283,7 @@ def _check(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ProtocolError("malformed", f"{where} is not an object")
         _, item = typing.get_args(hint)
-        return {str(k): _check(item, v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _check(item, v, f"{where}.{_show(k)}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return _build(typing.cast(type, hint), value, where)
     return _scalar(hint, value, where)
@@ -260,8 +296,12 @@ def _scalar(hint: Any, value: Any, where: str) -> Any:
         known = [member.value for member in hint]
         if isinstance(value, str) and value in known:
             return hint(value)
-        raise ProtocolError("malformed", f"{where} is {value!r}, not one of {', '.join(known)}")
+        raise ProtocolError("malformed", f"{where} is {_show(value)}, not one of {', '.join(known)}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_INT < value < MAX_INT:
+        raise ProtocolError("bad_number", f"{where} does not fit in 64 bits")  # the decoder refuses these too
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ProtocolError("bad_number", f"{where} is not finite")
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
         return value

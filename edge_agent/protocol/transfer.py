@@ -25,7 +25,7 @@ from typing import Any
 
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, encode, new_id
-from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.errors import ProtocolError, Rejections
 from edge_agent.protocol.kinds import MessageType, Purpose
 from edge_agent.protocol.messages import Chunk, TransferAck, TransferNack, body_of, to_body
 from edge_agent.protocol.throughput import LinkRates, sample_bps, transfer_deadline_s
@@ -237,6 +237,8 @@ class Reassembler:
         stale_after_s: float = 10.0,
         max_nacks: int = 5,
         remember: int = 1024,
+        max_partial: int = 256,
+        rejections: Rejections | None = None,
     ) -> None:
         self.me = me
         self.max_transfer_bytes = max_transfer_bytes
@@ -247,6 +249,8 @@ class Reassembler:
         self.partial: dict[str, _Partial] = {}
         self.done: OrderedDict[str, str] = OrderedDict()  # transfer id -> sha256, most recent last
         self.remember = remember
+        self.rejections = rejections or Rejections()  # chunks that fail their digest, transfers given up
+        self.max_partial = max_partial  # transfers in progress at once (a flood of first chunks cannot exhaust memory)
 
     def add(self, env: Envelope, now: float) -> tuple[Completed | None, list[Outgoing]]:
         """One chunk frame in; maybe a finished transfer and replies out."""
@@ -257,14 +261,12 @@ class Reassembler:
             return None, [reply(env, self.me, MessageType.TRANSFER_ACK, to_body(ack), now)]
         problem = self._refuse(chunk, data)
         if problem is not None:
-            code, message = problem
-            self.partial.pop(chunk.transfer_id, None)
-            raise ProtocolError(code, message)
-        part = self.partial.setdefault(chunk.transfer_id, _Partial(chunk, env.src, env.trial_id))
-        part.last_seen = now
-        if (chunk.count, chunk.size, chunk.sha256) != (part.first.count, part.first.size, part.first.sha256):
+            raise ProtocolError(*problem)  # a transfer in progress keeps its chunks: this one may be foreign
+        part = self.partial.get(chunk.transfer_id)
+        first = part.first if part is not None else chunk
+        if (chunk.count, chunk.size, chunk.sha256) != (first.count, first.size, first.sha256):
             raise ProtocolError("malformed", f"chunk {chunk.seq} of {chunk.transfer_id} disagrees with earlier chunks")
-        if sha256_hex(data) != chunk.chunk_sha256:
+        if sha256_hex(data) != chunk.chunk_sha256:  # nothing is kept of a chunk that fails its digest
             log.warning(
                 "chunk %d/%d of transfer %s from %s failed its digest; asking again",
                 chunk.seq,
@@ -272,8 +274,14 @@ class Reassembler:
                 chunk.transfer_id,
                 env.src,
             )
+            self.rejections.add("digest")
             nack = TransferNack(chunk.transfer_id, [chunk.seq], "chunk digest mismatch")
             return None, [reply(env, self.me, MessageType.TRANSFER_NACK, to_body(nack), now)]
+        if part is None:
+            if len(self.partial) >= self.max_partial:
+                raise ProtocolError("busy", f"{len(self.partial)} transfers already in progress here")
+            part = self.partial[chunk.transfer_id] = _Partial(chunk, env.src, env.trial_id)
+        part.last_seen = now
         if chunk.seq not in part.parts:  # progress: the sender is alive and the link moves
             if part.parts:
                 part.bytes_after_first += len(data)
@@ -302,6 +310,7 @@ class Reassembler:
                 "transfer %s from %s failed its whole digest; asking for all of it again", first.transfer_id, part.src
             )
             part.parts.clear()
+            self.rejections.add("digest")
             nack = TransferNack(first.transfer_id, [], "transfer digest mismatch")
             return None, [reply(env, self.me, MessageType.TRANSFER_NACK, to_body(nack), now)]
         del self.partial[first.transfer_id]
@@ -324,8 +333,8 @@ class Reassembler:
         for tid, part in list(self.partial.items()):
             if now - part.last_seen < self.stale_after(part):
                 continue
-            if part.nacks >= self.max_nacks:
-                log.error(
+            if part.nacks >= self.max_nacks:  # a real sender keeps its data and resends: nothing is lost here
+                log.warning(
                     "giving up on transfer %s from %s: %d/%d chunks after %d requests",
                     tid,
                     part.src,
@@ -334,6 +343,7 @@ class Reassembler:
                     part.nacks,
                 )
                 del self.partial[tid]
+                self.rejections.add("stalled")
                 continue
             part.nacks, part.last_seen = part.nacks + 1, now
             missing = [s for s in range(part.first.count) if s not in part.parts]
