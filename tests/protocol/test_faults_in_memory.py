@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from coordinator.events import Fault, Replanned
+from coordinator.journal import Journal
 from edge_agent.memlink import Delivery
 from edge_agent.protocol.envelope import decode
 from tests.protocol.trial_bed import TrialBed
@@ -202,3 +203,35 @@ def test_without_fault_tolerance_a_lost_agent_still_fails_the_trial_with_its_nam
     h.crash(victim)
     h.run()
     assert h.ctl.failed is not None and victim in h.ctl.failed
+
+
+def journal_of(h: TrialBed, tmp: Path) -> tuple[list, dict, object]:  # type: ignore[type-arg]
+    """What a coordinator's journal holds now (events through SQLite and back, counters, no held model)."""
+    journal = Journal(tmp)
+    journal.start("t1", {})
+    for event in h.events:
+        journal.record(event)
+    journal.count(h.ctl.counters())
+    read = journal.read()
+    journal.close()
+    return read.events, read.counters, read.model
+
+
+@pytest.mark.parametrize("mode", ["p2p", "cs"])
+def test_a_killed_coordinator_resumes_from_its_journal_and_no_hop_is_trained_twice(tmp_path: Path, mode: str) -> None:
+    ref = reference(tmp_path, agents=3, rounds=2, mode=mode)
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, mode=mode, tolerant=True)
+    h.run(until=lambda: 2 in h.ctl.done_hops)
+    h.coordinator.link.crash()  # type: ignore[attr-defined]  # SIGKILL: its session keeps what agents send
+    events, counters, held = journal_of(h, tmp_path / "journal")
+    if mode == "cs":  # the coordinator relays every model: the journal keeps the one it holds
+        strategy = h.coordinator.setup.strategy
+        held = strategy.snapshot(h.ctl.plan)  # type: ignore[attr-defined]
+    h.clock.advance(30.0)
+    h.coordinator = h.coordinator_service(resume_from=(events, counters, held))
+    h.coordinator.start()
+    h.run()
+    assert h.ctl.failed is None
+    assert same(h.final, ref)
+    assert len(h.log) == 6  # six hops, each trained once: none again after the resume
+    assert h.ctl.resumed and h.ctl.hops_retried == 0

@@ -78,10 +78,7 @@ class TrialBed:
         }
         self.back = CountingBack(GROUPS[1:])
         self.jobs = FakeJobs(GROUPS, {k: v.shape for k, v in self.initial.items()}, self.back)
-        self.coordinator = TrialService(
-            MemoryLink(self.broker, "coordinator", [topics.coordinator_inbox(), topics.ALL_AGENT_STATUS], clean_session=True),
-            self.setup(), self.jobs, self.events.append, self.clock, InlineExecutor(),
-        )  # fmt: skip
+        self.coordinator = self.coordinator_service()
         self.log: list[Trained] = []  # every training run, in order
         self.losses: list[float] = []  # split learning: the coordinator's loss per batch, as agents got it
         self.trainers = {
@@ -90,6 +87,12 @@ class TrialBed:
         }
         self.caches = {name: MemoryModelCache() for name in self.trainers}
         self.services = {name: self.agent(name, i) for i, name in enumerate(self.trainers)}
+
+    def coordinator_service(self, resume_from: object = None) -> TrialService:
+        """The coordinator (a persistent session, as deployed); ``resume_from``: a journal to carry on from."""
+        link = MemoryLink(self.broker, "coordinator", [topics.coordinator_inbox(), topics.ALL_AGENT_STATUS])
+        return TrialService(link, self.setup(), self.jobs, self.events.append, self.clock, InlineExecutor(),
+                            resume_from=resume_from)  # type: ignore[arg-type]  # fmt: skip
 
     def setup(self) -> TrialSetup:
         plans = {
