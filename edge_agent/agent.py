@@ -139,16 +139,27 @@ class Agent:
                 )
             )
         for hop, (src, asked) in self.awaiting.items():
-            if now - asked > ARTIFACT_RETRY_S and hop not in self.models:
+            if self._arriving(Purpose.MODEL, "hop", hop, now):
+                self.awaiting[hop] = (src, now)  # it is on its way (a slow link): asking again would restart it
+            elif now - asked > ARTIFACT_RETRY_S and hop not in self.models:
                 self.awaiting[hop] = (src, now)
                 fx.out.append(
                     self._send(src, MessageType.MODEL_REQUEST, to_body(ModelRequest(hop, "no answer yet")), now)
                 )
         for sha, asked in self.requested.items():
-            if now - asked > ARTIFACT_RETRY_S and sha not in self.artifacts:
+            if self._arriving(Purpose.ARTIFACT, "sha256", sha, now):
+                self.requested[sha] = now
+            elif now - asked > ARTIFACT_RETRY_S and sha not in self.artifacts:
                 self.requested[sha] = now
                 fx.out.append(self._send(COORD, MessageType.ARTIFACT_REQUEST, to_body(ArtifactRequest(sha)), now))
         return fx
+
+    def _arriving(self, purpose: Purpose, key: str, value: object, now: float) -> bool:
+        """A transfer of ``purpose`` whose meta ``key`` is ``value`` got a chunk within the retry period."""
+        return any(
+            p.first.purpose == purpose and p.first.meta.get(key) == value and now - p.last_seen < ARTIFACT_RETRY_S
+            for p in self.inbound.partial.values()
+        )
 
     def link_down(self, now: float) -> None:
         """Our broker link is down: transfers wait in the broker, so their timers start again from ``now``."""

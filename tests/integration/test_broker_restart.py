@@ -15,7 +15,6 @@ import pytest
 
 from coordinator.broker import RunningBroker, start_broker
 from coordinator.config import Timeouts, TrialConfig, load_trial
-from coordinator.errors import TrialError
 from coordinator.simulate import SimOptions, simulate
 from tools.broker_chaos import Chaos
 
@@ -101,13 +100,6 @@ def test_a_killed_broker_mid_transfer_still_ends_on_the_same_model(
     print(f"SIGKILL: {wall:.1f} s, {chaos.cut}")
 
 
-@pytest.mark.expect_errors  # the trial fails (an ERROR) while the timers count the outage
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AssertionError, TrialError),
-    reason="timers count the outage: the receiver asks for chunks that wait safely in the broker (stale_after_s "
-    "10 s) and the coordinator's no-progress timeout runs on (docs/faults-broker.md); passes once they pause",
-)
 def test_an_outage_longer_than_the_timers_needs_no_resend(tmp_path: Path, baseline: tuple[str, list[str]]) -> None:
     """A clean restart that keeps the broker down 12 s, longer than the receiver's stale timer and than a
     hop_s of 8 s: every message waits in the broker, so nothing should be asked for or resent."""
