@@ -127,6 +127,7 @@ class Controller:
         self.evaluated: set[int] = set()  # rounds whose model went to evaluation
         self.failed: str | None = None
         self.seen: OrderedDict[str, None] = OrderedDict()
+        self.handlers = self._handlers()
         # fault tolerance
         self.original: Plan | None = None  # the plan as first made (a returning agent gets its hops back)
         self.lost: dict[str, str] = {}  # agent -> why it is out of the trial
@@ -319,7 +320,7 @@ class Controller:
             self.seen.popitem(last=False)
         if env.error is not None:
             return self._on_error(env, now)
-        handler = self._handlers().get(env.type)
+        handler = self.handlers.get(env.type)
         if handler is None:
             raise ProtocolError("unknown_type", f"the coordinator does not handle {env.type!r} messages")
         return handler(env, now)

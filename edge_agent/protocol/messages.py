@@ -10,6 +10,7 @@ Commands are imperative (``assign``, ``artifact_request``, ``abort``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -237,10 +238,16 @@ def body_of(kind: type[T], body: dict[str, Any]) -> T:
     return typing.cast(T, _build(kind, body, kind.__name__))
 
 
+@functools.cache
+def _hints(kind: type) -> dict[str, Any]:
+    """A message class's field types, resolved once (``get_type_hints`` costs ~0.3 ms per call)."""
+    return typing.get_type_hints(kind)
+
+
 def _build(kind: type, body: Any, where: str) -> Any:
     if not isinstance(body, dict):
         raise ProtocolError("malformed", f"{where} is not an object")
-    hints = typing.get_type_hints(kind)
+    hints = _hints(kind)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(kind):
         if f.name in body:
