@@ -276,11 +276,14 @@ class Controller:
         return self._counted(step)
 
     def shutdown(self, now: float, exit_agents: bool) -> list[Outgoing]:
-        body = to_body(
-            Shutdown("trial finished" if self.failed is None else f"trial failed: {self.failed}", exit_agents)
-        )
+        reason = "trial finished" if self.failed is None else f"trial failed: {self.failed}"
         agents = sorted(set(self.tasks) | set(self.hellos))
-        return self._counted(Step([self._send(a, MessageType.SHUTDOWN, body, now) for a in agents])).out
+        out = []
+        for agent in agents:
+            hello = self.hellos.get(agent)
+            instance = hello.instance if hello is not None and agent not in self.tasks else ""
+            out.append(self._send(agent, MessageType.SHUTDOWN, to_body(Shutdown(reason, exit_agents, instance)), now))
+        return self._counted(Step(out)).out
 
     def _counted(self, step: Step) -> Step:
         self.bytes_sent += sum(len(o.payload) for o in step.out)

@@ -268,6 +268,9 @@ class Agent:
             return
         if self.trial_id is None and env.type in (MessageType.CHUNK, MessageType.TRANSFER_ACK):
             return  # a model may arrive just before its assignment; an ack for a restarted sender is moot
+        if self.trial_id is None and env.type == MessageType.SHUTDOWN and self.hello.instance:
+            if env.body.get("instance") == self.hello.instance:
+                return  # the coordinator of a trial that left us out: it heard this very process
         raise ProtocolError("wrong_trial", f"message for trial {env.trial_id!r}; this agent runs {self.trial_id!r}")
 
     def _remember(self, msg_id: str) -> None:

@@ -55,7 +55,9 @@ class Chaos:
         self.cut: dict[str, Any] = {}
         self.restarts = 0
         self.done, self._fire = threading.Event(), threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="broker-chaos", protocol=paho.MQTTv311)
+        # a persistent session: what goes by while the broker restarts is queued for the watcher too
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="broker-chaos", protocol=paho.MQTTv311,
+                                  clean_session=False)  # fmt: skip
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(f"{topics.ROOT}/#", qos=1)
         self.client.reconnect_delay_set(1, 2)

@@ -207,14 +207,18 @@ class NetBed:
 
     def start_broker(self, max_packet_bytes: int = 16 << 20) -> str:
         """mosquitto on the broker host (coordinator/broker.py's config); returns its URL."""
-        from coordinator.broker import _mosquitto_config, _mosquitto_major, find_mosquitto
+        from coordinator.broker import find_mosquitto
+        from coordinator.mosquitto import MosquittoConfig, mosquitto_major, prepare_persistence, run_as_user
 
         exe = find_mosquitto()
         if exe is None:
             raise NetBedError("mosquitto is not installed")
         address = self.hosts["broker"].address
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(_mosquitto_config(BROKER_PORT, address, max_packet_bytes, _mosquitto_major(exe)))
+        config = MosquittoConfig(BROKER_PORT, address, max_packet_bytes, self.workdir / "mosquitto.d",
+                                 mosquitto_major(exe), run_as=run_as_user())  # fmt: skip
+        prepare_persistence(config, fresh=True)
+        conf.write_text(config.text())
         self.spawn("mosquitto", "broker", [str(exe), "-c", str(conf)], self.logs / "mosquitto.log")
         self.wait_mqtt("coord", address, BROKER_PORT)
         return f"mqtt://{address}:{BROKER_PORT}"

@@ -207,6 +207,9 @@ class Abort:
 class Shutdown:
     reason: str = "trial finished"
     exit: bool = True  # False: say bye but stay up for the next trial
+    # for an agent the trial left out (it holds no trial id): the instance its hello named, so a shutdown
+    # queued for an earlier process of the same agent stops nothing
+    instance: str = ""
 
 
 T = TypeVar("T")
