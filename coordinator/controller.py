@@ -693,8 +693,11 @@ class Controller:
         self.last_progress = now
         self.nudged.clear()
         step.events.append(Replanned(plan, start))
+        # the hop before ``start`` hands its model to the new route: its task changes too (unless it is history)
+        current = self._current()
+        first = max(start - 1, current if current is not None else start)
         for agent in sorted((before | {h.agent for h in plan.hops}) - set(self.lost)):
-            step.out.append(self._assign(agent, now, replace_from=start))
+            step.out.append(self._assign(agent, now, replace_from=first))
 
     def _send_input(self, step: Step, j: int, now: float, reason: str) -> None:
         """Have the model hop ``j`` starts from sent to the agent that trains it."""

@@ -177,7 +177,8 @@ class Agent:
 
     def hop_trained(self, result: HopResult, counters: Counters, now: float) -> Effects:
         """Training of ``result.task`` finished: hand the model on and report."""
-        task, data = result.task, result.data
+        data = result.data
+        task = self.tasks.get(result.task.hop, result.task)  # a re-plan while it trained may have moved `next`
         meta = {"hop": task.hop + 1, "from_hop": task.hop, "round": task.round}
         _, out = self.outbox.send(task.next, self.trial_id, Purpose.MODEL, meta, data, self.chunk_bytes, now)
         if result.checkpoint is not None:  # a copy for the coordinator's per-round evaluation

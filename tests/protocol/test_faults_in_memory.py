@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coordinator.controller import Step
 from coordinator.events import Fault, Replanned
 from coordinator.journal import Journal
 from edge_agent.memlink import Delivery
@@ -235,3 +236,20 @@ def test_a_killed_coordinator_resumes_from_its_journal_and_no_hop_is_trained_twi
     assert same(h.final, ref)
     assert len(h.log) == 6  # six hops, each trained once: none again after the resume
     assert h.ctl.resumed and h.ctl.hops_retried == 0
+
+
+def test_losing_an_agent_of_a_later_hop_redirects_the_hand_off_of_the_hop_before_it(tmp_path: Path) -> None:
+    h = TrialBed(tmp_path, agents=3, rounds=2, tolerant=True)
+    h.run(until=lambda: bool(h.ctl.tasks))
+    plan = h.ctl.plan
+    assert plan is not None and not h.ctl.done_hops
+    victim, before = plan.hops[2].agent, plan.hops[1].agent
+    step = Step()
+    h.ctl._lose(step, victim, "test", h.clock.time())  # noqa: SLF001  # the current hop (0) goes on where it is
+    new = h.ctl.plan
+    assert new is not None and new.hops[2].agent != victim and new.hops[0].agent == plan.hops[0].agent
+    assigns = {e.dst: e.body for e in (decode(o.payload) for o in step.out) if e.type == "assign"}
+    assert victim not in assigns
+    task1 = next(t for t in assigns[before]["tasks"] if t["hop"] == 1)
+    assert task1["next"] == new.hops[2].agent and assigns[before]["replace_from"] == 0
+    assert not [o for o in step.out if decode(o.payload).type == "hand_off"]  # hop 0's model is where it was
