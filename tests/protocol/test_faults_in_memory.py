@@ -253,3 +253,25 @@ def test_losing_an_agent_of_a_later_hop_redirects_the_hand_off_of_the_hop_before
     task1 = next(t for t in assigns[before]["tasks"] if t["hop"] == 1)
     assert task1["next"] == new.hops[2].agent and assigns[before]["replace_from"] == 0
     assert not [o for o in step.out if decode(o.payload).type == "hand_off"]  # hop 0's model is where it was
+
+
+def test_an_undelivered_model_is_not_retried_into_the_next_trial_and_foreign_chunks_are_refused(tmp_path: Path) -> None:
+    from edge_agent.agent import Agent
+    from edge_agent.protocol.envelope import Envelope, encode
+    from edge_agent.protocol.kinds import Purpose
+    from edge_agent.protocol.messages import Assign, to_body
+    from edge_agent.protocol.transfer import Outbox
+    from tests.protocol.trial_bed import hello
+
+    agent = Agent(hello("a0"), set())
+    agent.trial_id = "t1"
+    agent.outbox.send("a1", "t1", Purpose.MODEL, {"hop": 1}, b"x" * 100, 64, 0.0)
+    assign = Envelope("assign", "coordinator", "a0", to_body(Assign([], 1 << 20)), trial_id="t2")
+    agent.handle("snake/v1/agents/a0/inbox", encode(assign), 1.0)
+    assert agent.trial_id == "t2" and not agent.outbox.pending  # t1's hand-off is not pushed into trial t2
+
+    h = TrialBed(tmp_path, agents=2, rounds=1)
+    h.run(until=lambda: bool(h.ctl.tasks))
+    _, frames = Outbox("a0").send("coordinator", "other-trial", Purpose.MODEL, {"hop": 1}, b"y" * 10, 64, 0.0)
+    step = h.ctl.handle("snake/v1/coordinator/inbox", frames[0].payload, h.clock.time())
+    assert h.ctl.rejections.as_dict().get("wrong_trial") == 1 and not step.events
