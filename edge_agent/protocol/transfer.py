@@ -390,4 +390,3 @@ class Reassembler:
 
 def _size(frames: list[bytes]) -> int:
     return sum(len(f) for f in frames)
-
