@@ -141,6 +141,7 @@ class Controller:
         self.link_down_at = float("-inf")
         self.resumed = False  # started again from a journal
         self.held: tuple[int, bytes] | None = None  # client-server, resumed: the model the coordinator held
+        self.restarted_meanwhile: set[str] = set()  # resumed: agents that said hello from a new process meanwhile
         self.nudged: set[int] = set()  # hops whose starting model was sent again for want of news
         self.bytes_retransmitted = 0  # sent again: resent chunks and transfers, models re-sent after a fault
         self.guard = Guard(ME)
@@ -379,6 +380,9 @@ class Controller:
     def _on_late_hello(self, agent: str, hello: Hello, now: float) -> Step:
         if agent not in self.tasks and agent not in self.lost:
             if agent in self.hellos:  # planned, its assignment waits for the artifacts
+                if self.resumed and hello.instance and hello.instance != self.hellos[agent].instance:
+                    self.hellos[agent] = hello  # a new process while we were down: _carry_on treats it as one
+                    self.restarted_meanwhile.add(agent)
                 return Step()
             log.info("%s joined after the trial started; not part of this trial", agent)
             return Step()
@@ -438,6 +442,11 @@ class Controller:
         for agent in sorted({h.agent for h in self.plan.hops} - set(self.lost)):
             step.out.append(self._assign(agent, now, replace_from=k))
         self.last_progress = now
+        for agent in sorted(self.restarted_meanwhile - set(self.lost)):  # they lost what they held or trained
+            restarted = self._on_restart(agent, now)
+            step.out.extend(restarted.out)
+            step.events.extend(restarted.events)
+        self.restarted_meanwhile.clear()
 
     def _send_models(self, step: Step, sends: list[ModelSend], now: float) -> None:
         for s in sends:

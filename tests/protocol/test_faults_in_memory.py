@@ -275,3 +275,39 @@ def test_an_undelivered_model_is_not_retried_into_the_next_trial_and_foreign_chu
     _, frames = Outbox("a0").send("coordinator", "other-trial", Purpose.MODEL, {"hop": 1}, b"y" * 10, 64, 0.0)
     step = h.ctl.handle("snake/v1/coordinator/inbox", frames[0].payload, h.clock.time())
     assert h.ctl.rejections.as_dict().get("wrong_trial") == 1 and not step.events
+
+
+def test_an_agent_restarted_mid_hop_while_the_coordinator_is_down_trains_its_hop_again(tmp_path: Path) -> None:
+    """Found by tools/chaos.py: the coordinator is killed, the agent of the next hop starts it (its
+    ``hop_started`` waits in the broker), dies and comes back before the coordinator resumes. The new
+    process's hello reaches the resumed coordinator before its artifacts are built; it must still count as a
+    restart (the hop's model goes to it again), not be dropped as a repeated hello (a hang until hop_s)."""
+    ref = reference(tmp_path, agents=3, rounds=2)
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True)
+    h.run(until=lambda: 2 in h.ctl.done_hops)
+    victim = h.ctl.plan.hops[3].agent  # type: ignore[union-attr]
+    h.coordinator.link.crash()  # type: ignore[attr-defined]
+    events, counters, held = journal_of(h, tmp_path / "journal")
+    armed = [victim]
+
+    def dies_mid_hop(topic: str, payload: bytes) -> list[Delivery]:  # only its hop_started gets out
+        try:
+            env = decode(payload)
+        except Exception:
+            return [Delivery(payload)]
+        silenced = env.src in armed and "status" not in topic and env.type != "hop_started"
+        return [] if silenced else [Delivery(payload)]
+
+    h.broker.tamper = dies_mid_hop
+    h.run(until=lambda: len(h.log) == 4)  # the victim trained hop 3; nothing but hop_started got out
+    armed.clear()
+    h.restart(victim)
+    h.clock.advance(5.0)
+    h.coordinator = h.coordinator_service(resume_from=(events, counters, held))
+    h.coordinator.start()
+    began = h.clock.now
+    h.run()
+    assert h.ctl.failed is None and same(h.final, ref)
+    assert [f.kind for f in faults(h)] == ["agent_restarted"] and not h.ctl.lost
+    assert h.ctl.hops_retried == 1 and h.ctl.hops_lost == 0
+    assert h.clock.now - began < 60  # not after a deadline: at once
