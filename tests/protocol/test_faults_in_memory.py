@@ -15,8 +15,9 @@ import pytest
 from coordinator.controller import Step
 from coordinator.events import Fault, Replanned
 from coordinator.journal import Journal
-from edge_agent.memlink import Delivery
+from edge_agent.memlink import Delivery, Tamper
 from edge_agent.protocol.envelope import decode
+from edge_agent.protocol.errors import ProtocolError
 from tests.protocol.trial_bed import TrialBed
 
 
@@ -36,6 +37,21 @@ def published_by(h: TrialBed, agent: str, kind: str) -> list[dict]:  # type: ign
 
 def faults(h: TrialBed) -> list[Fault]:
     return [e for e in h.events if isinstance(e, Fault)]
+
+
+def silencing(who: set[str], only_frames: bool = False, statuses: bool = True) -> Tamper:
+    """A tamper that drops what the agents in ``who`` publish (only chunk frames; statuses kept or not)."""
+
+    def tamper(topic: str, payload: bytes) -> list[Delivery]:
+        if only_frames and payload[:4] != b"SNK1":
+            return [Delivery(payload)]
+        try:
+            src = decode(payload).src
+        except ProtocolError:
+            return [Delivery(payload)]
+        return [] if src in who and (statuses or "status" not in topic) else [Delivery(payload)]
+
+    return tamper
 
 
 def test_an_agent_killed_while_its_model_travels_to_it_is_routed_around(tmp_path: Path) -> None:
@@ -60,12 +76,7 @@ def test_an_agent_killed_mid_hop_has_its_hop_trained_again_elsewhere(tmp_path: P
     ref = reference(tmp_path, agents=3, rounds=2)
     armed: set[str] = set()
 
-    def silence(topic: str, payload: bytes) -> list[Delivery]:  # the victim's last words never leave it
-        try:
-            src = decode(payload).src
-        except Exception:
-            return [Delivery(payload)]
-        return [] if src in armed and "status" not in topic else [Delivery(payload)]
+    silence = silencing(armed, statuses=False)  # the victim's last words never leave it
 
     h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True, tamper=silence)
     h.run(until=lambda: 1 in h.ctl.done_hops)
@@ -84,10 +95,7 @@ def test_a_sender_that_dies_after_training_hands_its_model_on_when_it_comes_back
     ref = reference(tmp_path, agents=3, rounds=2)
     dropping: set[str] = set()
 
-    def lose_models_from(topic: str, payload: bytes) -> list[Delivery]:
-        if payload[:4] == b"SNK1" and decode(payload).src in dropping:
-            return []
-        return [Delivery(payload)]
+    lose_models_from = silencing(dropping, only_frames=True)
 
     h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True, tamper=lose_models_from)
     h.run(until=lambda: h.ctl.plan is not None)
@@ -112,10 +120,7 @@ def test_a_sender_that_never_comes_back_costs_its_hop_which_is_trained_again(tmp
     ref = reference(tmp_path, agents=3, rounds=2)
     dropping: set[str] = set()
 
-    def lose_models_from(topic: str, payload: bytes) -> list[Delivery]:
-        if payload[:4] == b"SNK1" and decode(payload).src in dropping:
-            return []
-        return [Delivery(payload)]
+    lose_models_from = silencing(dropping, only_frames=True)
 
     h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True, tamper=lose_models_from)
     h.run(until=lambda: h.ctl.plan is not None)
@@ -134,12 +139,7 @@ def test_a_restarted_agent_trains_its_hop_again_and_nothing_is_lost(tmp_path: Pa
     ref = reference(tmp_path, agents=3, rounds=2)
     armed: set[str] = set()
 
-    def silence(topic: str, payload: bytes) -> list[Delivery]:
-        try:
-            src = decode(payload).src
-        except Exception:
-            return [Delivery(payload)]
-        return [] if src in armed and "status" not in topic else [Delivery(payload)]
+    silence = silencing(armed, statuses=False)
 
     h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True, tamper=silence)
     h.run(until=lambda: 2 in h.ctl.done_hops)
@@ -178,12 +178,7 @@ def test_a_silent_agent_is_routed_around(tmp_path: Path) -> None:
     ref = reference(tmp_path, agents=3, rounds=2)
     muted: set[str] = set()
 
-    def mute(topic: str, payload: bytes) -> list[Delivery]:  # alive on the broker, but nothing gets out
-        try:
-            src = decode(payload).src
-        except Exception:
-            return [Delivery(payload)]
-        return [] if src in muted else [Delivery(payload)]
+    mute = silencing(muted)  # alive on the broker, but nothing gets out
 
     h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True, tamper=mute)
     h.run(until=lambda: h.ctl.plan is not None)
