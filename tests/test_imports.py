@@ -25,6 +25,7 @@ AGENT_FORBIDDEN = (
 PUBLIC_AGENT_API = (
     "edge_agent.protocol",  # the wire format and the bundle manifest
     "edge_agent.data",  # data sets and partitions: the coordinator loads and splits the same data
+    "edge_agent.textdata",  # the token data sets (NPZ) of language models: the coordinator writes them
     "edge_agent.link",  # the transport seam (Link, Clock) the services take
     "edge_agent.mqtt",  # the one paho adapter: the production Link
     "edge_agent.memlink",  # the in-memory broker and Link: tests and large simulations
