@@ -23,8 +23,11 @@ class GroupCost:
     flops: int  # per sample, forward
 
 
-def profile_groups(model: nn.Module, input_shape: Sequence[int], groups: Sequence[str]) -> dict[str, GroupCost]:
-    """Measure every group of ``model`` (names are module paths) with one 2-sample training forward."""
+def profile_groups(
+    model: nn.Module, input_shape: Sequence[int], groups: Sequence[str], tokens: bool = False
+) -> dict[str, GroupCost]:
+    """Measure every group of ``model`` (names are module paths) with one 2-sample training forward;
+    ``tokens``: the input is int64 token ids (a language model), else float."""
     batch = 2
     modules = dict(model.named_modules())
     missing = [g for g in groups if g not in modules]
@@ -68,7 +71,7 @@ def profile_groups(model: nn.Module, input_shape: Sequence[int], groups: Sequenc
     was_training = model.training
     model.train()
     try:
-        x = torch.zeros((batch, *input_shape))
+        x = torch.zeros((batch, *input_shape), dtype=torch.int64 if tokens else torch.float32)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.random.fork_rng():
             model(x)
     finally:

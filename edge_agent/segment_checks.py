@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.data import Images, Inputs
-from edge_agent.protocol.manifest import ManifestError, SegmentManifest, read_manifest
-from edge_agent.trainer import IGNORE_INDEX, TrainerError
+from edge_agent.protocol.manifest import IGNORE_INDEX, ManifestError, SegmentManifest, read_manifest
+from edge_agent.trainer import TrainerError
 
 
 def check_tensors(

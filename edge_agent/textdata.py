@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.data import DataError
-from edge_agent.trainer import IGNORE_INDEX
+from edge_agent.protocol.manifest import IGNORE_INDEX
 
 TOKEN_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "vocab_size", "pad_id")
 

@@ -19,8 +19,7 @@ import numpy as np
 
 from edge_agent.data import Inputs
 from edge_agent.errors import EdgeAgentError
-
-IGNORE_INDEX = -100  # a label that counts for nothing (language models: a position with no next token)
+from edge_agent.protocol.manifest import IGNORE_INDEX
 
 StepCallback = Callable[[int, int, float], None]
 """Called after each optimizer step with (step, total_steps, loss)."""

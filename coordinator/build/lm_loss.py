@@ -13,9 +13,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from edge_agent.ort_training import training_module
+from edge_agent.protocol.manifest import IGNORE_INDEX  # torch's default for F.cross_entropy
 
 LABEL_NAME = "labels"  # int64 [N, T]: next-token targets, IGNORE_INDEX where there is no target
-IGNORE_INDEX = -100  # torch's default for F.cross_entropy
 
 
 def _add_labels(model: onnx.ModelProto, logits: str) -> None:

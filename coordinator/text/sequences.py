@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.text.austen import TextDataError
+from coordinator.text.austen import TextDataError, load_austen
 from coordinator.text.tokenizer import ByteTokenizer
 from edge_agent.textdata import TokenDataset
 
@@ -67,6 +67,11 @@ def build_token_dataset(
     x_train, x_val, x_test = (np.concatenate(p) for p in parts)
     y_train, y_val, y_test = (np.concatenate(y) for y in labels)
     return TokenDataset(name, x_train, y_train, x_val, y_val, x_test, y_test, tok.vocab_size, tok.pad, tuple(texts))
+
+
+def austen_tokens(seq_len: int, directory: Path | None = None) -> TokenDataset:
+    """The data set ``austen``: the six novels, byte tokens, one source per novel (publication order)."""
+    return build_token_dataset("austen", load_austen(directory), seq_len)
 
 
 def save_tokens_npz(path: Path | str, ds: TokenDataset) -> None:

@@ -17,6 +17,7 @@ MANIFEST_NAME = "manifest.json"
 PROBE_FILE = "probe_model.onnx"  # split fronts: the forward-only graph that computes the activations
 FORMAT_VERSION = 1
 OPTIMIZERS = ("adamw", "sgd")
+IGNORE_INDEX = -100  # causal-lm labels: a position with no next token (padding) counts for nothing
 TASKS = ("classify", "causal-lm")  # causal-lm: input int64 token ids [N, T], labels int64 [N, T], logits [N, T, V]
 KINDS = ("ort", "portable")  # ORT training artifacts, or graphs plain onnxruntime runs (see PortableTrainer)
 

@@ -14,7 +14,8 @@ pytest.importorskip("onnxruntime")
 from coordinator.build.artifacts import build_segment_artifacts  # noqa: E402
 from coordinator.export import TASK_CAUSAL_LM, ForwardModel, export_forward  # noqa: E402
 from edge_agent.ort_trainer import OrtTrainer  # noqa: E402
-from edge_agent.trainer import IGNORE_INDEX, TrainSpec  # noqa: E402
+from edge_agent.protocol.manifest import IGNORE_INDEX  # noqa: E402
+from edge_agent.trainer import TrainSpec  # noqa: E402
 from models import InputSpec, build_model, layer_groups  # noqa: E402
 from models.gpt import GPT, GPTConfig  # noqa: E402
 

@@ -10,8 +10,8 @@ import pytest
 from edge_agent.config import AgentConfig
 from edge_agent.data import DataError, parse_partition, partition
 from edge_agent.localdata import load_local
+from edge_agent.protocol.manifest import IGNORE_INDEX
 from edge_agent.textdata import TokenDataset, is_token_npz, lm_pairs, load_token_npz
-from edge_agent.trainer import IGNORE_INDEX
 
 VOCAB, PAD, T = 20, 19, 5
 
