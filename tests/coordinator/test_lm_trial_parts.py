@@ -42,7 +42,10 @@ def test_prepare_exports_gpt_and_measures_its_groups(tmp_path: Path) -> None:
     assert prepared.forward.task == TASK_CAUSAL_LM and prepared.forward.input_shape == (SEQ,)
     names = [g.name for g in prepared.groups]
     assert names == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
-    assert all(g.act_bytes > 0 for g in prepared.groups) and all(g.flops > 0 for g in prepared.groups[1:-1])
+    assert all(g.act_bytes > 0 for g in prepared.groups)
+    width, linear = 128, 2 * SEQ * 12 * 128 * 128  # per sample: qkv, proj, fc, proj = 12 C^2 MACs per token
+    assert prepared.groups[1].flops == linear + 2 * 2 * SEQ * SEQ * width  # + attention's two products
+    assert prepared.groups[-1].flops == 2 * SEQ * width * 259  # the tied head's projection runs in "head"
     tokens = torch.randint(0, 259, (3, SEQ + 1)).numpy()
     x, y = tokens[:, :-1], tokens[:, 1:].copy()
     y[:, -4:] = IGNORE_INDEX
