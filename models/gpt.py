@@ -34,6 +34,8 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    mask: torch.Tensor  # bool [1, 1, block_size, block_size], lower triangle: position i sees 0..i
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         if config.n_embd % config.n_head:
@@ -56,7 +58,8 @@ class CausalSelfAttention(nn.Module):
         att = att.masked_fill(~self.mask[:, :, :t, :t], float("-inf"))
         att = self.drop(torch.softmax(att, dim=-1))
         y = (att @ v).transpose(1, 2).reshape(b, t, c)  # [B, T, C]
-        return self.drop(self.proj(y))
+        out: torch.Tensor = self.drop(self.proj(y))
+        return out
 
 
 class MLP(nn.Module):
@@ -67,7 +70,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))  # [B, T, C]
+        out: torch.Tensor = self.drop(self.proj(F.gelu(self.fc(x))))  # [B, T, C]
+        return out
 
 
 class Block(nn.Module):
@@ -82,7 +86,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        out: torch.Tensor = x + self.mlp(self.ln_2(x))
+        return out
 
 
 class Embeddings(nn.Module):
@@ -97,7 +102,8 @@ class Embeddings(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         positions = torch.arange(t, dtype=torch.long, device=idx.device)  # [T]
-        return self.drop(self.tok(idx) + self.pos(positions))  # [B, T, C]
+        out: torch.Tensor = self.drop(self.tok(idx) + self.pos(positions))  # [B, T, C]
+        return out
 
 
 class Head(nn.Module):
@@ -108,7 +114,8 @@ class Head(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor, tok_weight: torch.Tensor) -> torch.Tensor:
-        return self.ln_f(x) @ tok_weight.t()  # [B, T, V]
+        out: torch.Tensor = self.ln_f(x) @ tok_weight.t()  # [B, T, V]
+        return out
 
 
 class GPT(nn.Module):
@@ -143,4 +150,5 @@ class GPT(nn.Module):
         x = self.embed(idx)  # [B, T, C]
         for block in self.blocks:
             x = block(x)
-        return self.head(x, self.embed.tok.weight)  # [B, T, V]
+        logits: torch.Tensor = self.head(x, self.embed.tok.weight)  # [B, T, V]
+        return logits

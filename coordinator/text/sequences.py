@@ -34,7 +34,8 @@ def windows(tokens: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
     padded = np.full(count * seq_len + 1, pad_id, np.uint16)
     padded[: len(tokens)] = tokens
     starts = np.arange(count) * seq_len
-    return padded[starts[:, None] + np.arange(seq_len + 1)]
+    out: np.ndarray = padded[starts[:, None] + np.arange(seq_len + 1)]
+    return out
 
 
 def split_positions(length: int, fractions: Sequence[float] = SPLIT_FRACTIONS) -> list[tuple[int, int]]:
