@@ -165,6 +165,8 @@ class Controller:
                 return self._on_status(parsed.owner, env, now)
             if env.dst == ME and env.trial_id == self.setup.trial_id:
                 self.last_heard[env.src] = now
+                # news from the agent itself outweighs an "offline" status: a stale will or a replay of one
+                self.offline_since.pop(env.src, None)
             return self._dispatch(env, now)
 
         return self._counted(self.guard.receive(topic, payload, now, dispatch, Step))
@@ -669,11 +671,13 @@ class Controller:
         if self.reroutes > limit:
             self._fail(step, f"gave up after {limit} re-routes (lost: {', '.join(sorted(self.lost))})")
             return
+        alive = self.plan.hops[k].agent not in self.lost
         start = k
-        while self._holder(start) is None:
+        # a hop that started on an agent still in the trial has its model: nothing before it is needed again
+        while not (alive and k in self.hop_started_at) and self._holder(start) is None:
             start -= 1  # the model that hop started from is gone with its agent: train it again
         # the current hop goes on where it is when its agent and its starting model are still there
-        keep = start == k and self.plan.hops[k].agent not in self.lost
+        keep = start == k and alive
         first = k + 1 if keep else start
         live = {a: h for a, h in self.hellos.items() if a not in self.lost}
         try:

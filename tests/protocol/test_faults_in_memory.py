@@ -311,3 +311,21 @@ def test_an_agent_restarted_mid_hop_while_the_coordinator_is_down_trains_its_hop
     assert [f.kind for f in faults(h)] == ["agent_restarted"] and not h.ctl.lost
     assert h.ctl.hops_retried == 1 and h.ctl.hops_lost == 0
     assert h.clock.now - began < 60  # not after a deadline: at once
+
+
+def test_a_replayed_offline_status_of_a_live_agent_loses_nothing(tmp_path: Path) -> None:
+    from edge_agent.protocol import topics
+    from edge_agent.service import status_payload
+
+    def slow_hand_offs(topic: str, payload: bytes) -> list[Delivery]:  # each hop takes 20 s to arrive
+        return [Delivery(payload, delay=20.0 if payload[:4] == b"SNK1" else 0.0)]
+
+    ref = reference(tmp_path, agents=3, rounds=3)
+    h = TrialBed(tmp_path / "h", agents=3, rounds=3, tolerant=True, tamper=slow_hand_offs)
+    h.run(until=lambda: 1 in h.ctl.done_hops)
+    victim = h.ctl.plan.hops[4].agent  # type: ignore[union-attr]
+    # a foreign client replays the agent's retained "offline" (e.g. the will of an earlier run's process)
+    h.broker.publish(topics.agent_status(victim), status_payload(victim, "offline", 0.0), True)
+    h.run()
+    assert h.ctl.failed is None and not h.ctl.lost and not faults(h)
+    assert same(h.final, ref)

@@ -1,0 +1,4 @@
+library(testthat)
+library(janeaustenr)
+
+test_check("janeaustenr")
