@@ -4,7 +4,10 @@ training step keeps for its backward pass and the forward compute, both per samp
 Activations are what autograd actually saves (``saved_tensors_hooks``), deduplicated by
 storage, attributed to the layer group running when they were saved (work done in the model's
 own ``forward`` between groups, such as VGG's classifier ReLUs, goes to the group before it).
-Compute is the multiply-accumulates of ``Conv2d`` and ``Linear`` layers, times two.
+Compute is what ``torch.utils.flop_counter`` counts (matrix products and convolutions, a
+multiply-accumulate as two), attributed to the group whose module ran it: the same figures as
+``Conv2d`` and ``Linear`` layers alone for the CNNs, and for the GPT also attention's products and the
+tied head's projection (which runs in ``head`` with the embedding's weight).
 The pure cost model (:mod:`coordinator.costmodel`) turns these into per-hop memory and time.
 """
 
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,11 @@ class GroupCost:
     flops: int  # per sample, forward
 
 
-def profile_groups(model: nn.Module, input_shape: Sequence[int], groups: Sequence[str]) -> dict[str, GroupCost]:
-    """Measure every group of ``model`` (names are module paths) with one 2-sample training forward."""
+def profile_groups(
+    model: nn.Module, input_shape: Sequence[int], groups: Sequence[str], tokens: bool = False
+) -> dict[str, GroupCost]:
+    """Measure every group of ``model`` (names are module paths) with one 2-sample training forward;
+    ``tokens``: the input is int64 token ids (a language model), else float."""
     batch = 2
     modules = dict(model.named_modules())
     missing = [g for g in groups if g not in modules]
@@ -32,7 +39,6 @@ def profile_groups(model: nn.Module, input_shape: Sequence[int], groups: Sequenc
         raise ValueError(f"no module(s) {missing} in the model")
     current: list[str] = [groups[0]]
     saved: dict[str, dict[int, int]] = {g: {} for g in groups}  # group -> storage ptr -> bytes
-    flops = dict.fromkeys(groups, 0)
     handles = []
 
     def enter(name: str):  # type: ignore[no-untyped-def]
@@ -41,20 +47,8 @@ def profile_groups(model: nn.Module, input_shape: Sequence[int], groups: Sequenc
 
         return hook
 
-    def count(name: str):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            if isinstance(module, nn.Conv2d):
-                kh, kw = module.kernel_size
-                flops[name] += 2 * output.numel() * (module.in_channels // module.groups) * kh * kw
-            elif isinstance(module, nn.Linear):
-                flops[name] += 2 * output.numel() * module.in_features
-
-        return hook
-
     for name in groups:
         handles.append(modules[name].register_forward_pre_hook(enter(name)))
-        for sub in modules[name].modules():
-            handles.append(sub.register_forward_hook(count(name)))
 
     seen: set[int] = set()
 
@@ -68,14 +62,17 @@ def profile_groups(model: nn.Module, input_shape: Sequence[int], groups: Sequenc
     was_training = model.training
     model.train()
     try:
-        x = torch.zeros((batch, *input_shape))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.random.fork_rng():
+        x = torch.zeros((batch, *input_shape), dtype=torch.int64 if tokens else torch.float32)
+        counter = FlopCounterMode(display=False)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.random.fork_rng(), counter:
             model(x)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    counts = counter.get_flop_counts()  # module path under the root's class name -> {op: flops}
+    flops = {g: int(sum(counts.get(f"{type(model).__name__}.{g}", {}).values())) for g in groups}
     return {
         g: GroupCost(
             act_bytes=sum(b for ptr, b in saved[g].items() if ptr not in params) // batch,

@@ -32,6 +32,9 @@ MAX_IR_VERSION = 10  # onnxruntime 1.19.2 refuses newer IR versions
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 FORWARD_FILE = "forward.onnx"
+TASK_CLASSIFY = "classify"  # float input [N, *input_shape] -> logits [N, num_classes]
+TASK_CAUSAL_LM = "causal-lm"  # int64 token ids [N, T] -> logits [N, T, vocab]
+TASKS = (TASK_CLASSIFY, TASK_CAUSAL_LM)
 _EXPORT_BATCH = 2  # BatchNorm in training mode needs more than one value per channel
 
 
@@ -54,8 +57,9 @@ class ForwardModel:
     order: tuple[str, ...]  # every float initializer (params + float buffers), ONNX initializer order
     tensors: dict[str, np.ndarray]  # initial float32 values by name (pre-export state)
     groups: tuple[LayerGroup, ...]  # input side first; they partition ``order``
-    input_shape: tuple[int, ...]  # per sample, e.g. (1, 28, 28)
-    num_classes: int
+    input_shape: tuple[int, ...]  # per sample, e.g. (1, 28, 28); (T,) for a language model
+    num_classes: int  # the vocabulary size for a language model
+    task: str = TASK_CLASSIFY  # TASK_CAUSAL_LM: int64 token ids in, logits [N, T, V] out, next-token loss
 
     def group(self, name: str) -> LayerGroup:
         for group in self.groups:
@@ -102,9 +106,15 @@ def load_tensors(model: nn.Module, tensors: Mapping[str, np.ndarray]) -> None:
 
 
 def _torch_export(
-    model: nn.Module, input_shape: Sequence[int], path: Path, training: bool, output_name: str = OUTPUT_NAME
+    model: nn.Module,
+    input_shape: Sequence[int],
+    path: Path,
+    training: bool,
+    output_name: str = OUTPUT_NAME,
+    task: str = TASK_CLASSIFY,
 ) -> None:
-    dummy = torch.zeros((_EXPORT_BATCH, *input_shape), dtype=torch.float32)
+    dtype = torch.int64 if task == TASK_CAUSAL_LM else torch.float32  # token ids, or images/features
+    dummy = torch.zeros((_EXPORT_BATCH, *input_shape), dtype=dtype)
     mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
     with warnings.catch_warnings(), torch.random.fork_rng():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
@@ -166,26 +176,38 @@ def _groups(model: nn.Module, order: Sequence[str]) -> tuple[LayerGroup, ...]:
 
 
 def _export_training_graph(
-    model: nn.Module, input_shape: Sequence[int], path: Path, output_name: str = OUTPUT_NAME
+    model: nn.Module,
+    input_shape: Sequence[int],
+    path: Path,
+    output_name: str = OUTPUT_NAME,
+    task: str = TASK_CLASSIFY,
 ) -> None:
     """Export in training mode, leaving the torch model exactly as it was."""
     snapshot = copy.deepcopy(model.state_dict())
     was_training = model.training
     try:
         model.train()
-        _torch_export(model, input_shape, path, training=True, output_name=output_name)
+        _torch_export(model, input_shape, path, training=True, output_name=output_name, task=task)
     finally:
         model.load_state_dict(snapshot)
         model.train(was_training)
 
 
-def export_forward(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, out_dir: Path) -> ForwardModel:
-    """Export the training-mode forward ONNX to ``out_dir/forward.onnx`` and describe it."""
+def export_forward(
+    model: nn.Module, input_shape: tuple[int, ...], num_classes: int, out_dir: Path, task: str = TASK_CLASSIFY
+) -> ForwardModel:
+    """Export the training-mode forward ONNX to ``out_dir/forward.onnx`` and describe it.
+
+    ``task``: TASK_CLASSIFY (float input) or TASK_CAUSAL_LM (int64 token ids [N, T], ``input_shape`` = (T,),
+    ``num_classes`` = vocabulary size). Tied weights must be held once (see models.gpt).
+    """
+    if task not in TASKS:
+        raise ExportError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / FORWARD_FILE
     tensors = model_tensors(model)
-    _export_training_graph(model, input_shape, path)
+    _export_training_graph(model, input_shape, path, task=task)
     proto = onnx.load(path)
     _overwrite_initializers(proto, tensors)
     if fix_layernorm_outputs(proto):
@@ -209,11 +231,16 @@ def export_forward(model: nn.Module, input_shape: tuple[int, ...], num_classes: 
         groups=_groups(model, order),
         input_shape=tuple(input_shape),
         num_classes=num_classes,
+        task=task,
     )
 
 
 def export_inference(
-    model: nn.Module, input_shape: tuple[int, ...], path: Path, tensors: Mapping[str, np.ndarray] | None = None
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    path: Path,
+    tensors: Mapping[str, np.ndarray] | None = None,
+    task: str = TASK_CLASSIFY,
 ) -> Path:
     """Export an eval-mode ONNX for deployment (``input`` -> ``logits``, dynamic batch).
 
@@ -225,7 +252,7 @@ def export_inference(
     if tensors is not None:
         load_tensors(deployed, tensors)
     deployed.eval()
-    _torch_export(deployed, input_shape, target, training=False)
+    _torch_export(deployed, input_shape, target, training=False, task=task)
     proto = onnx.load(target)
     check_ir_version(proto, "inference model")
     logger.info("exported inference model to %s (%d bytes)", target, target.stat().st_size)

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.config import TrialConfig
+from coordinator.text.sequences import save_tokens_npz
 from edge_agent.data import Dataset, parse_partition, partition, split_holdout
+from edge_agent.textdata import TokenDataset
 
 
 def save_npz(path: Path | str, ds: Dataset) -> None:
@@ -37,5 +39,26 @@ def write_partitions(config: TrialConfig, ds: Dataset, root: Path) -> list[Path]
         x, y, xv, yv = split_holdout(ds.x_train[idx], ds.y_train[idx], config.val_fraction, seed=config.seed + i)
         path = root / f"agent-{i}.npz"
         save_npz(path, Dataset(f"{ds.name}[agent-{i}]", x, y, xv, yv, ds.num_classes))
+        paths.append(path)
+    return paths
+
+
+def write_token_partitions(config: TrialConfig, ds: TokenDataset, root: Path) -> list[Path]:
+    """One token NPZ per agent: its share of the training sequences (capped) and the same partition of the
+    validation sequences (``by-source``: an agent validates on its own novels); the test set stays here."""
+    root.mkdir(parents=True, exist_ok=True)
+    spec = parse_partition(config.partition)
+    train_parts = partition(ds.y_train, config.agents, spec, seed=config.seed, min_size=1)
+    val_parts = partition(ds.y_val, config.agents, spec, seed=config.seed, min_size=1)
+    rng = np.random.default_rng(config.seed)
+    paths = []
+    for i, (idx, val) in enumerate(zip(train_parts, val_parts, strict=True)):
+        if config.samples_per_agent and len(idx) > config.samples_per_agent:
+            idx = np.sort(rng.permutation(idx)[: config.samples_per_agent])
+        empty = ds.x_test[:0], ds.y_test[:0]
+        share = TokenDataset(f"{ds.name}[agent-{i}]", ds.x_train[idx], ds.y_train[idx], ds.x_val[val], ds.y_val[val],
+                             *empty, ds.vocab_size, ds.pad_id, ds.sources)  # fmt: skip
+        path = root / f"agent-{i}.npz"
+        save_tokens_npz(path, share)
         paths.append(path)
     return paths

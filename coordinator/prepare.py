@@ -14,7 +14,7 @@ from coordinator.build.portable_artifacts import build_portable_artifacts
 from coordinator.config import TrialConfig
 from coordinator.costs import profile_groups
 from coordinator.errors import ConfigError
-from coordinator.export import ForwardModel, export_forward, export_front
+from coordinator.export import TASK_CAUSAL_LM, TASK_CLASSIFY, ForwardModel, export_forward, export_front
 from coordinator.plan import AgentProfile, GroupInfo, Plan, Segment
 from coordinator.reroute import reroute
 from coordinator.scheduler import fedavg_plan, snake_plan, split_plan
@@ -74,7 +74,9 @@ class Prepared:
             return
         for seg in plan.segments:  # both kinds: which one an agent gets depends on the backend its hello names
             self.artifacts[seg.index, "ort"] = build_segment_artifacts(self.forward, seg.params, cache, opt, kd)
-            self.artifacts[seg.index, "portable"] = build_portable_artifacts(self.forward, seg.params, cache, opt, kd)
+            if self.forward.task == TASK_CLASSIFY:  # language models: no lowering rules yet (SliceGrad, ...)
+                portable = build_portable_artifacts(self.forward, seg.params, cache, opt, kd)
+                self.artifacts[seg.index, "portable"] = portable
             log.info("segment %d (%s): bundle %s, %d bytes", seg.index, ", ".join(seg.groups),
                      self.artifacts[seg.index, "ort"].sha256[:12], len(self.artifacts[seg.index, "ort"].blob))  # fmt: skip
 
@@ -121,7 +123,8 @@ def make_plan(config: TrialConfig, groups: Sequence[GroupInfo], fleet: Sequence[
 
 def group_infos(forward: ForwardModel, model: nn.Module) -> tuple[GroupInfo, ...]:
     """Layer groups with their sizes and measured costs (activations, compute) per sample."""
-    costs = profile_groups(model, forward.input_shape, [g.name for g in forward.groups])
+    tokens = forward.task == TASK_CAUSAL_LM
+    costs = profile_groups(model, forward.input_shape, [g.name for g in forward.groups], tokens)
 
     def size(names: tuple[str, ...]) -> int:
         return int(sum(forward.tensors[n].size for n in names))
@@ -147,7 +150,10 @@ def prepare(config: TrialConfig, spec: InputSpec, work: Path) -> Prepared:
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, spec)
-    forward = export_forward(model, (spec.channels, spec.height, spec.width), spec.num_classes, work / "export")
+    if spec.seq_len:  # a language model: token ids [N, seq_len], num_classes = vocabulary size
+        forward = export_forward(model, (spec.seq_len,), spec.num_classes, work / "export", TASK_CAUSAL_LM)
+    else:
+        forward = export_forward(model, (spec.channels, spec.height, spec.width), spec.num_classes, work / "export")
     prepared = Prepared(model, forward, group_infos(forward, model), config, work)
     if config.algorithm == "split":
         split_cut(config, prepared.groups)  # a bad cut fails now, not once the agents have joined

@@ -63,7 +63,7 @@ def main() -> None:
 )
 @click.option("--data", "data_spec", required=True, help="Data set: fashion-mnist[:DIR], cifar10:DIR or npz:FILE.")
 @click.option(
-    "--partition", default=None, help="Take a share of the training set: iid or dirichlet:ALPHA (needs --part)."
+    "--partition", default=None, help="Take a share of the training set: iid, dirichlet:ALPHA or by-source (needs --part)."
 )
 @click.option("--part", default="0/1", show_default=True, help="Which share K of N shares, as K/N.")
 @click.option("--seed", default=0, show_default=True, help="Partition and shuffling seed (same on every agent).")

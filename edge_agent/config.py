@@ -10,8 +10,8 @@ from pathlib import Path
 class AgentConfig:
     agent_id: str
     broker: str  # mqtt://host:port (password redacted when printed)
-    data: str  # dataset spec: fashion-mnist[:DIR] | cifar10:DIR | npz:FILE
-    partition: str | None = None  # iid | dirichlet:ALPHA; None = use the data set as given
+    data: str  # dataset spec: fashion-mnist[:DIR] | cifar10:DIR | npz:FILE (images or tokens, edge_agent.textdata)
+    partition: str | None = None  # iid | dirichlet:ALPHA | by-source; None = use the data set as given
     part: tuple[int, int] = (0, 1)  # (index, count) of the partition this agent takes
     seed: int = 0  # partition and shuffling seed
     samples: int = 0  # cap on local training samples (0 = all)

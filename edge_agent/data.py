@@ -8,8 +8,9 @@ Datasets are read from local files, never downloaded:
   (stored floats become float32) shaped [N, H, W] (grey) or [N, C, H, W]; y holds integer labels
   0..K-1; an optional scalar ``num_classes`` (default: largest label + 1).
 
-Partitions: ``iid`` (random equal split) and ``dirichlet:ALPHA`` (per-class label skew of Hsu et al.
-2019: each class is spread over the parts by proportions drawn from Dirichlet(ALPHA)).
+Partitions: ``iid`` (random equal split), ``dirichlet:ALPHA`` (per-class label skew of Hsu et al.
+2019: each class is spread over the parts by proportions drawn from Dirichlet(ALPHA)) and ``by-source``
+(label l goes whole to part l mod parts: one novel per agent for token data sets, :mod:`edge_agent.textdata`).
 """
 
 from __future__ import annotations
@@ -69,11 +70,11 @@ class Dataset:
 class PartitionSpec:
     """How samples are split across nodes; ``alpha`` is set only for ``dirichlet``."""
 
-    kind: Literal["iid", "dirichlet"]
+    kind: Literal["iid", "dirichlet", "by-source"]
     alpha: float | None = None
 
     def __str__(self) -> str:
-        return "iid" if self.kind == "iid" else f"dirichlet:{self.alpha:g}"
+        return f"dirichlet:{self.alpha:g}" if self.kind == "dirichlet" else self.kind
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX)
@@ -320,10 +321,10 @@ def split_holdout(
 
 
 def parse_partition(text: str) -> PartitionSpec:
-    """Parse ``iid`` or ``dirichlet:ALPHA`` (ALPHA > 0)."""
+    """Parse ``iid``, ``by-source`` or ``dirichlet:ALPHA`` (ALPHA > 0)."""
     kind, _, arg = text.strip().partition(":")
-    if kind == "iid" and not arg:
-        return PartitionSpec("iid")
+    if kind in ("iid", "by-source") and not arg:
+        return PartitionSpec(kind)  # type: ignore[arg-type]
     if kind == "dirichlet":
         try:
             alpha = float(arg)
@@ -331,7 +332,9 @@ def parse_partition(text: str) -> PartitionSpec:
             alpha = math.nan
         if math.isfinite(alpha) and alpha > 0:
             return PartitionSpec("dirichlet", alpha)
-    raise DataError(f"bad partition {text!r}: use 'iid' or 'dirichlet:ALPHA' with ALPHA > 0 (e.g. dirichlet:0.5)")
+    raise DataError(
+        f"bad partition {text!r}: use 'iid', 'by-source' or 'dirichlet:ALPHA' with ALPHA > 0 (e.g. dirichlet:0.5)"
+    )
 
 
 def partition(
@@ -348,6 +351,8 @@ def partition(
     rng = np.random.default_rng(seed)
     if spec.kind == "iid":
         return [np.sort(part).astype(np.int64) for part in np.array_split(rng.permutation(n), num_parts)]
+    if spec.kind == "by-source":
+        return _by_source(labels, num_parts)
     assert spec.alpha is not None
     for attempt in range(1, _MAX_PARTITION_ATTEMPTS + 1):
         parts = _dirichlet_once(labels, num_parts, spec.alpha, rng)
@@ -358,6 +363,16 @@ def partition(
         f"dirichlet:{spec.alpha:g} left a part with fewer than {min_size} samples in {_MAX_PARTITION_ATTEMPTS} "
         f"draws ({n} samples, {num_parts} parts): raise alpha, lower min_size or use fewer parts"
     )
+
+
+def _by_source(labels: np.ndarray, num_parts: int) -> list[np.ndarray]:
+    """Label l (a source: a novel, a device) goes whole to part l mod ``num_parts``."""
+    present = np.unique(labels)
+    if len(present) < num_parts:
+        raise DataError(f"by-source: {len(present)} sources cannot fill {num_parts} parts; use fewer parts or iid")
+    owner = {int(label): i % num_parts for i, label in enumerate(present)}
+    parts = np.array([owner[int(label)] for label in labels], dtype=np.int64)
+    return [np.flatnonzero(parts == i).astype(np.int64) for i in range(num_parts)]
 
 
 def _dirichlet_once(labels: np.ndarray, num_parts: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:

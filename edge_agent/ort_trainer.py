@@ -202,7 +202,8 @@ class OrtTrainer:
     @staticmethod
     def _outputs(outputs: Any, manifest: SegmentManifest) -> tuple[float, np.ndarray]:
         loss, logits = outputs[0], outputs[1]  # graph outputs: (loss, logits)
-        return float(loss), np.asarray(logits).reshape(len(logits), manifest.num_classes)
+        rows = (len(logits), *manifest.input_shape) if manifest.task == "causal-lm" else (len(logits),)
+        return float(loss), np.asarray(logits).reshape(*rows, manifest.num_classes)
 
     def _forward(self, session: _Session, xb: np.ndarray, yb: np.ndarray) -> tuple[float, np.ndarray]:
         """(loss, logits) of a batch; the module's mode is the caller's (eval: plain cross-entropy, alpha 0)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.data import Images, Inputs
-from edge_agent.protocol.manifest import ManifestError, SegmentManifest, read_manifest
+from edge_agent.protocol.manifest import IGNORE_INDEX, ManifestError, SegmentManifest, read_manifest
 from edge_agent.trainer import TrainerError
 
 
@@ -47,9 +47,31 @@ def open_manifest(directory: Path) -> SegmentManifest:
         raise TrainerError(str(exc)) from exc
 
 
+def check_tokens(manifest: SegmentManifest, x: Inputs, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A language model's batch: token ids int64 [N, T] in [0, vocab), next-token labels int64 [N, T]
+    in [0, vocab) or IGNORE_INDEX (no target, e.g. padding)."""
+    tokens, labels = np.asarray(x), np.asarray(y)
+    shape = (len(tokens), *manifest.input_shape)
+    if isinstance(x, Images) or not np.issubdtype(tokens.dtype, np.integer) or tokens.shape != shape:
+        raise TrainerError(f"tokens must be integers of shape [N, {manifest.input_shape[0]}], got {tokens.shape}")
+    if labels.shape != shape or not np.issubdtype(labels.dtype, np.integer):
+        raise TrainerError(f"labels must be integers of shape {shape}, got {labels.dtype} {labels.shape}")
+    if len(tokens) == 0:
+        raise TrainerError("no samples")
+    vocab = manifest.num_classes
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise TrainerError(f"token ids must lie in [0, {vocab})")
+    if np.any(((labels < 0) | (labels >= vocab)) & (labels != IGNORE_INDEX)):
+        raise TrainerError(f"labels must lie in [0, {vocab}) or be {IGNORE_INDEX}")
+    return np.ascontiguousarray(tokens, dtype=np.int64), np.ascontiguousarray(labels, dtype=np.int64)
+
+
 def check_data(manifest: SegmentManifest, x: Inputs, y: np.ndarray) -> tuple[Inputs, np.ndarray]:
     """Inputs as contiguous float32 [N, *input_shape] (or images converted per batch), labels as int64
-    [N] in [0, num_classes) (a split front has no classes: the coordinator's back checks its labels)."""
+    [N] in [0, num_classes) (a split front has no classes: the coordinator's back checks its labels).
+    A language model's bundle (task "causal-lm") takes token ids instead: :func:`check_tokens`."""
+    if manifest.task == "causal-lm":
+        return check_tokens(manifest, x, y)
     if not isinstance(x, Images):
         x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 1 + len(manifest.input_shape) or x.shape[1:] != manifest.input_shape:

@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_agent.data import Inputs
 from edge_agent.errors import EdgeAgentError
+from edge_agent.protocol.manifest import IGNORE_INDEX
 
 StepCallback = Callable[[int, int, float], None]
 """Called after each optimizer step with (step, total_steps, loss)."""
@@ -27,7 +28,8 @@ BatchStep = Callable[[int, np.ndarray], float]
 """One optimizer step: (step number from 0, the batch's sample indices) -> the batch's loss."""
 
 Forward = Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]
-"""(inputs, labels) of a batch -> (mean loss, logits [rows, num_classes]) in inference mode."""
+"""(inputs, labels) of a batch -> (mean loss, logits [rows, num_classes]; [rows, T, vocab] for a language
+model) in inference mode."""
 
 
 class TrainerError(EdgeAgentError):
@@ -57,8 +59,8 @@ class TrainStats:
 
 @dataclass(frozen=True)
 class EvalStats:
-    loss: float  # mean cross-entropy
-    accuracy: float  # fraction correct, 0..1
+    loss: float  # mean cross-entropy (per counted label: per token for a language model)
+    accuracy: float  # fraction of counted labels predicted right, 0..1
     samples: int
 
 
@@ -130,11 +132,18 @@ def run_steps(samples: int, spec: TrainSpec, step: BatchStep, on_step: StepCallb
 
 
 def run_eval(x: Inputs, y: np.ndarray, batch_size: int, forward: Forward) -> EvalStats:
-    """Mean loss and accuracy of ``forward`` over (x, y), in batches of ``batch_size`` rows."""
-    total_loss, correct, size = 0.0, 0, max(1, batch_size)
+    """Mean loss and accuracy of ``forward`` over (x, y), in batches of ``batch_size`` rows.
+
+    Labels [N] (classifier) or [N, T] (language model: every label but IGNORE_INDEX counts, and
+    the batch's mean loss is weighted by its counted labels)."""
+    total_loss, correct, counted, size = 0.0, 0, 0, max(1, batch_size)
     for start in range(0, len(x), size):
         xb, yb = x[start : start + size], y[start : start + size]
         loss, logits = forward(xb, yb)
-        total_loss += loss * len(xb)
-        correct += int(np.count_nonzero(np.argmax(logits, axis=1) == yb))
-    return EvalStats(loss=total_loss / len(x), accuracy=correct / len(x), samples=len(x))
+        mask = yb != IGNORE_INDEX
+        count = int(np.count_nonzero(mask))
+        total_loss += loss * count if count else 0.0
+        counted += count
+        correct += int(np.count_nonzero((np.argmax(logits, axis=-1) == yb) & mask))
+    counted = max(counted, 1)
+    return EvalStats(loss=total_loss / counted, accuracy=correct / counted, samples=len(x))

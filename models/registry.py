@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from models.cnn import CNN, CNNConfig
+from models.gpt import GPT, GPTConfig
 from models.mlp import MLP, MLPConfig
 from models.vgg import VGG, VGGConfig
 
@@ -19,7 +20,8 @@ class InputSpec:
     channels: int = 1  # image channels
     height: int = 28  # pixels
     width: int = 28  # pixels
-    num_classes: int = 10
+    num_classes: int = 10  # classes; for a language model the vocabulary size
+    seq_len: int = 0  # tokens per sample (language models only; 0 = not a token model)
 
 
 def _mlp(spec: InputSpec) -> nn.Module:
@@ -34,10 +36,17 @@ def _vgg11(spec: InputSpec) -> nn.Module:
     return VGG(VGGConfig(in_channels=spec.channels, image_size=spec.height, num_classes=spec.num_classes))
 
 
+def _gpt(spec: InputSpec) -> nn.Module:
+    if spec.seq_len < 1:
+        raise ValueError("the gpt model needs InputSpec.seq_len (tokens per sample)")
+    return GPT(GPTConfig(vocab_size=spec.num_classes, block_size=spec.seq_len))
+
+
 MODELS: dict[str, Callable[[InputSpec], nn.Module]] = {
     "mlp": _mlp,
     "cnn": _cnn,
     "vgg11": _vgg11,
+    "gpt": _gpt,
 }
 
 

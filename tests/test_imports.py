@@ -25,6 +25,7 @@ AGENT_FORBIDDEN = (
 PUBLIC_AGENT_API = (
     "edge_agent.protocol",  # the wire format and the bundle manifest
     "edge_agent.data",  # data sets and partitions: the coordinator loads and splits the same data
+    "edge_agent.textdata",  # the token data sets (NPZ) of language models: the coordinator writes them
     "edge_agent.link",  # the transport seam (Link, Clock) the services take
     "edge_agent.mqtt",  # the one paho adapter: the production Link
     "edge_agent.memlink",  # the in-memory broker and Link: tests and large simulations
@@ -38,6 +39,7 @@ TOOLS_REACHING_IN = {  # benchmarks of the agent itself: they drive its internal
     "tools/bench_backends.py": "times and measures the trainer backends directly",
     "tools/fakes.py": "fake trainers, model cache and jobs implementing the agent's internal interfaces",
     "tools/inmemory.py": "runs a whole fleet of AgentServices in-process over the in-memory broker",
+    "tools/lm_hops.py": "Snake hops of the GPT on Austen in-process with OrtTrainer (until trials take token data)",
 }
 
 

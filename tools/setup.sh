@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup of a fresh Debian/Ubuntu machine for snakelearn:
-#   system packages (mosquitto broker, Fashion-MNIST data set) and a venv in .venv
-#   with the coordinator, agent and dev extras. Re-running only does what is missing.
+#   system packages (mosquitto broker, Fashion-MNIST data set), Jane Austen's novels (unpacked, not installed)
+#   and a venv in .venv with the coordinator, agent and dev extras. Re-running only does what is missing.
 # Usage: bash tools/setup.sh [EXTRAS]   (default EXTRAS: coordinator,dev; venv path: $SNAKE_VENV or .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,25 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} with apt-get" >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# Jane Austen's novels for the language-model data set `austen`: the Debian package's files only (installing it
+# would pull in R), fetched now so nothing downloads at run time. coordinator/text/austen.py looks here.
+austen_dir=".data/janeaustenr"
+if [ ! -f "$austen_dir/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb" ] \
+   && [ ! -f /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  apt-cache policy r-cran-janeaustenr 2>/dev/null | grep -q "Candidate: [0-9]" || $sudo apt-get update -qq
+  deb_dir="$(mktemp -d)"
+  echo "setup: fetching r-cran-janeaustenr (apt-get download) into $austen_dir" >&2
+  (cd "$deb_dir" && apt-get download -qq r-cran-janeaustenr 2>&1 | grep -v "unsandboxed" >&2 || true)
+  deb="$(ls "$deb_dir"/r-cran-janeaustenr_*.deb 2>/dev/null | head -1 || true)"
+  if [ -n "$deb" ]; then
+    mkdir -p "$austen_dir" && dpkg -x "$deb" "$austen_dir"
+  else
+    echo "setup: WARNING: could not download r-cran-janeaustenr; the austen data set and its tests are unavailable" >&2
+  fi
+  rm -rf "$deb_dir"
 fi
 
 py="${PYTHON:-}"

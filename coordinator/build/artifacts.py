@@ -40,7 +40,9 @@ class SegmentArtifacts:
     trainable: tuple[str, ...]  # trainable parameter names, forward order
 
 
-def artifact_key(forward_onnx: bytes, trainable: Sequence[str], optimizer: str, kd: bool = False) -> str:
+def artifact_key(
+    forward_onnx: bytes, trainable: Sequence[str], optimizer: str, kd: bool = False, task: str = "classify"
+) -> str:
     """Cache key: sha256 of the forward ONNX bytes, the sorted trainable set, optimizer, format (and KD)."""
     digest = hashlib.sha256()
     digest.update(forward_onnx)
@@ -48,6 +50,8 @@ def artifact_key(forward_onnx: bytes, trainable: Sequence[str], optimizer: str, 
     digest.update(b"\0" + optimizer.encode() + b"\0" + str(FORMAT_VERSION).encode())
     if kd:  # non-KD keys stay as they were
         digest.update(b"\0kd")
+    if task != "classify":  # so do classifier keys
+        digest.update(b"\0task=" + task.encode())
     return digest.hexdigest()
 
 
@@ -84,6 +88,7 @@ def _generate(forward: ForwardModel, trainable: tuple[str, ...], optimizer: str,
             input_name=forward.input_name,
             logits_name=forward.output_name,
             kd=kd,
+            task=forward.task,
         )
 
     try:
@@ -110,7 +115,7 @@ def build_segment_artifacts(
     CE + knowledge distillation, alpha and T fed at run time (:mod:`coordinator.build.kd_loss`).
     """
     ordered = _check_request(forward, trainable, optimizer)
-    key = artifact_key(Path(forward.onnx_path).read_bytes(), ordered, optimizer, kd)
+    key = artifact_key(Path(forward.onnx_path).read_bytes(), ordered, optimizer, kd, forward.task)
     directory = Path(cache_dir) / key
     if (directory / MANIFEST_NAME).is_file():
         logger.debug("artifact cache hit %s", key[:12])

@@ -28,6 +28,7 @@ import onnx
 
 from coordinator.build.bundle import write_manifest
 from coordinator.build.kd_loss import ALPHA_NAME, TEACHER_NAME, TEMPERATURE_NAME, kd_loss_block
+from coordinator.build.lm_loss import lm_loss_block
 from coordinator.errors import CoordinatorError
 from edge_agent.optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
 from edge_agent.ort_training import training_module
@@ -296,6 +297,7 @@ def generate_segment(
     input_name: str = "input",
     logits_name: str = "logits",
     kd: bool = False,
+    task: str = "classify",
 ) -> SegmentManifest:
     """Generate the artifacts of the segment that trains ``trainable`` into the empty/new ``out_dir``.
 
@@ -305,7 +307,11 @@ def generate_segment(
     to those of each BatchNormalization whose scale or bias is trainable.
     ``kd``: the loss is CE + knowledge distillation, with the extra graph inputs teacher
     logits, alpha and temperature (:mod:`coordinator.build.kd_loss`); the manifest names them.
+    ``task``: "causal-lm" builds the next-token loss of :mod:`coordinator.build.lm_loss` (logits [N, T, V],
+    labels int64 [N, T], ignore_index -100) instead of the classifier's cross-entropy.
     """
+    if task == "causal-lm" and kd:
+        raise ArtifactError("knowledge distillation is not built for language models yet")
     model = onnx.load(forward_onnx)
     order = [init.name for init in float_initializers(model)]
     chosen, all_buffers, owned = _segment_names(model, order, trainable, buffers, segment_buffers, optimizer)
@@ -313,8 +319,9 @@ def generate_segment(
     out.mkdir(parents=True, exist_ok=True)
     classes = num_classes if num_classes is not None else _num_classes(model, logits_name)
     frozen = [name for name in order if name not in chosen]
+    loss = lm_loss_block() if task == "causal-lm" else None
     loss_name, logits_out = generate_checked(
-        model, chosen, frozen, out, optimizer, logits_name, order, classes if kd else None
+        model, chosen, frozen, out, optimizer, logits_name, order, classes if kd else None, loss
     )
     manifest = SegmentManifest(
         input_name=input_name,
@@ -330,6 +337,7 @@ def generate_segment(
         num_classes=classes,
         input_shape=_input_shape(model, input_name),
         kd_inputs=(TEACHER_NAME, ALPHA_NAME, TEMPERATURE_NAME) if kd else (),
+        task=task,
     )
     write_manifest(out, manifest)
     logger.info("generated %s artifacts for %d trainable tensors in %s", optimizer, len(chosen), out)

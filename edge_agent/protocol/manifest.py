@@ -17,6 +17,8 @@ MANIFEST_NAME = "manifest.json"
 PROBE_FILE = "probe_model.onnx"  # split fronts: the forward-only graph that computes the activations
 FORMAT_VERSION = 1
 OPTIMIZERS = ("adamw", "sgd")
+IGNORE_INDEX = -100  # causal-lm labels: a position with no next token (padding) counts for nothing
+TASKS = ("classify", "causal-lm")  # causal-lm: input int64 token ids [N, T], labels int64 [N, T], logits [N, T, V]
 KINDS = ("ort", "portable")  # ORT training artifacts, or graphs plain onnxruntime runs (see PortableTrainer)
 
 
@@ -52,6 +54,10 @@ class SegmentManifest:
     # front outputs (``logits_name``); ``label_name`` then names the input taking dL/d(activations) and
     # the loss is the surrogate sum(activations * gradient). See coordinator.build.split_artifacts.
     activation_shape: tuple[int, ...] = ()
+    # Language-model bundles only (absent otherwise): "causal-lm" means the input holds int64 token ids
+    # [N, T] (``input_shape`` = (T,)), the labels int64 next-token ids [N, T] (-100 = no target) and
+    # ``num_classes`` is the vocabulary size. See coordinator.build.lm_loss.
+    task: str = "classify"
 
     @property
     def split_front(self) -> bool:
@@ -77,6 +83,8 @@ class SegmentManifest:
             raise ManifestError("manifest buffers overlap the trainable set or miss segment buffers")
         if self.optimizer not in OPTIMIZERS:
             raise ManifestError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        if self.task not in TASKS:
+            raise ManifestError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
         if self.kd_inputs and len(self.kd_inputs) != 3:
             raise ManifestError("manifest kd_inputs names teacher logits, alpha and temperature")
         self._check_kind()
@@ -123,6 +131,8 @@ class SegmentManifest:
             data |= {"kd": True, "kd_inputs": list(self.kd_inputs)}
         if self.activation_shape:
             data["activation_shape"] = list(self.activation_shape)
+        if self.task != "classify":
+            data["task"] = self.task
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -151,6 +161,7 @@ class SegmentManifest:
                 buffer_outputs={str(k): str(v) for k, v in data.get("buffer_outputs", {}).items()},
                 kd_inputs=tuple(map(str, data.get("kd_inputs", []))) if data.get("kd", False) else (),
                 activation_shape=tuple(int(d) for d in data.get("activation_shape", [])),
+                task=str(data.get("task", "classify")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"malformed manifest: {exc!r}") from exc
