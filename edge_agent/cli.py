@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from edge_agent import profile
+from edge_agent.agent_file import AgentFileError, option_keys, read_agent_file
 from edge_agent.backends import installed
 from edge_agent.config import AgentConfig
-from edge_agent.exitcodes import exit_guard
+from edge_agent.exitcodes import ExitCode, exit_guard
 from edge_agent.protocol.topics import check_id
 
 log = logging.getLogger("edge_agent")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def setup_logging(level: str) -> None:
@@ -42,12 +46,51 @@ def _agent_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
         raise click.BadParameter(str(exc)) from None
 
 
+def _file_keys(command: click.Command) -> dict[str, str]:
+    """Config-file key -> parameter name, for every long option of ``command`` but ``--config``."""
+    names = {}
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name != "config":
+            long = next((opt for opt in param.opts if opt.startswith("--")), None)
+            if long is not None and param.name is not None:
+                names[long] = param.name
+    return option_keys(names)
+
+
+def _read_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """Eager: the file's settings become the command's defaults, so environment and flags override them."""
+    if value is None:
+        return None
+    keys = _file_keys(ctx.command)
+    try:
+        settings = read_agent_file(value, keys)
+    except AgentFileError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        ctx.exit(ExitCode.CONFIG)
+    ctx.default_map = {**(ctx.default_map or {}), **{keys[key]: v for key, v in settings.items()}}
+    return value
+
+
+def config_option(command: _F) -> _F:
+    """``--config FILE``: settings from a TOML file (keys: the long option names, ``_`` for ``-``)."""
+    return click.option(
+        "--config",
+        type=click.Path(path_type=Path, dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_read_config,
+        help="Agent config file (TOML; keys are the option names with _ for -). "
+        "Environment variables and flags override it.",
+    )(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Snake Learning edge agent: trains its assigned layers and passes the model on."""
 
 
 @main.command()
+@config_option
 @click.option(
     "--broker",
     envvar="SNAKE_BROKER",
@@ -63,7 +106,9 @@ def main() -> None:
 )
 @click.option("--data", "data_spec", required=True, help="Data set: fashion-mnist[:DIR], cifar10:DIR or npz:FILE.")
 @click.option(
-    "--partition", default=None, help="Take a share of the training set: iid, dirichlet:ALPHA or by-source (needs --part)."
+    "--partition",
+    default=None,
+    help="Take a share of the training set: iid, dirichlet:ALPHA or by-source (needs --part).",
 )
 @click.option("--part", default="0/1", show_default=True, help="Which share K of N shares, as K/N.")
 @click.option("--seed", default=0, show_default=True, help="Partition and shuffling seed (same on every agent).")
@@ -109,6 +154,14 @@ def main() -> None:
     default=30.0,
     show_default=True,
     help="Seconds to wait for the broker before giving up.",
+)
+@click.option("--username", envvar="SNAKE_MQTT_USERNAME", default=None, help="Broker user name when the URL has none.")
+@click.option(
+    "--password-file",
+    envvar="SNAKE_MQTT_PASSWORD_FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="File holding the broker password (mode 0600; env SNAKE_MQTT_PASSWORD_FILE). Or set $SNAKE_MQTT_PASSWORD.",
 )
 @click.option(
     "--log-level",

@@ -23,5 +23,7 @@ class AgentConfig:
     calibrate: bool = True  # measure GFLOP/s at start (edge_agent.calibrate) for the planner
     map_large_allocations: bool = True  # glibc: allocations >= 1 MiB get their own mapping (less peak memory)
     connect_timeout_s: float = 30.0  # give up if the broker does not answer
+    username: str | None = None  # broker user name when the URL has none
+    password_file: Path | None = None  # broker password, read at connect time (never kept in config or logs)
     tick_s: float = 1.0  # how often timers run
     progress_every_s: float = 1.0  # hop_progress rate limit

@@ -76,8 +76,11 @@ class BrokerUrl:
         return f"BrokerUrl({str(self)!r})"
 
 
-def parse_broker_url(text: str) -> BrokerUrl:
-    """Parse ``mqtt[s]://[user[:password]@]host[:port]``; the password may come from $SNAKE_MQTT_PASSWORD."""
+def parse_broker_url(text: str, username: str | None = None, password: str | None = None) -> BrokerUrl:
+    """Parse ``mqtt[s]://[user[:password]@]host[:port]``; the password may come from $SNAKE_MQTT_PASSWORD.
+
+    ``username``/``password`` (from a config file and a secret file) fill in what the URL leaves out; a URL
+    that names a different user is refused rather than silently overridden."""
     try:
         parts = urlsplit(text.strip())
         port = parts.port
@@ -91,8 +94,16 @@ def parse_broker_url(text: str) -> BrokerUrl:
         raise LinkError(f"bad broker URL {_redact(text)!r}: unexpected path or query after host:port")
     if port == 0:
         raise LinkError(f"bad broker URL {_redact(text)!r}: port 0")
-    username = unquote(parts.username) if parts.username is not None else None
-    password = unquote(parts.password) if parts.password is not None else None
+    url_user = unquote(parts.username) if parts.username is not None else None
+    if url_user is not None and username is not None and url_user != username:
+        raise LinkError(f"broker URL {_redact(text)!r} names user {url_user!r} but the config says {username!r}")
+    username = url_user if url_user is not None else username
+    if parts.password is not None:
+        password = unquote(parts.password)
+    if password is not None and username is None:
+        raise LinkError(
+            "a broker password was given but no user name: put it in the URL (mqtt://USER@host:port) or set username"
+        )
     if password is None and username is not None:
         password = os.environ.get(PASSWORD_ENV) or None
     return BrokerUrl(parts.hostname, port or _DEFAULT_PORTS[parts.scheme], parts.scheme == "mqtts", username, password)

@@ -20,6 +20,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from edge_agent import profile
 from edge_agent.actions import Counters, Effects, Gradient, ResendFull, SayBye, StoreArtifact, Train
 from edge_agent.agent import Agent
+from edge_agent.agent_file import read_secret
 from edge_agent.backends import BackendTrainers
 from edge_agent.bundle import ArtifactStore
 from edge_agent.calibrate import measure_gflops
@@ -30,7 +31,7 @@ from edge_agent.hop import GradientChannel, HopRunner, Running, Trainers, settle
 from edge_agent.link import Clock, Link, SystemClock
 from edge_agent.localdata import LocalData
 from edge_agent.model_cache import ModelCache
-from edge_agent.mqtt import MqttLink, parse_broker_url
+from edge_agent.mqtt import BrokerUrl, MqttLink, parse_broker_url
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, encode
 from edge_agent.protocol.kinds import MessageType
@@ -45,12 +46,18 @@ def status_payload(agent_id: str, state: str, now: float) -> bytes:
     return encode(env)
 
 
+def broker_url(config: AgentConfig) -> BrokerUrl:
+    """The broker's address and credentials: URL, then the config's user name and password file."""
+    password = read_secret(config.password_file) if config.password_file is not None else None
+    return parse_broker_url(config.broker, username=config.username, password=password)
+
+
 def mqtt_link(config: AgentConfig) -> MqttLink:
     """The production link: a persistent MQTT session (what is sent to the agent while the broker restarts or
     the link is down waits for it) with an ``offline`` last will and an ``online`` status on every connect."""
     status = topics.agent_status(config.agent_id)
     return MqttLink(
-        parse_broker_url(config.broker),
+        broker_url(config),
         client_id=f"snake-agent-{config.agent_id}",
         subscriptions=[topics.agent_inbox(config.agent_id)],
         will=(status, status_payload(config.agent_id, "offline", time.time()), True),
@@ -245,5 +252,5 @@ class AgentService:
 def describe(config: AgentConfig) -> str:
     """The config as JSON, broker password redacted."""
     data = {k: str(v) for k, v in config.__dict__.items()}
-    data["broker"] = str(parse_broker_url(config.broker))
+    data["broker"] = str(parse_broker_url(config.broker, username=config.username))
     return json.dumps(data, indent=2)
