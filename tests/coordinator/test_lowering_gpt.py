@@ -19,8 +19,10 @@ from coordinator.build.artifacts import build_segment_artifacts  # noqa: E402
 from coordinator.build.lowering import TRAIN_GRAPH, unportable  # noqa: E402
 from coordinator.build.portable_artifacts import build_portable_artifacts  # noqa: E402
 from coordinator.export import ForwardModel  # noqa: E402
+from edge_agent.backends import make_trainer  # noqa: E402
 from edge_agent.ort_trainer import OrtTrainer  # noqa: E402
 from edge_agent.portable_trainer import PortableTrainer  # noqa: E402
+from edge_agent.protocol.codec import decode_tensors, encode_tensors  # noqa: E402
 from edge_agent.protocol.manifest import IGNORE_INDEX  # noqa: E402
 from edge_agent.trainer import Trainer, TrainSpec  # noqa: E402
 from tests.coordinator.gpt_tiny import export_tiny_gpt, token_batch  # noqa: E402
@@ -85,3 +87,30 @@ def test_bundle_is_standard_onnx_and_evaluates_like_ort(forward: ForwardModel, a
     assert stats[0].accuracy == stats[1].accuracy and stats[0].samples == stats[1].samples == 10
     assert abs(stats[0].loss - stats[1].loss) < 1e-5, stats
     assert np.count_nonzero(labels == IGNORE_INDEX) > 0  # the batch had padding to ignore
+
+
+CHAIN = (("embed", "blocks.0"), ("blocks.1", "head"), ("embed", "blocks.0"))  # consecutive hops, into round 2
+
+
+def _chain(forward: ForwardModel, cache: Path, backends: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Hop by hop over consecutive segments, each on its backend, weights handed on as wire bytes."""
+    builders = {"ort": build_segment_artifacts, "portable": build_portable_artifacts}
+    weights = dict(forward.tensors)
+    for hop, (groups, backend) in enumerate(zip(CHAIN, backends, strict=True)):
+        trainer = make_trainer(backend, threads=2)
+        trainer.open(builders[backend](forward, forward.params_of(groups), cache, optimizer="sgd").directory)
+        trainer.set_weights(weights)
+        trainer.train(*token_batch(forward, 8, seed=hop), TrainSpec(batch_size=4, lr=0.1, seed=hop))
+        weights = decode_tensors(encode_tensors(trainer.get_weights()))  # what the next agent receives
+    return weights
+
+
+@pytest.mark.parametrize("backends", [("ort", "portable", "ort"), ("portable", "ort", "portable")])
+def test_a_mixed_fleet_chain_lands_where_an_ort_only_chain_lands(
+    forward: ForwardModel, artifact_cache: Path, backends: tuple[str, ...]
+) -> None:
+    mixed = _chain(forward, artifact_cache, backends)
+    reference = _chain(forward, artifact_cache, ("ort",) * len(CHAIN))
+    worst = max(float(np.abs(mixed[n] - reference[n]).max()) for n in forward.order)
+    moved = max(float(np.abs(mixed[n] - forward.tensors[n]).max()) for n in forward.order)
+    assert worst < SGD_TOLERANCE and moved > 1e-3, (worst, moved)
