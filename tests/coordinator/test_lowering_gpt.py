@@ -74,7 +74,7 @@ def test_bundle_is_standard_onnx_and_evaluates_like_ort(forward: ForwardModel, a
     portable = build_portable_artifacts(forward, trainable, artifact_cache)
     graph = onnx.load(portable.directory / TRAIN_GRAPH).graph
     assert not unportable(graph.node)
-    assert {"Pad", "ScatterElements"} <= {n.op_type for n in graph.node}  # SliceGrad, GatherGrad lowered
+    assert {"Pad", "ScatterND"} <= {n.op_type for n in graph.node}  # SliceGrad, GatherGrad lowered
     tokens, labels = token_batch(forward, 10, seed=3)
     stats = []
     for trainer, built in (

@@ -92,13 +92,18 @@ def _strided_slice_grad(b: Builder, node: onnx.NodeProto) -> None:
 def gather_grad(b: Builder, node: onnx.NodeProto) -> None:
     """GatherGrad(shape, indices, dY) -> dX: zeros of ``shape``, dY's slices added at ``indices`` along ``axis``.
 
-    Works on [prefix, dim, suffix] views: dY as [prefix, len(indices), suffix], the indices broadcast
-    to it, one ScatterElements with reduction "add" (repeated indices sum, as in ORT's kernel).
+    Axis 0 (an embedding): one ScatterND with reduction "add" (repeated indices sum, as in ORT's kernel).
+    Other axes work on [prefix, dim, suffix] views: dY as [prefix, len(indices), suffix], the indices
+    broadcast to it, one ScatterElements with reduction "add".
     """
     if b.opset < 16:
         raise LoweringError(f"GatherGrad needs opset >= 16 (ScatterElements with reduction), the graph has {b.opset}")
     shape, indices, dy = node.input[:3]
     axis = int(attr(node, "axis", 0))
+    if axis == 0:  # an embedding: dY's rows go to the indexed rows, without broadcasting the indices
+        rows = b.op("Unsqueeze", [indices, b.const([-1])])
+        b.op("ScatterND", [_zeros_like_type(b, dy, shape), rows, dy], node.output[0], reduction="add")
+        return
     after = axis + 1 if axis != -1 else _END  # first dim after the axis (none after the last one)
     prefix = _product(b, b.op("Slice", [shape, b.const([0]), b.const([axis])]))  # Slice end -1 = rank - 1
     dim = b.op("Slice", [shape, b.const([axis]), b.const([after])])
