@@ -14,7 +14,7 @@ from coordinator.build.portable_artifacts import build_portable_artifacts
 from coordinator.config import TrialConfig
 from coordinator.costs import profile_groups
 from coordinator.errors import ConfigError
-from coordinator.export import TASK_CAUSAL_LM, TASK_CLASSIFY, ForwardModel, export_forward, export_front
+from coordinator.export import TASK_CAUSAL_LM, ForwardModel, export_forward, export_front
 from coordinator.plan import AgentProfile, GroupInfo, Plan, Segment
 from coordinator.reroute import reroute
 from coordinator.scheduler import fedavg_plan, snake_plan, split_plan
@@ -74,9 +74,7 @@ class Prepared:
             return
         for seg in plan.segments:  # both kinds: which one an agent gets depends on the backend its hello names
             self.artifacts[seg.index, "ort"] = build_segment_artifacts(self.forward, seg.params, cache, opt, kd)
-            if self.forward.task == TASK_CLASSIFY:  # language models: no lowering rules yet (SliceGrad, ...)
-                portable = build_portable_artifacts(self.forward, seg.params, cache, opt, kd)
-                self.artifacts[seg.index, "portable"] = portable
+            self.artifacts[seg.index, "portable"] = build_portable_artifacts(self.forward, seg.params, cache, opt, kd)
             log.info("segment %d (%s): bundle %s, %d bytes", seg.index, ", ".join(seg.groups),
                      self.artifacts[seg.index, "ort"].sha256[:12], len(self.artifacts[seg.index, "ort"].blob))  # fmt: skip
 

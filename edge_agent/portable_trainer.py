@@ -161,9 +161,12 @@ class PortableTrainer:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _forward(self, tensors: Mapping[str, np.ndarray], xb: np.ndarray, yb: np.ndarray) -> tuple[float, np.ndarray]:
-        """(loss, logits) of a batch from the eval graph (BatchNorm in inference mode, plain cross-entropy)."""
+        """(loss, logits) of a batch from the eval graph (BatchNorm in inference mode, plain cross-entropy);
+        logits [N, classes], or [N, T, vocab] for a language model."""
         loss, logits = self._eval_graph().run(self._feeds(tensors, xb, yb))
-        return float(loss), np.asarray(logits).reshape(len(xb), self.manifest.num_classes)
+        manifest = self.manifest
+        rows = (len(xb), *manifest.input_shape) if manifest.task == "causal-lm" else (len(xb),)
+        return float(loss), np.asarray(logits).reshape(*rows, manifest.num_classes)
 
     def _step(
         self,

@@ -222,4 +222,5 @@ def all_cases() -> list[OpCase]:
     _rng = np.random.default_rng(SEED)  # the same inputs on every call
     factories = (activation_cases, dropout_cases, batchnorm_cases, layernorm_cases)
     factories += (more.conv_cases, more.maxpool_cases, more.loss_cases, more.bookkeeping_cases)
+    factories += (more.slice_cases, more.gather_cases)
     return [case for factory in factories for case in factory()]

@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx
 
 from tests.coordinator.lowering_cases import BOOL, FLOAT, INT64, OpCase, _f, _node, original_model, rng, run
+
+END = int(np.iinfo(np.int64).max)
 
 
 def _conv_out(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
@@ -131,4 +134,64 @@ def bookkeeping_cases() -> list[OpCase]:
         cases.append(
             OpCase(f"Scale_down{down}", (_node("Scale", ["x", "s"], ["y"], scale_down=down),), inputs, (("y", FLOAT),))
         )
+    return cases
+
+
+def _ints(*values: int) -> np.ndarray:
+    return np.array(values, np.int64)
+
+
+def slice_cases() -> list[OpCase]:
+    specs: list[tuple[str, tuple[int, ...], tuple[slice, ...], list[int] | None, list[int] | None, bool]] = [
+        # label, input shape, the slice as numpy sees it, starts/ends/axes/steps, steps a graph constant
+        ("qkv_last_axis", (2, 5, 12), (..., slice(4, 8)), [-1], [1], True),
+        ("positions", (16, 8), (slice(0, 10),), [0], [1], True),
+        ("two_axes_negative", (4, 6, 5), (slice(-3, None), slice(None), slice(1, -1)), [0, 2], None, False),
+        ("no_axes_clamped", (6, 4), (slice(1, 5), slice(0, 100)), None, None, False),
+        ("empty", (3, 4), (slice(None), slice(3, 1)), [1], [1], True),
+        ("strided", (7, 6), (slice(0, 7, 2), slice(1, 6, 3)), [0, 1], [2, 3], False),
+    ]
+    bounds = {  # starts, ends of each spec (numpy's None as the ONNX end of the axis)
+        "qkv_last_axis": ([4], [8]),
+        "positions": ([0], [10]),
+        "two_axes_negative": ([-3, 1], [END, -1]),
+        "no_axes_clamped": ([1, 0], [5, 100]),
+        "empty": ([3], [1]),
+        "strided": ([0, 1], [7, 6]),
+    }
+    cases = []
+    for label, shape, index, axes, steps, constant_steps in specs:
+        starts, ends = bounds[label]
+        out_shape = np.zeros(shape)[index].shape
+        inputs = {"dY": _f(*out_shape), "shape": _ints(*shape), "starts": _ints(*starts), "ends": _ints(*ends)}
+        names, nodes = ["dY", "shape", "starts", "ends"], []
+        if axes is not None:
+            inputs["axes"] = _ints(*axes)
+            names.append("axes")
+        if steps is not None and constant_steps:
+            value = onnx.numpy_helper.from_array(_ints(*steps), "steps_value")
+            nodes.append(_node("Constant", [], ["steps"], domain="", value=value))
+            names.append("steps")
+        elif steps is not None:
+            inputs["steps"] = _ints(*steps)
+            names.append("steps")
+        nodes.append(_node("SliceGrad", names, ["dX"]))
+        cases.append(OpCase(f"SliceGrad_{label}", tuple(nodes), inputs, (("dX", FLOAT),)))
+    return cases
+
+
+def gather_cases() -> list[OpCase]:
+    specs: list[tuple[str, tuple[int, ...], np.ndarray, int]] = [  # label, input shape, indices, axis
+        ("embedding", (10, 6), rng().integers(0, 10, (3, 5)), 0),  # repeated tokens: their rows sum
+        ("axis1", (4, 7, 3), _ints(1, 6, 1, 0, 6), 1),
+        ("last_axis", (3, 8), _ints(2, 7, 2, 5).reshape(2, 2), -1),
+        ("scalar_index", (5, 4), np.array(2, np.int64), 0),
+    ]
+    cases = []
+    for label, shape, indices, axis in specs:
+        indices = np.asarray(indices, np.int64)
+        out_shape = np.take(np.zeros(shape), indices, axis=axis).shape
+        inputs = {"shape": _ints(*shape), "indices": indices, "dY": _f(*out_shape)}
+        node = _node("GatherGrad", ["shape", "indices", "dY"], ["dX"], axis=axis)
+        cases.append(OpCase(f"GatherGrad_{label}", (node,), inputs, (("dX", FLOAT),)))
     return cases

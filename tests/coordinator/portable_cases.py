@@ -59,10 +59,13 @@ def export_models(out: Path) -> Callable[[str], ForwardModel]:
     from models import InputSpec, build_model
     from models.vgg import VGG, VGGConfig
     from tests.coordinator.conftest import _nontrivial_batchnorm
+    from tests.coordinator.gpt_tiny import export_tiny_gpt
 
     cache: dict[str, ForwardModel] = {}
 
     def get(name: str) -> ForwardModel:
+        if name == "gpt_tiny" and name not in cache:  # a causal LM: no BatchNorm, its own input shape
+            cache[name] = export_tiny_gpt(out / f"export-{name}")
         if name not in cache:
             torch.manual_seed(0)
             if name == "vgg_dropout":  # a small VGG with dropout 0.5 in its classifier
@@ -74,6 +77,18 @@ def export_models(out: Path) -> Callable[[str], ForwardModel]:
         return cache[name]
 
     return get
+
+
+def _samples(forward: ForwardModel, samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random inputs and labels: images and classes, or token ids and next-token labels for a language model."""
+    from coordinator.export import TASK_CAUSAL_LM
+    from tests.coordinator.gpt_tiny import token_batch
+
+    if forward.task == TASK_CAUSAL_LM:
+        return token_batch(forward, samples, seed)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((samples, *forward.input_shape)).astype(np.float32)
+    return x, rng.integers(0, forward.num_classes, samples).astype(np.int64)
 
 
 def write_segments(out: Path, forward_of: Callable[[str], ForwardModel], cache: Path) -> int:
@@ -90,9 +105,7 @@ def write_segments(out: Path, forward_of: Callable[[str], ForwardModel], cache: 
         folder.mkdir(parents=True, exist_ok=True)
         portable = build_portable_artifacts(forward, trainable, cache, optimizer=optimizer)
         shutil.copytree(portable.directory, folder / "bundle")
-        rng = np.random.default_rng(len(name))
-        x = rng.standard_normal((samples, *forward.input_shape)).astype(np.float32)
-        y = rng.integers(0, forward.num_classes, samples).astype(np.int64)
+        x, y = _samples(forward, samples, seed=len(name))
         spec = TrainSpec(epochs=epochs, batch_size=batch, lr=lr, seed=3)
         trainer = OrtTrainer(threads=2)
         trainer.open(build_segment_artifacts(forward, trainable, cache, optimizer=optimizer).directory)

@@ -64,3 +64,13 @@ def test_maxpool_grad_without_a_declared_shape_reads_the_pooled_input_shape(case
     model = lowered_model(undeclared, expected)
     assert [n for n in model.graph.node if n.op_type == "Shape" and "X" in n.input]
     np.testing.assert_allclose(run(model, case)[0], expected[0], rtol=case.rtol, atol=case.atol)
+
+
+def test_slice_grad_pads_with_unit_steps_and_scatters_otherwise() -> None:
+    # a Pad allocates only dX; the scatter form also builds int64 positions of the whole input
+    def ops(name: str) -> set[str]:
+        case = next(case for case in CASES if case.name == name)
+        return {node.op_type for node in lowered_model(case, run(original_model(case), case)).graph.node}
+
+    assert "Pad" in ops("SliceGrad_qkv_last_axis") and "Range" not in ops("SliceGrad_qkv_last_axis")
+    assert "Pad" not in ops("SliceGrad_strided") and "ScatterElements" in ops("SliceGrad_strided")

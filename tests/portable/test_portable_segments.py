@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.portable_trainer import PortableTrainer
 from edge_agent.trainer import TrainSpec
-from tests.portable.layout import ADAMW_TOLERANCE, SEGMENT_CASES, SGD_TOLERANCE
+from tests.portable.layout import ADAMW_MIN_OUTLIERS, ADAMW_TOLERANCE, SEGMENT_CASES, SGD_TOLERANCE
 
 pytestmark = pytest.mark.portable
 
@@ -36,7 +36,8 @@ def test_training_matches_ort(portable_cases: Path, name: str) -> None:
             np.testing.assert_array_equal(after[n], weights[n], err_msg=n)  # frozen: bit-identical
     diffs = np.concatenate([np.abs(after[n] - expected[n]).ravel() for n in changed])
     if SEGMENT_CASES[name][4] == "adamw":
-        assert np.count_nonzero(diffs > ADAMW_TOLERANCE) <= 1e-4 * diffs.size, np.sort(diffs)[-5:]
+        outliers = max(1e-4 * diffs.size, ADAMW_MIN_OUTLIERS)
+        assert np.count_nonzero(diffs > ADAMW_TOLERANCE) <= outliers, np.sort(diffs)[-5:]
         assert diffs.max() <= 3 * spec.lr
     else:
         assert diffs.max() < SGD_TOLERANCE, diffs.max()

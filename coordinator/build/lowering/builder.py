@@ -56,6 +56,7 @@ class Builder:
         self._taken: set[str] = set()
         self.producers: dict[str, onnx.NodeProto] = {}
         self.shapes: dict[str, tuple[int | None, ...]] = {}
+        self._values: dict[str, onnx.TensorProto] = {}  # initializers and Constant node values
         self.uses_ms_domain = False
         if source is not None:
             self._index(source)
@@ -67,7 +68,10 @@ class Builder:
             for name in node.output:
                 if name:
                     self.producers[name] = node
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and attr(node, "value") is not None:
+                self._values[node.output[0]] = attr(node, "value")
         for init in graph.initializer:
+            self._values[init.name] = init
             self._taken.add(init.name)
             self.shapes[init.name] = tuple(int(d) for d in init.dims)
         for info in [*graph.input, *graph.output, *graph.value_info]:
@@ -75,6 +79,11 @@ class Builder:
             if info.type.tensor_type.HasField("shape"):
                 dims = info.type.tensor_type.shape.dim
                 self.shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of a source-graph initializer or Constant output, None if it is computed at run time."""
+        value = self._values.get(name)
+        return None if value is None else numpy_helper.to_array(value)
 
     def fresh(self, hint: str) -> str:
         """A tensor name used nowhere in the source graph or by earlier lowered nodes."""
@@ -101,8 +110,14 @@ class Builder:
         return list(outputs)
 
     def const(self, value: Any, dtype: type | np.dtype[Any] = np.int64) -> str:
-        """An initializer holding ``value`` (deduplicated by dtype, shape and bytes)."""
-        array = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+        """An initializer holding ``value`` (deduplicated by dtype, shape and bytes); scalars become [1]."""
+        return self._initializer(np.ascontiguousarray(np.asarray(value, dtype=dtype)))
+
+    def int_scalar(self, value: int) -> str:
+        """A 0-d int64 initializer (for operators that want true scalars, e.g. Range)."""
+        return self._initializer(np.array(value, dtype=np.int64))
+
+    def _initializer(self, array: np.ndarray) -> str:
         key = (array.dtype.str, array.tobytes(), array.shape)
         if key not in self._consts:
             name = self.fresh("const")

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 import onnx
 
-from coordinator.build.lowering import ops_activation, ops_conv, ops_misc, ops_norm
+from coordinator.build.lowering import ops_activation, ops_conv, ops_index, ops_misc, ops_norm
 from coordinator.build.lowering.builder import MS_DOMAIN, Builder, LoweringError, attr
 
 Rule = Callable[[Builder, onnx.NodeProto], None]
@@ -30,6 +30,8 @@ RULES: dict[str, Rule] = {
     "LayerNormalizationGrad": ops_norm.layernorm_grad,
     "ConvGrad": ops_conv.conv_grad,
     "MaxPoolGrad": ops_conv.maxpool_grad,
+    "SliceGrad": ops_index.slice_grad,
+    "GatherGrad": ops_index.gather_grad,
     "SoftmaxCrossEntropyLossGrad": ops_misc.softmax_cross_entropy_loss_grad,
     "ConcatTraining": ops_misc.concat_training,
     "SplitTraining": ops_misc.split_training,
