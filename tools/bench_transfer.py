@@ -98,24 +98,25 @@ def make_payload(size: int) -> bytes:
 # ------------------------------------------------------------------ mqtt ends (child processes)
 
 
-def _link(url: str, client_id: str, inbox: str) -> Any:
+def _link(url: str, client_id: str, inbox: str, buffer_bytes: int | None) -> Any:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format=f"{client_id} %(levelname)s %(name)s: %(message)s")
-    from edge_agent.mqtt import MqttLink, parse_broker_url
+    from edge_agent.mqtt import INBOX_BYTES, WINDOW_BYTES, MqttLink, parse_broker_url
 
-    link = MqttLink(parse_broker_url(url), client_id, [inbox], clean_session=True)
+    link = MqttLink(parse_broker_url(url), client_id, [inbox], clean_session=True,
+                    window_bytes=buffer_bytes or WINDOW_BYTES, inbox_bytes=buffer_bytes or INBOX_BYTES)  # fmt: skip
     link.start(timeout=10.0)
     return link
 
 
-def mqtt_receiver(conn: Connection, url: str, timeout_s: float) -> None:
+def mqtt_receiver(conn: Connection, url: str, timeout_s: float, buffer_bytes: int | None = None) -> None:
     from edge_agent.protocol import topics
     from edge_agent.protocol.envelope import decode
     from edge_agent.protocol.kinds import MessageType
     from edge_agent.protocol.transfer import Reassembler
 
-    link = _link(url, RECEIVER, topics.inbox(RECEIVER))
+    link = _link(url, RECEIVER, topics.inbox(RECEIVER), buffer_bytes)
     mem, reasm = Memory(), Reassembler(RECEIVER)
     mem.start()
     conn.send(("ready", None))
@@ -150,14 +151,16 @@ def mqtt_receiver(conn: Connection, url: str, timeout_s: float) -> None:
     conn.send(("done", {**(result or {"error": "timed out"}), **mem.finish()}))
 
 
-def mqtt_sender(conn: Connection, url: str, size: int, chunk_bytes: int, timeout_s: float) -> None:
+def mqtt_sender(
+    conn: Connection, url: str, size: int, chunk_bytes: int, timeout_s: float, buffer_bytes: int | None = None
+) -> None:
     from edge_agent.protocol import topics
     from edge_agent.protocol.envelope import decode
     from edge_agent.protocol.kinds import MessageType, Purpose
     from edge_agent.protocol.messages import TransferAck, TransferNack, body_of
     from edge_agent.protocol.transfer import Outbox
 
-    link = _link(url, SENDER, topics.inbox(SENDER))
+    link = _link(url, SENDER, topics.inbox(SENDER), buffer_bytes)
     mem, outbox = Memory(), Outbox(SENDER)
     mem.start()
     mem.phase = "payload"
@@ -258,13 +261,15 @@ def _expect(conn: Connection, kind: str, timeout_s: float) -> Any:
     return value
 
 
-def run_once(transport: str, size: int, chunk_bytes: int, url: str, timeout_s: float) -> dict[str, Any]:
+def run_once(
+    transport: str, size: int, chunk_bytes: int, url: str, timeout_s: float, buffer_bytes: int | None = None
+) -> dict[str, Any]:
     """One transfer between two fresh processes; the sender's and the receiver's reports."""
     ctx = mp.get_context("spawn")
     if transport == "mqtt":
-        rx, rx_conn = _spawn(ctx, mqtt_receiver, url, timeout_s)
+        rx, rx_conn = _spawn(ctx, mqtt_receiver, url, timeout_s, buffer_bytes)
         _expect(rx_conn, "ready", 60)
-        tx, tx_conn = _spawn(ctx, mqtt_sender, url, size, chunk_bytes, timeout_s)
+        tx, tx_conn = _spawn(ctx, mqtt_sender, url, size, chunk_bytes, timeout_s, buffer_bytes)
     else:
         verify = transport == "raw-sha"
         rx, rx_conn = _spawn(ctx, raw_receiver, size, verify, timeout_s)
