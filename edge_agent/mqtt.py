@@ -14,7 +14,8 @@ Both directions hold a bounded amount of a large transfer (flow control, not a p
 
 Both waits are short (``FLOW_WAIT_S``, then the message goes through anyway), neither happens while
 the other is under way (a service that publishes and consumes in one thread cannot lock itself up),
-and paho's thread never waits for its own PUBACKs. mosquitto 2.0.11's ``max_inflight_messages`` was
+and paho's thread never waits for its own PUBACKs. While the broker is away a publish does not wait
+(paho queues it, as before: a transfer begun during an outage is held whole until the reconnect). mosquitto 2.0.11's ``max_inflight_messages`` was
 measured not to bound a consumer that acknowledges as it goes (54 frames of 1 MiB queued with the
 default 20), hence the wait on our side.
 
@@ -286,7 +287,7 @@ class MqttLink:
             return  # paho's thread (a birth message on connect) must never wait for its own PUBACKs
         deadline = time.monotonic() + FLOW_WAIT_S
         with self._acks:
-            while self._unacked and self._unacked + size > self._window and not self._rx_waiting:
+            while self._unacked + size > self._window and self._unacked and not self._rx_waiting and self.connected:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     logger.debug("link %s: %d B await PUBACKs; queueing more anyway", self.client_id, self._unacked)
@@ -392,6 +393,8 @@ class MqttLink:
         self._subacked.set()
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        with self._acks:
+            self._acks.notify_all()  # a publish waiting for room stops waiting: PUBACKs come after a reconnect
         if reason.is_failure:
             if self._lost_at is None:
                 self._lost_at = time.monotonic()

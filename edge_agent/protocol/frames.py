@@ -26,6 +26,11 @@ class Outgoing:
     payload: bytes
     retain: bool = False
 
+    @property
+    def size(self) -> int:
+        """``len(payload)``, without making a frame's payload."""
+        return len(self.payload)
+
 
 class Frame(Outgoing):
     """A chunk frame of a pending transfer, encoded each time its ``payload`` is read (not kept)."""
@@ -40,6 +45,10 @@ class Frame(Outgoing):
     @property  # a field on Outgoing, computed here
     def payload(self) -> bytes:
         return self.transfer.frame(self.seq)
+
+    @property
+    def size(self) -> int:
+        return self.transfer.frame_size(self.seq)
 
 
 @dataclass
