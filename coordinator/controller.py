@@ -179,7 +179,7 @@ class Controller:
         step = Step(self.inbound.tick(now))
         resend, failed = self.outbox.tick(now)
         step.out.extend(resend)
-        self.bytes_retransmitted += sum(len(o.payload) for o in resend)
+        self.bytes_retransmitted += sum(o.size for o in resend)
         for p in failed:
             reason = f"{p.dst} never acknowledged {p.purpose} transfer {p.transfer_id}"
             if p.dst in self.lost:
@@ -289,7 +289,7 @@ class Controller:
         return self._counted(Step(out)).out
 
     def _counted(self, step: Step) -> Step:
-        self.bytes_sent += sum(len(o.payload) for o in step.out)
+        self.bytes_sent += sum(o.size for o in step.out)
         return step
 
     # -- dispatch -----------------------------------------------------------------------------
@@ -516,7 +516,7 @@ class Controller:
 
     def _on_nack(self, env: Envelope, now: float) -> Step:
         out = self.outbox.on_nack(body_of(TransferNack, env.body), now)
-        self.bytes_retransmitted += sum(len(o.payload) for o in out)
+        self.bytes_retransmitted += sum(o.size for o in out)
         return Step(out)
 
     def _on_ack(self, env: Envelope, now: float) -> Step:

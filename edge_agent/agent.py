@@ -123,7 +123,7 @@ class Agent:
             fx.out.append(self._send(COORD, MessageType.HEARTBEAT, to_body(Heartbeat(self.busy)), now))
         resend, failed = self.outbox.tick(now)
         fx.out.extend(resend)
-        self.retransmitted += sum(len(o.payload) for o in resend)
+        self.retransmitted += sum(o.size for o in resend)
         for p in failed:
             log.warning(
                 "could not deliver %s transfer %s to %s; keeping it and telling the coordinator",
@@ -317,7 +317,7 @@ class Agent:
 
     def _on_nack(self, env: Envelope, now: float) -> Effects:
         out = self.outbox.on_nack(body_of(TransferNack, env.body), now)
-        self.retransmitted += sum(len(o.payload) for o in out)
+        self.retransmitted += sum(o.size for o in out)
         return Effects(out)
 
     def _on_model_request(self, env: Envelope, now: float) -> Effects:

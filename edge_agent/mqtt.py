@@ -1,9 +1,23 @@
 """The one paho-mqtt adapter: a threaded MQTT 3.1.1 ``Link`` (edge_agent.link) with a receive queue.
 
 paho's network thread only enqueues (callbacks never do work, never raise into the loop), so a slow
-consumer cannot stall keepalive. Publishes are QoS 1 and never block the caller: paho queues them
-(unbounded) and sends at most ``MAX_INFLIGHT`` at a time; ``wait_published`` waits for the PUBACKs.
-Subscriptions are (re)made on every CONNACK, so reconnects keep them.
+consumer cannot stall keepalive. Publishes are QoS 1: paho queues them and sends at most
+``MAX_INFLIGHT`` at a time; ``wait_published`` waits for the PUBACKs. Subscriptions are (re)made on
+every CONNACK, so reconnects keep them.
+
+Both directions hold a bounded amount of a large transfer (flow control, not a protocol change):
+
+- a publish waits while ``window_bytes`` of earlier publishes await their PUBACK, so frames encoded on
+  demand (``protocol.transfer.Frame``) are made as fast as the broker takes them;
+- paho's thread waits before it queues a message while ``inbox_bytes`` wait for the consumer, so it
+  stops reading the socket and TCP holds the rest back to the broker, which queues it.
+
+Both waits are short (``FLOW_WAIT_S``, then the message goes through anyway), neither happens while
+the other is under way (a service that publishes and consumes in one thread cannot lock itself up),
+and paho's thread never waits for its own PUBACKs. While the broker is away a publish does not wait
+(paho queues it, as before: a transfer begun during an outage is held whole until the reconnect). mosquitto 2.0.11's ``max_inflight_messages`` was
+measured not to bound a consumer that acknowledges as it goes (54 frames of 1 MiB queued with the
+default 20), hence the wait on our side.
 
 A lost broker is never fatal once started: paho reconnects with backoff (``RECONNECT_MIN_S`` doubling
 up to ``RECONNECT_MAX_S``, for as long as it takes), each failed attempt is logged at WARNING with its
@@ -37,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 PASSWORD_ENV = "SNAKE_MQTT_PASSWORD"
 MAX_INFLIGHT = 8  # paho copies a message into a packet only when it goes in flight: this bounds the copies
+WINDOW_BYTES = 16 << 20  # a publish waits while this much awaits PUBACKs (the sender's bounded buffer)
+INBOX_BYTES = 16 << 20  # paho's thread waits while this much waits for the consumer (the receiver's)
+FLOW_WAIT_S = 2.0  # the longest either waits at once (a broker that is away, a consumer that is stuck)
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 RECONNECT_MIN_S = 1  # paho's backoff: the first retry after this, doubling up to RECONNECT_MAX_S
 RECONNECT_MAX_S = 8  # a broker that is back is found within this (paho never stops retrying)
@@ -131,6 +148,8 @@ class MqttLink:
         forget_session_on_stop: bool = False,
         keepalive: int = 30,
         max_queue: int = 10000,
+        window_bytes: int = WINDOW_BYTES,
+        inbox_bytes: int = INBOX_BYTES,
     ) -> None:
         self.url = url
         self.client_id = client_id
@@ -139,12 +158,17 @@ class MqttLink:
         self.dropped = 0
         self._subscriptions = tuple(subscriptions)
         self._keepalive = keepalive
+        self._window, self._inbox_budget = window_bytes, inbox_bytes
+        self._queued = 0  # bytes in self._inbox
+        self._tx_waiting = self._rx_waiting = False  # a publish waits for PUBACKs / paho's thread for get()
         self._inbox: queue.Queue[Incoming] = queue.Queue(maxsize=max_queue)
+        self._loop_thread: int | None = None
         self._connack = threading.Event()
         self._subacked = threading.Event()
         self._refusal: str | None = None
         self._acks = threading.Condition()
-        self._pending: set[int] = set()
+        self._pending: dict[int, int] = {}  # mid -> bytes, until its PUBACK
+        self._unacked = 0  # bytes in self._pending
         self._early_acks: set[int] = set()
         self._birth = birth
         self._clean_session = clean_session
@@ -254,7 +278,9 @@ class MqttLink:
     # ------------------------------------------------------------ traffic
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """Queue a QoS 1 publish; returns at once (paho's thread sends it, also after a reconnect)."""
+        """Queue a QoS 1 publish (paho's thread sends it, also after a reconnect); waits first while
+        ``window_bytes`` await their PUBACK, at most ``FLOW_WAIT_S``."""
+        self._wait_for_room(len(payload))
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise LinkError(f"publish to {topic} refused by the client: {paho.error_string(info.rc)}")
@@ -263,8 +289,36 @@ class MqttLink:
             if info.mid in self._early_acks:
                 self._early_acks.discard(info.mid)
             else:
-                self._pending.add(info.mid)
+                self._pending[info.mid] = len(payload)
+                self._unacked += len(payload)
         logger.debug("queued %d B to %s (mid %d)", len(payload), topic, info.mid)
+
+    def _wait_for_room(self, size: int) -> None:
+        if threading.get_ident() == self._loop_thread:
+            return  # paho's thread (a birth message on connect) must never wait for its own PUBACKs
+        deadline = time.monotonic() + FLOW_WAIT_S
+        with self._acks:
+            while self._unacked + size > self._window and self._unacked and not self._rx_waiting and self.connected:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.debug("link %s: %d B await PUBACKs; queueing more anyway", self.client_id, self._unacked)
+                    break
+                self._tx_waiting = True
+                self._acks.wait(remaining)
+            self._tx_waiting = False
+
+    def _wait_for_consumer(self) -> None:
+        """In paho's thread: hold back while the inbox is over budget (TCP then holds the rest back)."""
+        deadline = time.monotonic() + FLOW_WAIT_S
+        with self._acks:
+            while self._queued > self._inbox_budget and not self._tx_waiting:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._rx_waiting = True
+                self._acks.notify_all()  # a publish waiting for PUBACKs (which this thread reads) stops waiting
+                self._acks.wait(remaining)
+            self._rx_waiting = False
 
     def wait_published(self, timeout: float) -> bool:
         """True once the broker has acknowledged every publish so far; False on timeout."""
@@ -280,9 +334,13 @@ class MqttLink:
     def get(self, timeout: float | None = None) -> Incoming | None:
         """The next received message, or None after ``timeout`` seconds (None: wait forever)."""
         try:
-            return self._inbox.get(timeout=timeout)
+            message = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        with self._acks:
+            self._queued -= len(message.payload)
+            self._acks.notify_all()
+        return message
 
     # ------------------------------------------------------------ paho callbacks (network thread: enqueue only)
 
@@ -291,7 +349,7 @@ class MqttLink:
             self._refusal = f"broker refused the connection: {reason}"
             logger.warning("broker %s refused %s: %s", self.url, self.client_id, reason)
         else:
-            self._refusal = None
+            self._refusal, self._loop_thread = None, threading.get_ident()
             self._note_reconnect(bool(getattr(flags, "session_present", False)))
             if self._subscriptions:
                 client.subscribe([(topic, 1) for topic in self._subscriptions])
@@ -346,6 +404,8 @@ class MqttLink:
         self._subacked.set()
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        with self._acks:
+            self._acks.notify_all()  # a publish waiting for room stops waiting: PUBACKs come after a reconnect
         if reason.is_failure:
             if self._lost_at is None:
                 self._lost_at = time.monotonic()
@@ -363,10 +423,15 @@ class MqttLink:
                 "link %s ignored %d B on unsubscribed topic %s", self.client_id, len(message.payload), message.topic
             )
             return
+        self._wait_for_consumer()
+        with self._acks:
+            self._queued += len(message.payload)  # before get() can take it
         try:
             self._inbox.put_nowait(Incoming(message.topic, bytes(message.payload)))
             self.bytes_received += len(message.payload)
         except queue.Full:
+            with self._acks:
+                self._queued -= len(message.payload)
             self.dropped += 1
             logger.warning(
                 "link %s inbox full: dropped %d B on %s", self.client_id, len(message.payload), message.topic
@@ -375,7 +440,7 @@ class MqttLink:
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         with self._acks:
             if mid in self._pending:
-                self._pending.discard(mid)
+                self._unacked -= self._pending.pop(mid)
                 self._acks.notify_all()
             else:
                 self._early_acks.add(mid)

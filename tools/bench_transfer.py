@@ -4,10 +4,11 @@
 For each payload size (MiB) and chunk size, a sender process and a receiver process (multiprocessing,
 spawn) move one random payload:
 
-- ``mqtt``: the project's own path, ``Outbox.send`` -> ``MqttLink.publish`` of every frame -> mosquitto
-  -> ``MqttLink`` -> ``decode`` -> ``Reassembler.add`` -> ``TransferAck`` -> ``Outbox.on_ack``. The clock
-  runs from just before ``Outbox.send`` (hashing and framing count) until the sender holds the ack, so the
-  receiver has verified every chunk digest and the whole-transfer digest.
+- ``mqtt``: the project's own path, ``Outbox.send`` -> ``MqttLink.publish`` of every frame (each made
+  as it is published, while the link's publish window has room) -> mosquitto -> ``MqttLink`` (its
+  inbox byte budget) -> ``decode`` -> ``Reassembler.add`` -> ``TransferAck`` -> ``Outbox.on_ack``. The
+  clock runs from just before ``Outbox.send`` (hashing and framing count) until the sender holds the
+  ack, so the receiver has verified every chunk digest and the whole-transfer digest.
 - ``raw``: plain sockets between two processes, ``sendall`` of the same bytes into a preallocated buffer,
   a one-byte ack back; no hashing. The ceiling of the machine's loopback.
 - ``raw-sha``: the same, plus the least any digest-checked transfer does: the sender hashes the payload
@@ -20,7 +21,7 @@ generates (the caller's own bytes), the receiver's the payload it reassembles; 1
 sampling thread also notes in which phase the RSS peaked. Every case runs ``--repeats`` times; medians
 are reported (the machine is shared and noisy). MB means MiB (2**20 bytes) throughout.
 
-    PYTHONPATH=$PWD python -m tools.bench_transfer --sizes 64,512 --out bench_transfer.json
+    PYTHONPATH=$PWD python -m tools.bench_transfer --sizes 64,512 --out docs/results/bench-transfer.json
 """
 
 from __future__ import annotations
@@ -98,24 +99,25 @@ def make_payload(size: int) -> bytes:
 # ------------------------------------------------------------------ mqtt ends (child processes)
 
 
-def _link(url: str, client_id: str, inbox: str) -> Any:
+def _link(url: str, client_id: str, inbox: str, buffer_bytes: int | None) -> Any:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format=f"{client_id} %(levelname)s %(name)s: %(message)s")
-    from edge_agent.mqtt import MqttLink, parse_broker_url
+    from edge_agent.mqtt import INBOX_BYTES, WINDOW_BYTES, MqttLink, parse_broker_url
 
-    link = MqttLink(parse_broker_url(url), client_id, [inbox], clean_session=True)
+    link = MqttLink(parse_broker_url(url), client_id, [inbox], clean_session=True,
+                    window_bytes=buffer_bytes or WINDOW_BYTES, inbox_bytes=buffer_bytes or INBOX_BYTES)  # fmt: skip
     link.start(timeout=10.0)
     return link
 
 
-def mqtt_receiver(conn: Connection, url: str, timeout_s: float) -> None:
+def mqtt_receiver(conn: Connection, url: str, timeout_s: float, buffer_bytes: int | None = None) -> None:
     from edge_agent.protocol import topics
     from edge_agent.protocol.envelope import decode
     from edge_agent.protocol.kinds import MessageType
     from edge_agent.protocol.transfer import Reassembler
 
-    link = _link(url, RECEIVER, topics.inbox(RECEIVER))
+    link = _link(url, RECEIVER, topics.inbox(RECEIVER), buffer_bytes)
     mem, reasm = Memory(), Reassembler(RECEIVER)
     mem.start()
     conn.send(("ready", None))
@@ -134,8 +136,8 @@ def mqtt_receiver(conn: Connection, url: str, timeout_s: float) -> None:
             continue
         first = first if first is not None else time.monotonic()
         partial = reasm.partial.get(env.body.get("transfer_id", ""))
-        if partial is not None and len(partial.parts) == partial.first.count - 1:
-            mem.phase = "last chunk and join"
+        if partial is not None and partial.received() == partial.first.count - 1:
+            mem.phase = "last chunk"
         done, replies = reasm.add(env, now)
         del env, msg
         for out in replies:
@@ -150,14 +152,16 @@ def mqtt_receiver(conn: Connection, url: str, timeout_s: float) -> None:
     conn.send(("done", {**(result or {"error": "timed out"}), **mem.finish()}))
 
 
-def mqtt_sender(conn: Connection, url: str, size: int, chunk_bytes: int, timeout_s: float) -> None:
+def mqtt_sender(
+    conn: Connection, url: str, size: int, chunk_bytes: int, timeout_s: float, buffer_bytes: int | None = None
+) -> None:
     from edge_agent.protocol import topics
     from edge_agent.protocol.envelope import decode
     from edge_agent.protocol.kinds import MessageType, Purpose
     from edge_agent.protocol.messages import TransferAck, TransferNack, body_of
     from edge_agent.protocol.transfer import Outbox
 
-    link = _link(url, SENDER, topics.inbox(SENDER))
+    link = _link(url, SENDER, topics.inbox(SENDER), buffer_bytes)
     mem, outbox = Memory(), Outbox(SENDER)
     mem.start()
     mem.phase = "payload"
@@ -258,13 +262,15 @@ def _expect(conn: Connection, kind: str, timeout_s: float) -> Any:
     return value
 
 
-def run_once(transport: str, size: int, chunk_bytes: int, url: str, timeout_s: float) -> dict[str, Any]:
+def run_once(
+    transport: str, size: int, chunk_bytes: int, url: str, timeout_s: float, buffer_bytes: int | None = None
+) -> dict[str, Any]:
     """One transfer between two fresh processes; the sender's and the receiver's reports."""
     ctx = mp.get_context("spawn")
     if transport == "mqtt":
-        rx, rx_conn = _spawn(ctx, mqtt_receiver, url, timeout_s)
+        rx, rx_conn = _spawn(ctx, mqtt_receiver, url, timeout_s, buffer_bytes)
         _expect(rx_conn, "ready", 60)
-        tx, tx_conn = _spawn(ctx, mqtt_sender, url, size, chunk_bytes, timeout_s)
+        tx, tx_conn = _spawn(ctx, mqtt_sender, url, size, chunk_bytes, timeout_s, buffer_bytes)
     else:
         verify = transport == "raw-sha"
         rx, rx_conn = _spawn(ctx, raw_receiver, size, verify, timeout_s)
@@ -366,11 +372,12 @@ def _mosquitto_version() -> str:
 
 def run_case(transport: str, size_mb: int, chunk_bytes: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
     size, runs = size_mb * MIB, []
+    buffer = args.buffer_mb * MIB if args.buffer_mb else None
     timeout_s = args.timeout + size / (5 * MIB)  # at least 5 MB/s
     label = f"{transport} {size_mb} MB" + (f", {chunk_bytes // 1024} KiB chunks" if transport == "mqtt" else "")
     for i in range(args.repeats):
         try:
-            run = run_once(transport, size, chunk_bytes, url=url, timeout_s=timeout_s)
+            run = run_once(transport, size, chunk_bytes, url=url, timeout_s=timeout_s, buffer_bytes=buffer)
         except (TimeoutError, RuntimeError, EOFError) as exc:
             run = {"error": str(exc), "mb_s": None, "sender_rss_x": None, "receiver_rss_x": None}
         runs.append(run)
@@ -390,6 +397,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--chunks", default="256,1024,4096", help="mqtt chunk sizes in KiB (1024 is the default)")
     p.add_argument("--repeats", type=int, default=3, help="runs per case (medians are reported)")
     p.add_argument("--max-packet-mb", type=int, default=16, help="broker message size limit, as trials use")
+    p.add_argument("--buffer-mb", type=int, default=0,
+                   help="MqttLink publish window and inbox budget in MiB (0: the link's defaults, 16)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per run on top of 5 MB/s")
     p.add_argument("--out", type=Path, default=Path("bench_transfer.json"), help="JSON results")
     return p.parse_args(argv)
@@ -428,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },  # fmt: skip
         "units": "MB = MiB; *_rss_x = (peak RSS - RSS before the transfer) / payload size",
         "repeats": args.repeats,
+        "buffer_mb": args.buffer_mb or 16,
         "summary": rows,
         "cases": cases,
     }

@@ -13,6 +13,11 @@ before any measurement); the receiver waits for the next chunk as long as one ch
 rate chunks have been arriving. A sender whose deadline passes does not send the whole transfer
 again: it sends one chunk as a probe, which a receiver that has everything acknowledges again and
 a receiver that lacks chunks answers, once they stall, with a nack naming just those.
+
+Memory: the sender keeps a read-only view of the caller's bytes, never a copy; ``send`` returns
+``Frame``s (``frames``) that encode their chunk only when their payload is read. The receiver
+appends each verified chunk to the transfer's buffer as soon as every earlier one is there and feeds
+the whole-transfer digest as it goes: at the end there is nothing left to hash and no second copy.
 """
 
 from __future__ import annotations
@@ -26,21 +31,17 @@ from typing import Any
 from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, encode, new_id
 from edge_agent.protocol.errors import ProtocolError, Rejections
+from edge_agent.protocol.frames import Frame, Outgoing, PendingTransfer
 from edge_agent.protocol.kinds import MessageType, Purpose
 from edge_agent.protocol.messages import Chunk, TransferAck, TransferNack, body_of, to_body
 from edge_agent.protocol.throughput import LinkRates, sample_bps, transfer_deadline_s
 
+__all__ = [
+    "DEFAULT_CHUNK_BYTES", "Completed", "Frame", "Outbox", "Outgoing", "PendingTransfer", "Reassembler",
+    "error_message", "error_reply", "reply", "sha256_hex",
+]  # fmt: skip
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One MQTT publish."""
-
-    topic: str
-    payload: bytes
-    retain: bool = False
 
 
 def reply(to: Envelope, me: str, kind: MessageType, body: dict[str, Any], now: float) -> Outgoing:
@@ -63,21 +64,6 @@ def error_reply(to: Envelope, me: str, code: str, message: str, now: float) -> O
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class PendingTransfer:
-    transfer_id: str
-    dst: str
-    purpose: Purpose
-    meta: dict[str, Any]
-    sha256: str
-    size: int
-    frames: list[bytes]  # encoded chunk frames, by seq
-    sent_at: float  # when frames were last handed to the link
-    attempts: int = 1  # sends since the receiver was last heard from (a nack resets it)
-    in_flight: int = 0  # bytes handed to the link and not known to have arrived
-    resent: bool = False  # a send time no longer tells how long the receiver took (no throughput sample)
 
 
 @dataclass(frozen=True)
@@ -131,22 +117,14 @@ class Outbox:
             raise ValueError("chunk_bytes must be positive")
         purpose = Purpose(purpose)  # ValueError for a purpose the protocol does not know
         self._saw(now)
-        tid, digest = new_id(), sha256_hex(data)
-        count = max(1, -(-len(data) // chunk_bytes))
-        frames = []
-        for seq in range(count):
-            part = data[seq * chunk_bytes : (seq + 1) * chunk_bytes]
-            body = Chunk(tid, purpose, seq, count, len(data), digest, sha256_hex(part), meta)
-            frames.append(
-                encode(
-                    Envelope(
-                        MessageType.CHUNK, self.me, dst, to_body(body), trial_id=trial_id, created_at=now, data=part
-                    )
-                )
-            )
-        pending = PendingTransfer(tid, dst, purpose, meta, digest, len(data), frames, now, in_flight=_size(frames))
-        self.pending[tid] = pending
-        return pending, [Outgoing(topics.inbox(dst), f) for f in frames]
+        source = memoryview(data).toreadonly().cast("B")
+        count = max(1, -(-len(source) // chunk_bytes))
+        ids = [new_id() for _ in range(count)]
+        pending = PendingTransfer(new_id(), dst, purpose, meta, hashlib.sha256(source).hexdigest(), len(source),
+                                  source, chunk_bytes, ids, self.me, trial_id, now, now)  # fmt: skip
+        pending.in_flight = sum(pending.frame_size(s) for s in range(count))
+        self.pending[pending.transfer_id] = pending
+        return pending, pending.frames(list(range(count)))
 
     def on_ack(self, ack: TransferAck, now: float | None = None) -> PendingTransfer | None:
         """The receiver has it all: drop our copy. None if unknown or digest differs.
@@ -174,13 +152,13 @@ class Outbox:
         pending = self.pending.get(nack.transfer_id)
         if pending is None:
             return []
-        seqs = [s for s in nack.missing if 0 <= s < len(pending.frames)] or list(range(len(pending.frames)))
+        seqs = [s for s in nack.missing if 0 <= s < pending.count] or list(range(pending.count))
         log.info(
             "resending %d chunk(s) of transfer %s to %s: %s", len(seqs), nack.transfer_id, pending.dst, nack.reason
         )
-        frames = [pending.frames[s] for s in seqs]
-        pending.sent_at, pending.attempts, pending.resent, pending.in_flight = now, 1, True, _size(frames)
-        return [Outgoing(topics.inbox(pending.dst), f) for f in frames]
+        in_flight = sum(pending.frame_size(s) for s in seqs)
+        pending.sent_at, pending.attempts, pending.resent, pending.in_flight = now, 1, True, in_flight
+        return pending.frames(seqs)
 
     def postpone(self, now: float) -> None:
         """The link is down: what waits for an ack is not late (the broker keeps it); count from ``now``."""
@@ -208,9 +186,9 @@ class Outbox:
             log.warning(
                 "no ack for transfer %s to %s after %.0f s (%d bytes at %.0f kB/s); probing with chunk %d/%d (attempt %d)",
                 tid, p.dst, waits[tid], p.in_flight, self.rates.assumed_bps(p.dst) / 1e3,
-                len(p.frames) - 1, len(p.frames), p.attempts,
+                p.count - 1, p.count, p.attempts,
             )  # fmt: skip
-            out.append(Outgoing(topics.inbox(p.dst), p.frames[-1]))
+            out += p.frames([p.count - 1])
         return out, failed
 
 
@@ -221,6 +199,7 @@ class _Partial:
     trial_id: str | None
     parts: dict[int, bytes] = field(default_factory=dict)  # chunks that came ahead of their turn, by seq
     joined: bytearray = field(default_factory=bytearray)  # chunks 0 .. next_seq - 1, in order
+    digest: Any = field(default_factory=hashlib.sha256)  # of ``joined``, fed as it grows
     next_seq: int = 0
     last_seen: float = 0.0
     nacks: int = 0  # requests since the last new chunk
@@ -243,12 +222,14 @@ class _Partial:
             return
         self.parts[seq] = data
         while self.next_seq in self.parts:
-            self.joined += self.parts.pop(self.next_seq)  # realloc moves a growing buffer, copies only the chunk
+            data = self.parts.pop(self.next_seq)
+            self.joined += data  # realloc grows the buffer in place (mremap), copies only the chunk
+            self.digest.update(data)
             self.next_seq += 1
 
     def reset(self) -> None:
         self.parts.clear()
-        self.joined, self.next_seq = bytearray(), 0
+        self.joined, self.next_seq, self.digest = bytearray(), 0, hashlib.sha256()
 
 
 class Reassembler:
@@ -330,7 +311,7 @@ class Reassembler:
     def _finish(self, env: Envelope, part: _Partial, now: float) -> tuple[Completed | None, list[Outgoing]]:
         first = part.first
         data: bytes = part.joined  # type: ignore[assignment]  # a bytearray, which reads like bytes
-        if len(data) != first.size or sha256_hex(data) != first.sha256:
+        if len(data) != first.size or part.digest.hexdigest() != first.sha256:
             log.warning(
                 "transfer %s from %s failed its whole digest; asking for all of it again", first.transfer_id, part.src
             )
@@ -386,7 +367,3 @@ class Reassembler:
         rates = self.rates
         rate = max(rates.floor_bps, own / rates.safety) if own is not None else rates.assumed_bps(part.src)
         return transfer_deadline_s(-(-part.first.size // part.first.count), rate, self.stale_after_s)
-
-
-def _size(frames: list[bytes]) -> int:
-    return sum(len(f) for f in frames)
