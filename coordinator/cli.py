@@ -15,6 +15,7 @@ import click
 
 from coordinator.config import TrialConfig, load_trial
 from coordinator.errors import TrialError
+from coordinator.provision_cli import provision_command
 from edge_agent.errors import LinkError
 from edge_agent.exitcodes import exit_guard
 from edge_agent.mqtt import parse_broker_url
@@ -356,6 +357,8 @@ def compare(
     with exit_guard(log):
         go()
 
+
+main.add_command(provision_command)
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,7 @@ from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, encode
 from edge_agent.protocol.kinds import MessageType
 from edge_agent.protocol.messages import Hello, HopProgress, HopStarted, HopTask, Status, to_body
+from edge_agent.tls import TlsFiles
 from edge_agent.trainer import StepCallback
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def mqtt_link(config: AgentConfig) -> MqttLink:
         will=(status, status_payload(config.agent_id, "offline", time.time()), True),
         clean_session=False,
         birth=(status, status_payload(config.agent_id, "online", time.time()), True),
+        tls_files=TlsFiles.from_fields(config.tls_ca, config.tls_cert, config.tls_key),
     )
 
 
