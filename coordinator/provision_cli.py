@@ -59,3 +59,18 @@ def provision_command(out: Path, agents: str, revoke: str, hosts: str, port: int
         click.echo(f"broker:      mosquitto -c {out}/broker/mosquitto.conf   (agents connect to {done.broker_url})")
         click.echo(f"agent ID:    snake-agent run --config {out}/agents/ID/agent.toml")
         click.echo(f"coordinator: snake-coordinator run TRIAL --provisioned {out}/coordinator")
+
+
+def provisioned_broker(home: Path) -> str:
+    """The broker URL in ``DIR/coordinator/coordinator.toml``."""
+    import tomllib
+
+    from coordinator.errors import ConfigError
+
+    try:
+        url = tomllib.loads((home / "coordinator.toml").read_text()).get("broker")
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{home}/coordinator.toml: {exc}; is {home} a provisioned coordinator directory?") from None
+    if not isinstance(url, str):
+        raise ConfigError(f"{home}/coordinator.toml names no broker")
+    return url

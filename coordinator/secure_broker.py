@@ -31,6 +31,7 @@ class ProvisionedMosquitto(MosquittoProcess):
 
     def start(self, timeout: float = 10.0) -> bool:
         """Start mosquitto with the provisioned config as it is (the base class would write its own)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen([str(self.exe), "-c", str(self.conf_path)], stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip

@@ -80,8 +80,8 @@ class AgentService:
         executor: Executor | None = None,
     ) -> None:
         self.config, self.data = config, data
-        self.link: Link = link or mqtt_link(config)
         self.clock = clock or SystemClock()
+        self.link: Link = signed_link(config, link or mqtt_link(config), self.clock)
         if config.map_large_allocations:
             profile.map_large_allocations()
         self.store = ArtifactStore(config.cache_dir / "artifacts")
@@ -249,6 +249,19 @@ class AgentService:
         env = Envelope(kind, self.config.agent_id, topics.COORDINATOR, body, trial_id=self.agent.trial_id,
                        created_at=self.clock.time())  # fmt: skip
         self.link.publish(topics.coordinator_inbox(), encode(env))
+
+
+def signed_link(config: AgentConfig, link: Link, clock: Clock) -> Link:
+    """With a signing key and a trust directory: sign what we send, accept only what trusted keys signed."""
+    if config.signing_key is None and config.trust_dir is None:
+        return link
+    if config.signing_key is None or config.trust_dir is None:
+        raise EdgeAgentError(
+            "signed messages need both --signing-key and --trust-dir (a provisioned agent.toml has both)"
+        )
+    from edge_agent.secure_link import load_secure_link
+
+    return load_secure_link(link, config.agent_id, config.signing_key, config.trust_dir, clock)
 
 
 def describe(config: AgentConfig) -> str:
