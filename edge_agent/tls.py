@@ -38,9 +38,21 @@ class TlsFiles:
         return TlsFiles(tls_ca, tls_cert, tls_key)
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when its handshake fails: paho drops such a socket unclosed, once per reconnect attempt."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except OSError:
+            self.close()
+            raise
+
+
 def context(files: TlsFiles | None, max_tls12: bool = False) -> ssl.SSLContext:
     """A client context that verifies the broker (host name included) and shows our certificate."""
     ctx = ssl.create_default_context(cafile=str(files.ca) if files is not None and files.ca is not None else None)
+    ctx.sslsocket_class = _ClosingSSLSocket
     if max_tls12:
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     if files is not None and files.cert is not None and files.key is not None:
@@ -66,11 +78,27 @@ def diagnose(host: str, port: int, tls: bool, files: TlsFiles | None) -> str | N
                 sock.recv(1)
         except ssl.SSLCertVerificationError as exc:
             return _server_cert(exc, host, files)
+        except ssl.SSLEOFError:
+            return _closed_on_hello(host, port)
         except ssl.SSLError as exc:
             return _tls_error(exc, host, port)
         except OSError:
-            return None
+            return _closed_on_hello(host, port)
     return None
+
+
+def _closed_on_hello(host: str, port: int) -> str | None:
+    """The broker hung up on our TLS hello: a plain MQTT listener answers a plain CONNECT with a CONNACK."""
+    connect = b"\x10\x13\x00\x04MQTT\x04\x02\x00\x0a\x00\x07snk-tls"
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S) as sock:
+            sock.sendall(connect)
+            if sock.recv(1) != b"\x20":
+                return None
+            sock.sendall(b"\xe0\x00")
+    except OSError:
+        return None
+    return f"port {port} on {host} does not speak TLS: use mqtt://{host}:{port}, or the broker's TLS port (often 8883)"
 
 
 def _plain_to_tls(raw: socket.socket, host: str, port: int) -> str | None:
