@@ -96,6 +96,8 @@ def broker_conf(spec: ProvisionSpec, root: Path) -> str:
 
 def provision(spec: ProvisionSpec) -> Provisioned:
     root = spec.out.resolve()
+    (root / "ca").mkdir(parents=True, exist_ok=True)
+    (root / "ca").chmod(0o700)  # the CA key and the issued serials: only the operator
     for agent in (*spec.agents, *spec.revoke):
         try:
             topics.check_id(agent)
