@@ -23,7 +23,7 @@ from edge_agent.link import Clock, Link, SystemClock
 from edge_agent.mqtt import MqttLink, parse_broker_url
 from edge_agent.protocol import topics
 from edge_agent.protocol.transfer import Outgoing
-from edge_agent.secure_link import load_secure_link
+from edge_agent.secure_link import SecureLink, load_secure_link
 from edge_agent.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class TrialService:
         self.tick_s = tick_s
         self.resume_from = resume_from  # a journal's events, counters and held model: carry on a trial
         self.controller = Controller(setup, self.clock.time())
+        if isinstance(link, SecureLink):  # refused signatures count with the coordinator's other rejections
+            link.guard.rejections = self.controller.rejections
         self.running: deque[tuple[Job, Future[object]]] = deque()
         self._next_tick = 0.0
 

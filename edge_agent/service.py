@@ -36,6 +36,7 @@ from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, encode
 from edge_agent.protocol.kinds import MessageType
 from edge_agent.protocol.messages import Hello, HopProgress, HopStarted, HopTask, Status, to_body
+from edge_agent.secure_link import SecureLink
 from edge_agent.tls import TlsFiles
 from edge_agent.trainer import StepCallback
 
@@ -94,6 +95,8 @@ class AgentService:
         self.running: Running | None = None
         self.exit_reason: str | None = None
         self.agent = Agent(self._hello(), self._stored())
+        if isinstance(self.link, SecureLink):  # refused signatures count with the agent's other rejections
+            self.link.guard.rejections = self.agent.rejections
         self._next_tick = 0.0
 
     def _hello(self) -> Hello:
