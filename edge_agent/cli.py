@@ -84,6 +84,23 @@ def config_option(command: _F) -> _F:
     )(command)
 
 
+def tls_options(command: _F) -> _F:
+    """``--tls-ca/--tls-cert/--tls-key`` (an mqtts:// broker) and ``--signing-key/--trust-dir`` (signed messages)."""
+    path = click.Path(path_type=Path, dir_okay=False)
+    options = [
+        click.option("--tls-ca", type=path, default=None, help="CA certificate the broker's certificate must chain to."),
+        click.option("--tls-cert", type=path, default=None, help="This agent's client certificate (PEM)."),
+        click.option("--tls-key", type=path, default=None, help="The client certificate's private key (mode 0600)."),
+        click.option("--signing-key", type=path, default=None,
+                     help="Ed25519 key to sign this agent's messages with (needs --trust-dir)."),
+        click.option("--trust-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="Directory of NAME.pub keys: only messages they sign are accepted (needs --signing-key)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Snake Learning edge agent: trains its assigned layers and passes the model on."""
@@ -163,6 +180,7 @@ def main() -> None:
     default=None,
     help="File holding the broker password (mode 0600; env SNAKE_MQTT_PASSWORD_FILE). Or set $SNAKE_MQTT_PASSWORD.",
 )
+@tls_options
 @click.option(
     "--log-level",
     envvar="SNAKE_LOG_LEVEL",
