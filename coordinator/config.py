@@ -43,6 +43,11 @@ A trial file (every key optional; defaults shown)::
     holder_s = 60              #   ... unless it holds the only copy of a finished hop: then this long
     silence_s = 30             # an agent that sent heartbeats and then nothing this long is routed around
 
+    [lora]                     # optional: segments train only LoRA adapters (see coordinator.lora)
+    rank = 0                   # adapter rank (0 = off)
+    alpha = 16.0               # scale = alpha / rank
+    targets = ""               # comma-separated projection names ("" = every projection of the blocks)
+
     [[fleet]]                  # optional, one table per simulated agent, in agent order (agent-0 first);
     memory_mb = 0              #   agents without a table get the defaults. memory_mb: a hard cap on the
     threads = 0                #   agent process (a cgroup, so going over means an OOM kill) that the
@@ -61,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.errors import ConfigError
+from coordinator.lora import LoraSettings
 from edge_agent.protocol.topics import check_id
 
 MODES = ("p2p", "cs")
@@ -121,6 +127,7 @@ class TrialConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
     fleet: tuple[FleetAgent, ...] = ()
+    lora: LoraSettings = field(default_factory=LoraSettings)  # [lora]: see coordinator.lora
 
     def member(self, index: int) -> FleetAgent:
         """The fleet table of agent ``index`` (defaults when the file has none for it)."""
@@ -153,6 +160,11 @@ class TrialConfig:
             ),
             (4096 <= self.transfer.chunk_bytes <= 64 << 20, "transfer.chunk_bytes must be in [4096, 64 MiB]"),
             (self.transfer.compression in ("none", "fp16"), "transfer.compression must be none or fp16"),
+            *((False, problem) for problem in self.lora.problems()),
+            (
+                not (self.lora.enabled and self.algorithm == "split"),
+                "lora applies to snake and fedavg; split learning trains its front whole",
+            ),
         ]
         for i, a in enumerate(self.fleet):
             checks += [
@@ -173,7 +185,7 @@ class TrialConfig:
         return self
 
 
-_SECTIONS = {"train": TrainConfig, "transfer": TransferConfig, "timeouts": Timeouts}
+_SECTIONS = {"train": TrainConfig, "transfer": TransferConfig, "timeouts": Timeouts, "lora": LoraSettings}
 
 
 def load_trial(path: Path | None, overrides: dict[str, Any] | None = None) -> TrialConfig:

@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from coordinator.export import TASK_CLASSIFY, export_inference
+from coordinator.lora import has_adapters, merged_model
 from edge_agent.protocol.manifest import IGNORE_INDEX
 
 
@@ -38,7 +39,10 @@ def finalize(
     path: Path,
     task: str = TASK_CLASSIFY,
 ) -> Path:
-    """Write ``final_model.onnx`` (inference, dynamic batch) from the assembled tensors."""
+    """Write ``final_model.onnx`` (inference, dynamic batch) from the assembled tensors. A LoRA model is
+    exported merged: adapters folded into the base weights, the graph as without LoRA."""
+    if has_adapters(model):
+        return export_inference(merged_model(model, tensors), input_shape, path, None, task)
     return export_inference(model, input_shape, path, tensors, task)
 
 

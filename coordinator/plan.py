@@ -17,9 +17,23 @@ class GroupInfo:
     params: tuple[str, ...]  # trainable parameter names
     buffers: tuple[str, ...]  # other float tensors (BN running stats)
     num_params: int  # scalar parameter count
-    num_buffer_elems: int = 0  # scalar buffer count
+    num_buffer_elems: int = 0  # scalars held but never trained: buffers, and ``frozen`` parameters (LoRA)
     act_bytes: int = 0  # per sample, kept for backward (coordinator.costs)
     flops: int = 0  # per sample, forward
+    frozen: tuple[str, ...] = ()  # parameters no segment trains (LoRA: the base weights under the adapters)
+
+
+FROZEN_GROUP = "frozen"  # the layout entry of every frozen parameter: version INITIAL for the whole trial
+
+
+def versioned_layout(groups: Sequence[GroupInfo]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """What a snake trial's transfers version: each group's trained parameters, and one entry holding every
+    frozen parameter. That entry never gets a newer version, so it travels to an agent once (when it holds
+    nothing) and never again: with LoRA, only adapters travel after that."""
+    frozen = tuple(name for g in groups for name in g.frozen)
+    if FROZEN_GROUP in {g.name for g in groups}:
+        raise ValueError(f"a layer group may not be called {FROZEN_GROUP!r}")
+    return tuple((g.name, g.params) for g in groups) + (((FROZEN_GROUP, frozen),) if frozen else ())
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from coordinator.config import TrialConfig
 from coordinator.costs import profile_groups
 from coordinator.errors import ConfigError
 from coordinator.export import TASK_CAUSAL_LM, TASK_CLASSIFY, ForwardModel, export_forward, export_front
+from coordinator.lora import add_adapters, lora_groups
 from coordinator.plan import AgentProfile, GroupInfo, Plan, Segment
 from coordinator.reroute import reroute
 from coordinator.scheduler import fedavg_plan, snake_plan, split_plan
@@ -150,11 +151,16 @@ def prepare(config: TrialConfig, spec: InputSpec, work: Path) -> Prepared:
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, spec)
+    if config.lora.enabled:  # after any base weights are in: the adapters start as a no-op on them
+        add_adapters(model, config.lora)
     if spec.seq_len:  # a language model: token ids [N, seq_len], num_classes = vocabulary size
         forward = export_forward(model, (spec.seq_len,), spec.num_classes, work / "export", TASK_CAUSAL_LM)
     else:
         forward = export_forward(model, (spec.channels, spec.height, spec.width), spec.num_classes, work / "export")
-    prepared = Prepared(model, forward, group_infos(forward, model), config, work)
+    groups = group_infos(forward, model)
+    if config.lora.enabled:  # segments train only adapters; frozen tensors travel once per agent
+        groups = lora_groups(groups, {name: t.size for name, t in forward.tensors.items()})
+    prepared = Prepared(model, forward, groups, config, work)
     if config.algorithm == "split":
         split_cut(config, prepared.groups)  # a bad cut fails now, not once the agents have joined
     return prepared

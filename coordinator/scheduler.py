@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 from coordinator import costmodel
-from coordinator.plan import AgentProfile, GroupInfo, Plan, PlanError, PlannedHop, Segment, _segment
+from coordinator.plan import AgentProfile, GroupInfo, Plan, PlanError, PlannedHop, Segment, _segment, versioned_layout
 from edge_agent.protocol.messages import HopTask
 from edge_agent.protocol.topics import COORDINATOR
 
@@ -266,7 +266,7 @@ def snake_plan(
         PlannedHop(r, i, p.agent, index[lo, hi], *(costs.of(p, lo, hi) if p.baseline_mb or p.gflops else (0.0, 0.0)))
         for i, (r, p, lo, hi) in enumerate(hops)
     )
-    return Plan(mode, segments, planned, excluded=tuple(excluded), layout=tuple((g.name, g.params) for g in groups))
+    return Plan(mode, segments, planned, excluded=tuple(excluded), layout=versioned_layout(groups))
 
 
 class _Copies:
@@ -462,8 +462,10 @@ def hop_tasks(
             holds: dict[str, int] = {}  # whole models travel (FedAvg)
         elif plan.mode == "cs":
             holds = plan.versions_after(h.hop - 1)  # the coordinator holds the model it sent this hop
-        else:
-            holds = plan.held_by(h.hop + 1) if h.hop + 1 < len(plan.hops) else {}
+        elif h.hop + 1 < len(plan.hops):
+            holds = plan.held_by(h.hop + 1)
+        else:  # P2P's last hop: the coordinator kept the initial model (LoRA: frozen tensors need not return)
+            holds = plan.versions_after(-1)
         round_end = h.hop + 1 == len(plan.hops) or plan.hops[h.hop + 1].round != h.round
         task = HopTask(
             h.round, h.hop, h.segment, list(seg.groups), list(seg.tensors), sha, size, prev, nxt,

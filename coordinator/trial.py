@@ -237,5 +237,6 @@ def _base(config: TrialConfig, trial_id: str, extra: dict[str, Any] | None) -> d
         "compression": config.transfer.compression,
         "kd_alpha": config.train.kd_alpha,
         "kd_temperature": config.train.kd_temperature,
+        **({"lora": config.lora.as_dict()} if config.lora.enabled else {}),
         **(extra or {}),
     }
