@@ -131,13 +131,22 @@ def prepare_cases(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, vocab, blocks, what = build_model(args, work)
+    hop_groups = blocks[: args.slice]
+    lora: list[str] = []
+    if args.lora_rank:  # adapters only on the slice's attention and MLP projections (models/lora.py)
+        from models.lora import apply_lora
+
+        targets = [f"{g.split('.', 1)[1]}.{p}" for g in hop_groups for p in args.lora_targets.split(",")]
+        lora = apply_lora(model, args.lora_rank, 2.0 * args.lora_rank, targets)
     params = sum(p.numel() for p in model.parameters())
     forward = export_forward(model, (args.seq,), vocab, work / "forward", task=TASK_CAUSAL_LM)
     del model
     gc.collect()
     export_seconds = time.perf_counter() - t0
-    hop_groups = blocks[: args.slice]
     cases = {"snake-hop": forward.params_of(hop_groups), "full": forward.order}
+    if lora:
+        cases["snake-hop-lora"] = tuple(n for n in forward.order if n in set(lora))
+    cases = {case: names for case, names in cases.items() if case in args.cases.split(",")}
     info: dict[str, Any] = {"model": what, "parameters": params, "export_seconds": export_seconds}
     info["slice_groups"] = hop_groups
     info["blocks"] = len(blocks)
@@ -222,7 +231,7 @@ def estimate(info: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     params = info["parameters"]
     states = 16 * params
     hop = result.get("snake-hop", {})
-    hop_params = info["cases"]["snake-hop"]["trainable_parameters"]
+    hop_params = info["cases"].get("snake-hop", {}).get("trainable_parameters", 0)
     extra = None
     if hop.get("ok"):  # hop peak minus its weights and its slice's grads and moments: runtime + activations
         extra = hop["train_peak_mb"] * MB - 4 * params - 12 * hop_params
@@ -247,7 +256,9 @@ def main() -> None:
     parser.add_argument("--slice", type=int, default=3, help="consecutive blocks the snake hop trains")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cap-gb", type=float, default=18.0, help="kill a measurement above this RSS")
-    parser.add_argument("--cases", default="snake-hop,full")
+    parser.add_argument("--cases", default="snake-hop,full", help="of snake-hop, full, snake-hop-lora")
+    parser.add_argument("--lora-rank", type=int, default=0, help="also build the case snake-hop-lora")
+    parser.add_argument("--lora-targets", default="self_attn.q_proj,self_attn.v_proj")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--forward", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -267,9 +278,11 @@ def main() -> None:
         "model": info, "result": result, "runs": runs, "full_estimate": estimate(info, result),
         "ratio_peak": hop["peak_mb"] / full["peak_mb"] if hop.get("ok") and full.get("ok") else None,
         "ratio_train_peak": hop["train_peak_mb"] / full["train_peak_mb"] if hop.get("ok") and full.get("ok") else None,
-        "hop_transfer_bytes": {"slice_tensors": 4 * info["cases"]["snake-hop"]["trainable_parameters"],
-                               "whole_model": info["model_bytes"]},
-        "lora": "TODO: LoRA variant (models/lora.py on branch llm-lora) not merged yet",
+        "hop_transfer_bytes": {
+            **{f"{case}_tensors": 4 * c["trainable_parameters"] for case, c in info["cases"].items() if case != "full"},
+            "whole_model": info["model_bytes"]},
+        "lora": {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "targets": args.lora_targets}
+        if args.lora_rank else "not measured (pass --lora-rank)",
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -28,5 +28,5 @@ def test_tiny_gpt_run_writes_hop_and_full_figures(tmp_path: Path) -> None:
     assert report["model"]["slice_groups"] == ["blocks.0"] and not report["model"]["external_data"]
     cases = report["model"]["cases"]
     assert cases["snake-hop"]["trainable_parameters"] < cases["full"]["trainable_parameters"]
-    assert report["hop_transfer_bytes"]["slice_tensors"] == 4 * cases["snake-hop"]["trainable_parameters"]
+    assert report["hop_transfer_bytes"]["snake-hop_tensors"] == 4 * cases["snake-hop"]["trainable_parameters"]
     assert len(hop["losses"]) == 2 and report["ratio_peak"] == pytest.approx(hop["peak_mb"] / full["peak_mb"])
