@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from coordinator.errors import CoordinatorError
+from coordinator.onnx_external import data_file, external_threshold, externalize, tensor_views, uses_external_data
 from models import layer_groups
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,10 @@ def _torch_export(
         )
 
 
+def _float_bytes(model: nn.Module) -> int:
+    return sum(value.numel() * 4 for value in model.state_dict().values() if value.is_floating_point())
+
+
 def _overwrite_initializers(proto: onnx.ModelProto, tensors: Mapping[str, np.ndarray]) -> None:
     """Put the pre-export values back (the export's forward pass moved BN running stats)."""
     for index, init in enumerate(proto.graph.initializer):
@@ -183,38 +188,58 @@ def _export_training_graph(
     task: str = TASK_CLASSIFY,
 ) -> None:
     """Export in training mode, leaving the torch model exactly as it was."""
-    snapshot = copy.deepcopy(model.state_dict())
-    was_training = model.training
+    snapshot = {name: value.detach().clone() for name, value in model.named_buffers()}  # a forward pass moves
+    was_training = model.training  # buffers only (BN running stats); parameters stay, so no copy of those
     try:
         model.train()
         _torch_export(model, input_shape, path, training=True, output_name=output_name, task=task)
     finally:
-        model.load_state_dict(snapshot)
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                value.copy_(snapshot[name])
         model.train(was_training)
 
 
 def export_forward(
-    model: nn.Module, input_shape: tuple[int, ...], num_classes: int, out_dir: Path, task: str = TASK_CLASSIFY
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    out_dir: Path,
+    task: str = TASK_CLASSIFY,
+    threshold: int | None = None,
 ) -> ForwardModel:
     """Export the training-mode forward ONNX to ``out_dir/forward.onnx`` and describe it.
 
     ``task``: TASK_CLASSIFY (float input) or TASK_CAUSAL_LM (int64 token ids [N, T], ``input_shape`` = (T,),
     ``num_classes`` = vocabulary size). Tied weights must be held once (see models.gpt).
+    A model whose float tensors exceed ``threshold`` bytes (default: just under protobuf's 2 GB limit, or
+    ``$SNAKE_ONNX_EXTERNAL_BYTES``) keeps them in ``forward.onnx.data`` (:mod:`coordinator.onnx_external`);
+    its ``ForwardModel.tensors`` are then read-only memory maps of that file.
     """
     if task not in TASKS:
         raise ExportError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / FORWARD_FILE
-    tensors = model_tensors(model)
+    limit = external_threshold() if threshold is None else threshold
+    external = _float_bytes(model) > limit
+    data_file(path).unlink(missing_ok=True)
+    if not external:
+        tensors = model_tensors(model)
     _export_training_graph(model, input_shape, path, task=task)
-    proto = onnx.load(path)
-    _overwrite_initializers(proto, tensors)
+    proto = onnx.load(path, load_external_data=False)  # torch writes external data itself above 2 GB
+    external = external or uses_external_data(proto)
+    if not external:
+        _overwrite_initializers(proto, tensors)
     if fix_layernorm_outputs(proto):
         logger.debug("added saved mean/inv-std outputs to LayerNormalization nodes")
     check_ir_version(proto, "forward model")
-    onnx.save(proto, path)
     order = tuple(init.name for init in proto.graph.initializer if init.data_type == onnx.TensorProto.FLOAT)
+    if external:  # graph in forward.onnx, tensors in forward.onnx.data, read back as memory maps
+        size = externalize(proto, path, order)
+        logger.info("forward model tensors (%d bytes) are external data in %s", size, data_file(path).name)
+        tensors = tensor_views(proto, path, order)
+    onnx.save(proto, path)
     if set(order) != set(tensors):
         raise ExportError(
             f"ONNX initializers differ from the model's float tensors: only in ONNX "
@@ -253,8 +278,11 @@ def export_inference(
         load_tensors(deployed, tensors)
     deployed.eval()
     _torch_export(deployed, input_shape, target, training=False, task=task)
-    proto = onnx.load(target)
+    proto = onnx.load(target, load_external_data=False)
     check_ir_version(proto, "inference model")
+    if uses_external_data(proto):  # over 2 GB: torch wrote one file per tensor; keep one data file instead
+        externalize(proto, target, [init.name for init in proto.graph.initializer if init.dims])
+        onnx.save(proto, target)
     logger.info("exported inference model to %s (%d bytes)", target, target.stat().st_size)
     return target
 

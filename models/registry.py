@@ -50,12 +50,35 @@ MODELS: dict[str, Callable[[InputSpec], nn.Module]] = {
 }
 
 
+OPT_PREFIX = "opt:"  # "opt:PATH": the OPT model saved in the local Hugging Face directory PATH
+
+
+def _opt(path: str, spec: InputSpec) -> nn.Module:
+    from pathlib import Path
+
+    from models.opt import load_opt  # transformers is imported only for OPT models
+
+    if spec.seq_len < 1:
+        raise ValueError("an opt model needs InputSpec.seq_len (tokens per sample)")
+    model = load_opt(Path(path))
+    vocab, positions = int(model.config.vocab_size), int(model.config.max_position_embeddings)
+    if spec.num_classes > vocab or spec.seq_len > positions:
+        raise ValueError(
+            f"the data ({spec.num_classes} token ids, {spec.seq_len} per sample) does not fit the OPT model "
+            f"in {path} ({vocab} token ids, {positions} positions)"
+        )
+    return model
+
+
 def build_model(name: str, spec: InputSpec) -> nn.Module:
-    """Build a freshly initialised model by registry name."""
+    """Build a model by registry name: freshly initialised, or ``opt:PATH`` loaded from a local directory."""
+    if name.startswith(OPT_PREFIX):
+        return _opt(name[len(OPT_PREFIX) :], spec)
     try:
         builder = MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+        known = ", ".join([*sorted(MODELS), f"{OPT_PREFIX}PATH"])
+        raise KeyError(f"unknown model {name!r}; known: {known}") from None
     return builder(spec)
 
 

@@ -42,6 +42,7 @@ TOOLS_REACHING_IN = {  # benchmarks of the agent itself: they drive its internal
     "tools/bench_backends.py": "times and measures the trainer backends directly",
     "tools/fakes.py": "fake trainers, model cache and jobs implementing the agent's internal interfaces",
     "tools/inmemory.py": "runs a whole fleet of AgentServices in-process over the in-memory broker",
+    "tools/bench_llm_memory.py": "measures one OrtTrainer hop's peak memory on an LLM against full fine-tuning",
     "tools/lm_hops.py": "Snake hops of the GPT on Austen in-process with OrtTrainer (until trials take token data)",
 }
 

@@ -27,9 +27,11 @@ from pathlib import Path
 import onnx
 
 from coordinator.build.bundle import write_manifest
+from coordinator.build.generator_env import generator_env
 from coordinator.build.kd_loss import ALPHA_NAME, TEACHER_NAME, TEMPERATURE_NAME, kd_loss_block
 from coordinator.build.lm_loss import lm_loss_block
 from coordinator.errors import CoordinatorError
+from coordinator.onnx_external import uses_external_data
 from edge_agent.optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
 from edge_agent.ort_training import training_module
 from edge_agent.protocol.manifest import OPTIMIZERS, SegmentManifest
@@ -143,13 +145,15 @@ def _run_generator(
     logits_name: str,
     kd_classes: int | None = None,
     loss: object | None = None,
+    base_dir: Path | None = None,
 ) -> None:
-    """``kd_classes``: build the knowledge-distillation loss (:mod:`coordinator.build.kd_loss`) for that many classes;
+    """``base_dir``: where the forward model's external data lives (:mod:`coordinator.build.generator_env`);
+    ``kd_classes``: build the knowledge-distillation loss (:mod:`coordinator.build.kd_loss`) for that many classes;
     ``loss``: an onnxblock loss block that replaces cross-entropy (e.g. the split-learning surrogate)."""
     artifacts = training_module("artifacts")
     graph_utils = training_module("onnxblock._graph_utils")
     try:
-        with _GENERATE_LOCK, quiet_stderr():
+        with _GENERATE_LOCK, quiet_stderr(), generator_env(model, base_dir):
             # restart the generated-name counter: same inputs, same bytes (a stable bundle digest)
             graph_utils._GRAPH_TOKEN = 0  # type: ignore[attr-defined]
             artifacts.generate_artifacts(
@@ -210,10 +214,11 @@ def generate_checked(
     order: Sequence[str],
     kd_classes: int | None = None,
     loss: object | None = None,
+    base_dir: Path | None = None,
 ) -> tuple[str, str]:
     """Generate the training artifacts (``_run_generator``), give the eval graph inference-mode
     BatchNorm, configure AdamW as torch does and check the graphs: (loss name, output name)."""
-    _run_generator(model, trainable, frozen, out, optimizer, output_name, kd_classes, loss)
+    _run_generator(model, trainable, frozen, out, optimizer, output_name, kd_classes, loss, base_dir)
     fix_eval_batchnorm(out / "eval_model.onnx")
     if optimizer == "adamw" and not use_torch_adamw(out / "optimizer_model.onnx"):
         raise ArtifactError("optimizer_model.onnx has no AdamWOptimizer node to configure")
@@ -227,7 +232,10 @@ def initializer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 def _check_graphs(out: Path, order: Sequence[str]) -> tuple[str, str]:
     """Check IR versions and tensor order of the generated graphs; return (loss, logits) output names."""
     for name in GRAPH_FILES:
-        version = onnx.load(out / name, load_external_data=False).ir_version
+        graph = onnx.load(out / name, load_external_data=False)
+        if uses_external_data(graph):
+            raise ArtifactError(f"{name} refers to external data: a bundle must be self-contained")
+        version = graph.ir_version
         if version > MAX_IR_VERSION:
             raise ArtifactError(f"{name} has IR version {version} > {MAX_IR_VERSION}; pin onnx<1.18")
     training = onnx.load(out / "training_model.onnx", load_external_data=False)
@@ -312,7 +320,8 @@ def generate_segment(
     """
     if task == "causal-lm" and kd:
         raise ArtifactError("knowledge distillation is not built for language models yet")
-    model = onnx.load(forward_onnx)
+    forward_onnx = Path(forward_onnx).absolute()
+    model = onnx.load(forward_onnx, load_external_data=False)  # the graphs need shapes, never the weights
     order = [init.name for init in float_initializers(model)]
     chosen, all_buffers, owned = _segment_names(model, order, trainable, buffers, segment_buffers, optimizer)
     out = Path(out_dir)
@@ -321,7 +330,7 @@ def generate_segment(
     frozen = [name for name in order if name not in chosen]
     loss = lm_loss_block() if task == "causal-lm" else None
     loss_name, logits_out = generate_checked(
-        model, chosen, frozen, out, optimizer, logits_name, order, classes if kd else None, loss
+        model, chosen, frozen, out, optimizer, logits_name, order, classes if kd else None, loss, forward_onnx.parent
     )
     manifest = SegmentManifest(
         input_name=input_name,
