@@ -224,6 +224,53 @@ def check(data_spec: str, part: str, log_level: str, as_json: bool, **opts: obje
         sys.exit(ExitCode.FAILED)
 
 
+@main.command("install-service")
+@agent_options
+@click.option("--name", default="snake-agent", show_default=True, help="Unit name (NAME.service).")
+@click.option("--user", "user_unit", is_flag=True, help="A user unit (~/.config/systemd/user) running as you.")
+@click.option("--service-user", default="snake", show_default=True, help="The dedicated user of a system unit.")
+@click.option("--config-dir", type=click.Path(path_type=Path, file_okay=False), help="Where agent.toml goes.")
+@click.option("--unit-dir", type=click.Path(path_type=Path, file_okay=False), help="Where the unit goes.")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.pass_context
+def install_service(ctx: click.Context, name: str, user_unit: bool, service_user: str, config_dir: Path | None,
+                    unit_dir: Path | None, force: bool, **_: object) -> None:  # fmt: skip
+    """Write a systemd unit and agent.toml from these options (same as run); print how to enable it."""
+    setup_logging("warning")
+    from edge_agent.install import Layout, agent_command, local_systemd_version, next_steps, write_service
+    from edge_agent.service_unit import UnitSpec, default_memory_max_mb
+
+    with exit_guard(log):
+        layout = Layout.for_scope(name, user_unit, config_dir, unit_dir)
+        settings = _given_settings(ctx)
+        settings.setdefault("cache_dir", str(layout.working_dir / "cache"))
+        budget = int(ctx.params["memory_budget_mb"])
+        spec = UnitSpec(agent_command(), layout.config_path, layout.env_path, layout.working_dir,
+                        default_memory_max_mb(profile.memory_mb(), budget), str(ctx.params["agent_id"]),
+                        None if user_unit else service_user, local_systemd_version())  # fmt: skip
+        for path in write_service(layout, spec, settings, force):
+            click.echo(f"wrote {path}")
+        click.echo(f"MemoryMax={spec.memory_max_mb}M (the agent reports it as its memory budget)\nnext:")
+        click.echo(next_steps(layout, spec, name, settings.get("password_file")))
+
+
+def _given_settings(ctx: click.Context) -> dict[str, object]:
+    """The agent options set by file, environment or flag (not defaults), by config-file key."""
+    keys = {param: key for key, param in _file_keys(ctx.command).items() if param in _agent_param_names()}
+    out: dict[str, object] = {}
+    for param, key in keys.items():
+        source = ctx.get_parameter_source(param)
+        if source is not None and source != click.core.ParameterSource.DEFAULT and ctx.params[param] is not None:
+            value = ctx.params[param]
+            out[key] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def _agent_param_names() -> set[str]:
+    probe = agent_options(click.Command("probe", callback=lambda **_: None))
+    return {p.name for p in probe.params if p.name and p.name != "config"}
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(as_json: bool) -> None:
