@@ -15,6 +15,7 @@ import click
 
 from coordinator.config import TrialConfig, load_trial
 from coordinator.errors import TrialError
+from coordinator.provision_cli import provision_command, provisioned_broker
 from edge_agent.errors import LinkError
 from edge_agent.exitcodes import exit_guard
 from edge_agent.mqtt import parse_broker_url
@@ -155,6 +156,9 @@ def main() -> None:
 )
 @click.option("--agent-backends", help="Comma-separated backend per agent, cycled (e.g. ort,ort).")
 @click.option("--threads", default=0, show_default=True, help="Training threads per agent (0 = runtime default).")
+@click.option(
+    "--secure", is_flag=True, help="Provision into the run dir: TLS mosquitto, certificates, signed messages."
+)
 @trial_options
 def simulate(
     config_path: Path | None,
@@ -162,6 +166,7 @@ def simulate(
     broker_kind: str,
     agent_backends: str | None,
     threads: int,
+    secure: bool,
     out: Path | None,
     as_json: bool,
     log_level: str,
@@ -177,9 +182,11 @@ def simulate(
         config = build_config(config_path, opts)
         if broker:
             check_broker(broker)
+        if secure and broker:
+            raise click.UsageError("--secure starts its own TLS broker; leave out --broker")
         run_dir = out or default_out(config)
         backends = tuple(b.strip() for b in agent_backends.split(",")) if agent_backends else ()
-        options = SimOptions(broker, broker_kind, backends, threads, show_progress=sys.stderr.isatty())
+        options = SimOptions(broker, broker_kind, backends, threads, show_progress=sys.stderr.isatty(), secure=secure)
         finish(run_sim(config, run_dir, options), run_dir, as_json)
 
     with exit_guard(log):
@@ -188,7 +195,12 @@ def simulate(
 
 @main.command()
 @click.argument("trial_file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--broker", envvar="SNAKE_BROKER", required=True, help="Broker URL the agents use (env SNAKE_BROKER).")
+@click.option("--broker", envvar="SNAKE_BROKER", help="Broker URL the agents use (env SNAKE_BROKER).")
+@click.option(
+    "--provisioned",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="DIR/coordinator of `provision`: TLS with its certificate, signed messages; broker from it.",
+)
 @click.option(
     "--keep-agents/--stop-agents", default=True, show_default=True, help="Leave agents running for the next trial."
 )
@@ -200,7 +212,8 @@ def simulate(
 @trial_options
 def run(
     trial_file: Path,
-    broker: str,
+    broker: str | None,
+    provisioned: Path | None,
     keep_agents: bool,
     resume: Path | None,
     out: Path | None,
@@ -219,13 +232,16 @@ def run(
         from edge_agent.data import load_dataset
 
         config = build_config(trial_file, opts)
-        check_broker(broker)
+        url = broker or (provisioned_broker(provisioned) if provisioned else None)
+        if url is None:
+            raise click.UsageError("give --broker (or --provisioned DIR/coordinator)")
+        check_broker(url)
         if resume is not None and out is not None and out != resume:
             raise click.UsageError("--resume names the run directory; leave out --out")
         run_dir = resume or out or default_out(config)
-        summary = run_trial(config, broker, run_dir, load_dataset(config.dataset), exit_agents=not keep_agents,
+        summary = run_trial(config, url, run_dir, load_dataset(config.dataset), exit_agents=not keep_agents,
                             show_progress=sys.stderr.isatty(), extra={"broker": "external"},
-                            resume=resume is not None)  # fmt: skip
+                            resume=resume is not None, provisioned=provisioned)  # fmt: skip
         finish(summary, run_dir, as_json)
 
     with exit_guard(log):
@@ -356,6 +372,8 @@ def compare(
     with exit_guard(log):
         go()
 
+
+main.add_command(provision_command)
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from coordinator.controller import Controller, Step, TrialSetup
@@ -22,6 +23,8 @@ from edge_agent.link import Clock, Link, SystemClock
 from edge_agent.mqtt import MqttLink, parse_broker_url
 from edge_agent.protocol import topics
 from edge_agent.protocol.transfer import Outgoing
+from edge_agent.secure_link import SecureLink, load_secure_link
+from edge_agent.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +47,28 @@ def run_job(jobs: Jobs, job: Job) -> object:
     return jobs.evaluate(job)
 
 
-def mqtt_link(broker: str, trial_id: str) -> MqttLink:
+def mqtt_link(broker: str, trial_id: str, provisioned: Path | None = None) -> Link:
     """A persistent session named after the trial: what agents send while the coordinator is away (its
     link down, the broker restarting, or the coordinator itself restarting to resume the same trial) is
     queued by the broker for it. Other trials' messages that reach the queue are refused by trial id. The
-    session ends when the service stops the link (a killed coordinator leaves it for its successor)."""
-    return MqttLink(
+    session ends when the service stops the link (a killed coordinator leaves it for its successor).
+
+    ``provisioned`` (``DIR/coordinator`` of ``snake-coordinator provision``): TLS with its client certificate,
+    and every message signed and checked against the agents' keys."""
+    tls = None
+    if provisioned is not None:
+        tls = TlsFiles.from_fields(provisioned / "ca.crt", provisioned / "client.crt", provisioned / "client.key")
+    link = MqttLink(
         parse_broker_url(broker),
         client_id=f"snake-coordinator-{trial_id}",
         subscriptions=[topics.coordinator_inbox(), topics.ALL_AGENT_STATUS],
         clean_session=False,
         forget_session_on_stop=True,  # a finished trial's session would queue later trials' traffic for nobody
+        tls_files=tls,
     )
+    if provisioned is None:
+        return link
+    return load_secure_link(link, topics.COORDINATOR, provisioned / "signing.key", provisioned / "trust", SystemClock())
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,8 @@ class TrialService:
         self.tick_s = tick_s
         self.resume_from = resume_from  # a journal's events, counters and held model: carry on a trial
         self.controller = Controller(setup, self.clock.time())
+        if isinstance(link, SecureLink):  # refused signatures count with the coordinator's other rejections
+            link.guard.rejections = self.controller.rejections
         self.running: deque[tuple[Job, Future[object]]] = deque()
         self._next_tick = 0.0
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from coordinator.broker import start_broker
+from coordinator.broker import free_port, start_broker
 from coordinator.config import TrialConfig
 from coordinator.errors import ConfigError, TrialError
 from coordinator.memcap import MemoryCap
 from coordinator.partitions import write_partitions
+from coordinator.secure_broker import start_provisioned
 from coordinator.trial import run_trial
 from edge_agent.data import load_dataset
 
@@ -37,6 +38,7 @@ class SimOptions:
     calibrate: bool = (
         True  # agents measure their speed for the planner; False: equal speeds, a plan fixed by the config
     )
+    secure: bool = False  # provision into the run dir: TLS broker, per-agent certificates, signed messages
 
 
 class AgentProcesses:
@@ -58,6 +60,7 @@ class AgentProcesses:
         memory_mb: int = 0,
         calibrate: bool = True,
         prefix: Sequence[str] = (),
+        config_file: Path | None = None,
     ) -> None:
         """Start one agent; ``memory_mb`` > 0 runs it in a cgroup capped at that (an OOM kill beyond it);
         ``prefix`` goes before the command (e.g. ``ip netns exec NS`` to run it on a test bed's host)."""
@@ -68,6 +71,8 @@ class AgentProcesses:
             "--data", f"npz:{data}", "--cache-dir", str(out / "cache" / agent_id), "--backend", backend,
             "--threads", str(threads), "--calibrate" if calibrate else "--no-calibrate",
         ]  # fmt: skip
+        if config_file is not None:  # a provisioned agent.toml: TLS and signing files (flags above override it)
+            cmd += ["--config", str(config_file)]
         if memory_mb:
             self.caps[agent_id] = cap = MemoryCap(agent_id, memory_mb)
             cmd = cap.wrap(cmd)
@@ -123,7 +128,11 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
             raise ConfigError(f"split learning needs the ort backend; {', '.join(portable)} would run portable")
     ds = load_dataset(config.dataset)
     paths = write_partitions(config, ds, out / "data")
-    broker = None if options.broker else start_broker(options.broker_kind, workdir=out / "broker")
+    secure = provision_run(out, config.agents) if options.secure else None
+    if secure is not None:
+        broker = start_provisioned(secure, out / "broker" / "mosquitto.log")
+    else:
+        broker = None if options.broker else start_broker(options.broker_kind, workdir=out / "broker")
     url = options.broker or (broker.url if broker else "")
     agents = AgentProcesses()
     crash: list[str] = []
@@ -145,15 +154,28 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
             member = config.member(i)
             backend = member.backend or backends[i % len(backends)]
             threads = member.threads or options.threads
-            agents.spawn(f"agent-{i}", url, path, out, backend, threads, member.memory_mb, options.calibrate)
+            toml = secure / "agents" / f"agent-{i}" / "agent.toml" if secure else None
+            agents.spawn(f"agent-{i}", url, path, out, backend, threads, member.memory_mb, options.calibrate,
+                         config_file=toml)  # fmt: skip
         extra = {"broker": broker.kind if broker else "external", "samples_per_agent": config.samples_per_agent,
-                 "agent_exits": exits}  # fmt: skip
+                 "agent_exits": exits, "secure": secure is not None}  # fmt: skip
         try:
             return run_trial(replace(config), url, out, ds, exit_agents=True, stop=stop,
-                             show_progress=options.show_progress, extra=extra)  # fmt: skip
+                             show_progress=options.show_progress, extra=extra,
+                             provisioned=secure / "coordinator" if secure else None)  # fmt: skip
         except TrialError as exc:
             raise TrialError(crash[0] if crash else str(exc)) from exc
     finally:
         agents.stop(grace_s=0.0 if crash else 15.0)
         if broker is not None:
             broker.stop()
+
+
+def provision_run(out: Path, agents: int) -> Path:
+    """``simulate --secure``: credentials for agent-0..N-1 and a TLS broker on a free loopback port."""
+    from coordinator.provision import ProvisionSpec, provision
+
+    root = out / "secure"
+    ids = tuple(f"agent-{i}" for i in range(agents))
+    provision(ProvisionSpec(root, ids, ("127.0.0.1", "localhost"), free_port(), "127.0.0.1", data="npz:unused"))
+    return root

@@ -121,6 +121,7 @@ def run_trial(
     show_progress: bool = True,
     extra: dict[str, Any] | None = None,
     resume: bool = False,
+    provisioned: Path | None = None,
 ) -> dict[str, Any]:
     """Run a whole trial against agents on ``broker``; returns (and writes) the summary. ``resume``: carry on
     the trial whose journal is in ``out`` (its coordinator was killed)."""
@@ -152,14 +153,17 @@ def run_trial(
             display(event)
 
         held = (journaled.events, journaled.counters, journaled.model) if journaled else None
-        service = TrialService(mqtt_link(broker, setup.trial_id), setup, jobs, on_event, resume_from=held)
+        link = mqtt_link(broker, setup.trial_id, provisioned)  # provisioned: TLS + signatures (security)
+        service = TrialService(link, setup, jobs, on_event, resume_from=held)
         try:
             outcome = service.run(exit_agents, stop)
         finally:
             journal.close()
         record.rejections["coordinator"] = service.controller.rejections.as_dict()
         if outcome.failed is not None or outcome.final_model is None:
-            summary = record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)
+            summary = record.summary(
+                _base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent
+            )
             record.write_summary(summary | faults_summary(service, record))
             raise TrialError(outcome.failed or "no final model")
         display.status("evaluating the final model on the test set")

@@ -16,6 +16,8 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.mqtt import BrokerUrl, MqttLink
 from edge_agent.protocol import topics
+from edge_agent.tls import TlsFiles
+from edge_agent.tls import context as tls_context
 
 TIMEOUT_S = 5.0
 
@@ -47,24 +49,17 @@ def _tcp(url: BrokerUrl) -> str | None:
         return f"nothing answers on {url.host}:{url.port} ({exc.strerror or exc})"
 
 
-def _tls_files(config: AgentConfig) -> tuple[Path | None, Path | None, Path | None]:
-    """The CA, client certificate and key the agent would use (the TLS options where this build has them)."""
-    return tuple(getattr(config, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))  # type: ignore[return-value]
+def _tls_files(config: AgentConfig) -> TlsFiles | None:
+    """The CA, client certificate and key the agent would use (``run``'s own TLS settings)."""
+    return TlsFiles.from_fields(config.tls_ca, config.tls_cert, config.tls_key)
 
 
-def tls_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ca) if ca else None)
-    if cert is not None:
-        context.load_cert_chain(str(cert), str(key) if key else None)
-    return context
-
-
-def _tls(url: BrokerUrl, files: tuple[Path | None, Path | None, Path | None]) -> Check:
-    ca = files[0]
+def _tls(url: BrokerUrl, files: TlsFiles | None) -> Check:
+    ca = files.ca if files is not None else None
     trust = f"CA {ca}" if ca else "the system's CAs"
     try:
-        context = tls_context(*files)
-    except (OSError, ssl.SSLError) as exc:
+        context = tls_context(files)  # the run command's own context (edge_agent.tls)
+    except (OSError, ssl.SSLError, EdgeAgentError) as exc:
         return Check("tls", False, f"cannot load the TLS files: {exc}", "check --tls-ca, --tls-cert, --tls-key")
     try:
         with socket.create_connection((url.host, url.port), timeout=TIMEOUT_S) as raw:
@@ -92,9 +87,9 @@ def _verify_fix(message: str, ca: Path | None) -> str:
 
 
 def _mqtt(url: BrokerUrl, config: AgentConfig) -> Check:
-    link = MqttLink(url, f"snake-agent-{config.agent_id}-check", [topics.agent_inbox(config.agent_id)],
-                    clean_session=True)  # fmt: skip
     try:
+        link = MqttLink(url, f"snake-agent-{config.agent_id}-check", [topics.agent_inbox(config.agent_id)],
+                        clean_session=True, tls_files=_tls_files(config))  # fmt: skip
         link.start(timeout=TIMEOUT_S)
     except EdgeAgentError as exc:
         return Check("broker", False, str(exc), _refusal_fix(str(exc), url))
@@ -108,6 +103,6 @@ def _refusal_fix(message: str, url: BrokerUrl) -> str:
         return "check --username and the password file (or $SNAKE_MQTT_PASSWORD) against the broker's password file"
     if "subscription" in message:
         return "the broker's ACL must let this user read snake/v1/agents/<agent-id>/inbox and write its status"
-    if "no CONNACK" in message and not url.tls:
+    if ("no CONNACK" in message or "speaks TLS" in message) and not url.tls:
         return "the port may expect TLS: use mqtts://host:port (and --tls-ca), or the broker's plain port"
     return "check the broker's log for why it dropped the connection"

@@ -84,6 +84,23 @@ def config_option(command: _F) -> _F:
     )(command)
 
 
+def tls_options(command: _F) -> _F:
+    """``--tls-ca/--tls-cert/--tls-key`` (an mqtts:// broker) and ``--signing-key/--trust-dir`` (signed messages)."""
+    path = click.Path(path_type=Path, dir_okay=False)
+    options = [
+        click.option("--tls-ca", type=path, default=None, help="CA certificate the broker's certificate must chain to."),
+        click.option("--tls-cert", type=path, default=None, help="This agent's client certificate (PEM)."),
+        click.option("--tls-key", type=path, default=None, help="The client certificate's private key (mode 0600)."),
+        click.option("--signing-key", type=path, default=None,
+                     help="Ed25519 key to sign this agent's messages with (needs --trust-dir)."),
+        click.option("--trust-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="Directory of NAME.pub keys: only messages they sign are accepted (needs --signing-key)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Snake Learning edge agent: trains its assigned layers and passes the model on."""
@@ -177,7 +194,10 @@ AGENT_OPTIONS: list[Callable[[Any], Any]] = [
 
 def agent_options(command: _F) -> _F:
     """The agent's settings, shared by ``run``, ``check`` and ``install-service`` (and their config file)."""
-    for option in reversed(AGENT_OPTIONS):
+    for option in reversed(AGENT_OPTIONS[-1:]):  # --log-level last, after the TLS and signing options
+        command = option(command)
+    command = tls_options(command)
+    for option in reversed(AGENT_OPTIONS[:-1]):
         command = option(command)
     return config_option(command)
 

@@ -25,5 +25,10 @@ class AgentConfig:
     connect_timeout_s: float = 30.0  # give up if the broker does not answer
     username: str | None = None  # broker user name when the URL has none
     password_file: Path | None = None  # broker password, read at connect time (never kept in config or logs)
+    tls_ca: Path | None = None  # CA that signed the broker's certificate (mqtts://)
+    tls_cert: Path | None = None  # this agent's client certificate (a provisioned broker requires it)
+    tls_key: Path | None = None  # its private key (mode 0600)
+    signing_key: Path | None = None  # Ed25519 key this agent signs its messages with (edge_agent.keys)
+    trust_dir: Path | None = None  # NAME.pub keys of the participants whose signed messages it accepts
     tick_s: float = 1.0  # how often timers run
     progress_every_s: float = 1.0  # hop_progress rate limit

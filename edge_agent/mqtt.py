@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -32,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.errors import LinkError
 from edge_agent.link import Incoming, LinkCounters
+from edge_agent.tls import TlsFiles, context, diagnose
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +133,12 @@ class MqttLink:
         forget_session_on_stop: bool = False,
         keepalive: int = 30,
         max_queue: int = 10000,
+        tls_files: TlsFiles | None = None,
     ) -> None:
+        if tls_files is not None and not url.tls:
+            raise LinkError(f"TLS files were given but the broker URL {url} is not mqtts://: use mqtts://")
         self.url = url
+        self.tls_files = tls_files
         self.client_id = client_id
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -143,6 +149,7 @@ class MqttLink:
         self._connack = threading.Event()
         self._subacked = threading.Event()
         self._refusal: str | None = None
+        self._tls_failed = False
         self._acks = threading.Condition()
         self._pending: set[int] = set()
         self._early_acks: set[int] = set()
@@ -169,7 +176,7 @@ class MqttLink:
         if self.url.username is not None:
             client.username_pw_set(self.url.username, self.url.password)
         if self.url.tls:
-            client.tls_set()
+            client.tls_set_context(context(self.tls_files))
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=will[2])
         client.on_connect = self._on_connect
@@ -206,11 +213,13 @@ class MqttLink:
         deadline = time.monotonic() + timeout
         self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
         self._client.loop_start()
-        acked = self._connack.wait(timeout) and self._subacked.wait(max(0.0, deadline - time.monotonic()))
+        acked = self._connack.wait(timeout) and not self._tls_failed
+        acked = acked and self._subacked.wait(max(0.0, deadline - time.monotonic()))
         if acked and self._refusal is None:
             logger.info("connected to %s as %s", self.url, self.client_id)
             return
-        reason = self._refusal or self._probe(timeout)
+        reason = self._refusal or diagnose(self.url.host, self.url.port, self.url.tls, self.tls_files)
+        reason = reason or self._probe(timeout)
         self.stop()
         raise LinkError(f"cannot connect to {self.url} as {self.client_id!r} within {timeout:g}s: {reason}")
 
@@ -242,7 +251,7 @@ class MqttLink:
     def forget_session(self, timeout: float = 5.0) -> bool:
         """Have the broker drop this client id's persistent session and its queue (connect once with a clean
         session); without it a finished client's session keeps queueing what matches its subscriptions."""
-        cleaner = MqttLink(self.url, self.client_id, clean_session=True)
+        cleaner = MqttLink(self.url, self.client_id, clean_session=True, tls_files=self.tls_files)
         try:
             cleaner.start(timeout)
         except LinkError as exc:
@@ -327,6 +336,9 @@ class MqttLink:
         # paho calls this inside its ``except OSError`` around the reconnect: the exception is the reason
         reason = sys.exc_info()[1] or "no reason given"
         self._failed_attempts += 1
+        if self._lost_at is None and isinstance(reason, ssl.SSLError) and not self._connack.is_set():
+            self._tls_failed = True  # a TLS handshake that fails will fail again: start() explains it at once
+            self._connack.set()
         if self._lost_at is None:
             return  # before the first CONNACK: start() waits and reports a reason itself
         logger.warning(

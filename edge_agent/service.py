@@ -36,6 +36,8 @@ from edge_agent.protocol import topics
 from edge_agent.protocol.envelope import Envelope, encode
 from edge_agent.protocol.kinds import MessageType
 from edge_agent.protocol.messages import Hello, HopProgress, HopStarted, HopTask, Status, to_body
+from edge_agent.secure_link import SecureLink
+from edge_agent.tls import TlsFiles
 from edge_agent.trainer import StepCallback
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ def mqtt_link(config: AgentConfig) -> MqttLink:
         will=(status, status_payload(config.agent_id, "offline", time.time()), True),
         clean_session=False,
         birth=(status, status_payload(config.agent_id, "online", time.time()), True),
+        tls_files=TlsFiles.from_fields(config.tls_ca, config.tls_cert, config.tls_key),
     )
 
 
@@ -78,8 +81,8 @@ class AgentService:
         executor: Executor | None = None,
     ) -> None:
         self.config, self.data = config, data
-        self.link: Link = link or mqtt_link(config)
         self.clock = clock or SystemClock()
+        self.link: Link = signed_link(config, link or mqtt_link(config), self.clock)
         if config.map_large_allocations:
             profile.map_large_allocations()
         self.store = ArtifactStore(config.cache_dir / "artifacts")
@@ -92,6 +95,8 @@ class AgentService:
         self.running: Running | None = None
         self.exit_reason: str | None = None
         self.agent = Agent(self._hello(), self._stored())
+        if isinstance(self.link, SecureLink):  # refused signatures count with the agent's other rejections
+            self.link.guard.rejections = self.agent.rejections
         self._next_tick = 0.0
 
     def _hello(self) -> Hello:
@@ -247,6 +252,19 @@ class AgentService:
         env = Envelope(kind, self.config.agent_id, topics.COORDINATOR, body, trial_id=self.agent.trial_id,
                        created_at=self.clock.time())  # fmt: skip
         self.link.publish(topics.coordinator_inbox(), encode(env))
+
+
+def signed_link(config: AgentConfig, link: Link, clock: Clock) -> Link:
+    """With a signing key and a trust directory: sign what we send, accept only what trusted keys signed."""
+    if config.signing_key is None and config.trust_dir is None:
+        return link
+    if config.signing_key is None or config.trust_dir is None:
+        raise EdgeAgentError(
+            "signed messages need both --signing-key and --trust-dir (a provisioned agent.toml has both)"
+        )
+    from edge_agent.secure_link import load_secure_link
+
+    return load_secure_link(link, config.agent_id, config.signing_key, config.trust_dir, clock)
 
 
 def describe(config: AgentConfig) -> str:

@@ -33,6 +33,9 @@ PUBLIC_AGENT_API = (
     "edge_agent.errors",  # the agent's exception root (and the transport's LinkError)
     "edge_agent.exitcodes",  # the exit codes and the CLI guard both tools share
     "edge_agent.ort_training",  # the one adapter that imports onnxruntime's training parts without torch
+    "edge_agent.keys",  # signing keys and trust directories (provision, the coordinator's signatures)
+    "edge_agent.tls",  # the TLS files and diagnosis of a broker link
+    "edge_agent.secure_link",  # the signing, checking Link wrapper (the coordinator's side of signatures)
 )
 TOOLS_REACHING_IN = {  # benchmarks of the agent itself: they drive its internals on purpose
     "tools/bench_agent_memory.py": "runs one AgentService hop in-process and measures its memory",

@@ -4,7 +4,7 @@ Runs ``pip download --only-binary=:all: --platform P --python-version V --dest T
 each platform tag and Python version (PyPI; nothing is installed) and writes, per platform
 and version, whether it resolved and which wheel files it chose. REQS are the
 ``agent-portable`` extra's requirements (onnxruntime>=1.17,<2, numpy, paho-mqtt,
-safetensors, click). Example::
+safetensors, click, cryptography). Example::
 
     python tools/check_aarch64_wheels.py --out /tmp/aarch64.json
 
@@ -30,7 +30,14 @@ from typing import Any
 
 logger = logging.getLogger("check_aarch64_wheels")
 
-PACKAGES = ("onnxruntime>=1.17,<2", "numpy>=1.26,<3", "paho-mqtt>=2.1,<3", "safetensors>=0.4,<1", "click>=8.1,<9")
+PACKAGES = (
+    "onnxruntime>=1.17,<2",
+    "numpy>=1.26,<3",
+    "paho-mqtt>=2.1,<3",
+    "safetensors>=0.4,<1",
+    "click>=8.1,<9",
+    "cryptography==50.0.2",
+)
 PYTHONS = ("3.11", "3.12", "3.13")
 TARGETS = {  # name: platform tags pip may pick wheels for
     "glibc2.17": ("manylinux2014_aarch64",),

@@ -66,6 +66,8 @@ class Envelope:
     error: dict[str, str] | None = None
     v: int = VERSION
     data: bytes | None = None  # frame payload; None for control messages
+    seq: int | None = None  # signed messages: the sender's sequence number (protocol/signing.py)
+    sig: str | None = None  # signed messages: base64 Ed25519 signature over ``signing.signed_bytes``
 
     def header(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -82,6 +84,10 @@ class Envelope:
             out["error"] = self.error
         else:
             out["body"] = self.body
+        if self.seq is not None:  # optional: an unsigned envelope's bytes are what they always were
+            out["seq"] = self.seq
+        if self.sig is not None:
+            out["sig"] = self.sig
         return out
 
 
@@ -203,4 +209,6 @@ def _from_header(obj: dict[str, Any], data: bytes | None) -> Envelope:
         error=error,
         v=version,
         data=data,
+        seq=_field(obj, "seq", int, optional=True),
+        sig=_text(obj, "sig", optional=True),
     )
