@@ -253,7 +253,7 @@ def check(data_spec: str, part: str, log_level: str, as_json: bool, **opts: obje
 @click.option("--unit-dir", type=click.Path(path_type=Path, file_okay=False), help="Where the unit goes.")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @click.pass_context
-def install_service(ctx: click.Context, name: str, user_unit: bool, service_user: str, config_dir: Path | None,
+def install_service(ctx: click.Context, /, name: str, user_unit: bool, service_user: str, config_dir: Path | None,
                     unit_dir: Path | None, force: bool, **_: object) -> None:  # fmt: skip
     """Write a systemd unit and agent.toml from these options (same as run); print how to enable it."""
     setup_logging("warning")
