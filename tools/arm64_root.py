@@ -34,14 +34,21 @@ BINFMT = Path("/proc/sys/fs/binfmt_misc")
 CPUINFO = "etc/snake-cpuinfo"  # inside the root: the fake /proc/cpuinfo
 EMULATED_CPU = "cortex-a72"
 PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
-APT_NEEDS = {"debootstrap": "debootstrap", "qemu-aarch64-static": "qemu-user-static", "update-binfmts": "binfmt-support"}
+APT_NEEDS = {
+    "debootstrap": "debootstrap",
+    "qemu-aarch64-static": "qemu-user-static",
+    "update-binfmts": "binfmt-support",
+}
 
 # A Raspberry Pi 4 (BCM2711, 4 x Cortex-A72) as its kernel reports it.
-PI4_CPUINFO = "".join(
-    f"processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
-    "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n"
-    for i in range(4)
-) + "Hardware\t: BCM2835\nRevision\t: c03111\nModel\t\t: Raspberry Pi 4 Model B Rev 1.1\n"
+PI4_CPUINFO = (
+    "".join(
+        f"processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+        "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n"
+        for i in range(4)
+    )
+    + "Hardware\t: BCM2835\nRevision\t: c03111\nModel\t\t: Raspberry Pi 4 Model B Rev 1.1\n"
+)
 
 
 def log(text: str) -> None:
@@ -110,7 +117,14 @@ def trust_host_cas(root: Path) -> None:
 
 def build_wheel(out: Path) -> Path:
     """This checkout as a wheel (the agent installs the package, not the source tree)."""
-    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO))
+    try:  # the build backend already here: no download; else pip fetches setuptools into an isolated build
+        import setuptools  # noqa: F401
+        import wheel  # noqa: F401
+
+        isolation = ["--no-build-isolation"]
+    except ImportError:
+        isolation = []
+    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(out), str(REPO))
     wheels = sorted(out.glob("snakelearn-*.whl"))
     if not wheels:
         raise SystemExit("arm64-root: pip wheel produced no snakelearn wheel")
