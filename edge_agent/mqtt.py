@@ -357,6 +357,7 @@ class MqttLink:
         if reason.is_failure:
             self._refusal = f"broker refused the connection: {reason}"
             logger.warning("broker %s refused %s: %s", self.url, self.client_id, reason)
+            self._subacked.set()  # no subscription follows a refusal: start() reports it at once
         else:
             self._refusal, self._loop_thread = None, threading.get_ident()
             self._note_reconnect(bool(getattr(flags, "session_present", False)))

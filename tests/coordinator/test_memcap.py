@@ -10,13 +10,12 @@ import pytest
 
 from coordinator import memcap
 from edge_agent.profile import cgroup_memory_limit_mb
+from tests.capped import require_memcap
 
 
 @pytest.fixture
 def cap() -> Iterator[memcap.MemoryCap]:
-    reason = memcap.available()
-    if reason is not None:
-        pytest.skip(f"memory caps unavailable here: {reason}")
+    require_memcap()
     made = memcap.MemoryCap("test", 128)
     yield made
     made.remove()
