@@ -20,9 +20,9 @@ from coordinator.broker import start_broker
 from coordinator.config import TrialConfig
 from coordinator.errors import ConfigError, TrialError
 from coordinator.memcap import MemoryCap
-from coordinator.partitions import write_partitions
-from coordinator.trial import run_trial
-from edge_agent.data import load_dataset
+from coordinator.partitions import write_partitions, write_token_partitions
+from coordinator.trial import Workload, run_trial
+from edge_agent.data import Dataset, load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,18 @@ class AgentProcesses:
             cap.remove()
 
 
+def workload_and_partitions(config: TrialConfig, root: Path) -> tuple[Dataset | Workload, list[Path]]:
+    """The trial's data (image data set, or a language model's workload with its base model) and one
+    partition file per agent under ``root``."""
+    if config.is_text:
+        from coordinator.lm_trial import text_workload
+
+        workload, tokens = text_workload(config)
+        return workload, write_token_partitions(config, tokens, root)
+    ds = load_dataset(config.dataset)
+    return ds, write_partitions(config, ds, root)
+
+
 def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, Any]:
     """Run a simulated trial; returns the summary (also in ``out/summary.json``)."""
     backends = options.backends or ("auto",)
@@ -121,8 +133,7 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
         portable = [f"agent-{i}" for i, backend in enumerate(chosen) if backend == "portable"]
         if portable:
             raise ConfigError(f"split learning needs the ort backend; {', '.join(portable)} would run portable")
-    ds = load_dataset(config.dataset)
-    paths = write_partitions(config, ds, out / "data")
+    workload, paths = workload_and_partitions(config, out / "data")
     broker = None if options.broker else start_broker(options.broker_kind, workdir=out / "broker")
     url = options.broker or (broker.url if broker else "")
     agents = AgentProcesses()
@@ -149,7 +160,7 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
         extra = {"broker": broker.kind if broker else "external", "samples_per_agent": config.samples_per_agent,
                  "agent_exits": exits}  # fmt: skip
         try:
-            return run_trial(replace(config), url, out, ds, exit_agents=True, stop=stop,
+            return run_trial(replace(config), url, out, workload, exit_agents=True, stop=stop,
                              show_progress=options.show_progress, extra=extra)  # fmt: skip
         except TrialError as exc:
             raise TrialError(crash[0] if crash else str(exc)) from exc
