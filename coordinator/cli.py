@@ -21,6 +21,7 @@ from edge_agent.exitcodes import exit_guard
 from edge_agent.mqtt import parse_broker_url
 
 log = logging.getLogger("coordinator")
+MODEL_NAMES = ["mlp", "cnn", "vgg11", "gpt"]  # models.MODELS, without importing torch for --help
 
 
 def setup_logging(level: str) -> None:
@@ -44,9 +45,11 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--split-cut", help="Split learning: the last layer group the agents train (default: the first group)."
         ),
-        click.option("--model", type=click.Choice(["mlp", "cnn", "vgg11"]), help="Model from the registry."),
-        click.option("--dataset", help="fashion-mnist[:DIR] | cifar10:DIR | npz:FILE."),
-        click.option("--partition", help="iid | dirichlet:ALPHA."),
+        click.option(
+            "--model", type=click.Choice(MODEL_NAMES), help="Model from the registry (gpt: a language model)."
+        ),
+        click.option("--dataset", help="fashion-mnist[:DIR] | cifar10:DIR | npz:FILE | austen[:DIR] (text, for gpt)."),
+        click.option("--partition", help="iid | dirichlet:ALPHA | by-source (text: whole novels per agent)."),
         click.option(
             "--mode", type=click.Choice(["p2p", "cs"]), help="p2p: agent to agent; cs: every hop via the coordinator."
         ),
@@ -61,6 +64,13 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Knowledge distillation weight (0 = off): CE + alpha*T^2*KL(teacher||student).",
         ),
         click.option("--kd-temperature", type=float, help="Distillation temperature T."),
+        click.option("--max-steps", type=int, help="Optimizer steps per hop at most (0 = no cap)."),
+        click.option("--seq-len", type=int, help="Language models: tokens per sequence."),
+        click.option(
+            "--base-model",
+            help="Language models: auto (pretrain one, cached) | none (random init) | PATH (.safetensors).",
+        ),
+        click.option("--pretrain-steps", type=int, help="Language models: steps of the base model's pretraining."),
         click.option("--seed", type=int, help="Seed for model init, partitions and shuffling."),
         click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/NAME-TIME)."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
@@ -86,6 +96,10 @@ def build_config(path: Path | None, opts: dict[str, Any]) -> TrialConfig:
         "kd_alpha": "train.kd_alpha",
         "kd_temperature": "train.kd_temperature",
         "split_cut": "train.split_cut",
+        "max_steps": "train.max_steps",
+        "seq_len": "lm.seq_len",
+        "base_model": "lm.base_model",
+        "pretrain_steps": "lm.pretrain_steps",
     }
     overrides = {
         keys.get(k, k): opts.pop(k)
@@ -115,7 +129,14 @@ def finish(summary: dict[str, Any], out: Path, as_json: bool) -> None:
     click.echo(
         f"trial {summary['trial_id']}: {summary['algorithm']}/{summary['mode']}, {summary['model']} on {summary['dataset']}"
     )
-    click.echo(f"  final test accuracy {summary['final_test_accuracy']:.4f}  loss {summary['final_test_loss']:.4f}")
+    if "final_perplexity" in summary:
+        click.echo(f"  test perplexity {summary['base_perplexity']:.2f} (base) -> {summary['final_perplexity']:.2f}")
+        for name, p in summary["per_source"].items():
+            click.echo(f"    {name:22} {p['base']:8.2f} -> {p['final']:.2f}")
+        for sample in summary.get("samples", []):
+            click.echo(f"  base : {sample['base']!r}\n  final: {sample['final']!r}")
+    else:
+        click.echo(f"  final test accuracy {summary['final_test_accuracy']:.4f}  loss {summary['final_test_loss']:.4f}")
     click.echo(f"  {summary['hops']} hops, {summary['bytes_total'] / 1e6:.1f} MB published, {summary['wall_s']:.1f} s")
     for a in summary["agents"]:
         click.echo(
@@ -239,10 +260,42 @@ def run(
         if resume is not None and out is not None and out != resume:
             raise click.UsageError("--resume names the run directory; leave out --out")
         run_dir = resume or out or default_out(config)
-        summary = run_trial(config, url, run_dir, load_dataset(config.dataset), exit_agents=not keep_agents,
+        if config.is_text:  # the agents hold their token partitions already
+            from coordinator.lm_trial import text_workload
+
+            data: Any = text_workload(config)[0]
+        else:
+            data = load_dataset(config.dataset)
+        summary = run_trial(config, url, run_dir, data, exit_agents=not keep_agents,
                             show_progress=sys.stderr.isatty(), extra={"broker": "external"},
                             resume=resume is not None, provisioned=provisioned)  # fmt: skip
         finish(summary, run_dir, as_json)
+
+    with exit_guard(log):
+        go()
+
+
+@main.command()
+@click.argument("trial_file", type=click.Path(path_type=Path, dir_okay=False), required=False)
+@click.option("--dataset", default="austen", show_default=True, help="Text dataset: austen[:DIR].")
+@click.option("--model", default="gpt", show_default=True, type=click.Choice(MODEL_NAMES), help="Language model.")
+@click.option("--seq-len", type=int, help="Tokens per sequence.")
+@click.option("--pretrain-steps", type=int, help="Optimizer steps.")
+@click.option("--seed", type=int, help="Seed of the init and the batches.")
+def pretrain(trial_file: Path | None, **opts: Any) -> None:
+    """Pretrain (or find in the cache) the base model a text trial with these settings fine-tunes: on the
+    first lm.pretrain_fraction of every novel's training text (cached by a hash of its settings and tokens); prints its file."""
+    setup_logging("info")
+
+    def go() -> None:
+        from coordinator.lm_trial import base_tensors, load_text, split_corpus
+
+        config = build_config(trial_file, opts)
+        ds = load_text(config)
+        if config.lm.base_model != "auto":
+            raise click.UsageError("pretrain builds the automatic base model; the trial sets lm.base_model otherwise")
+        _, path = base_tensors(config, split_corpus(ds, config.lm.pretrain_fraction), ds)
+        click.echo(path)
 
     with exit_guard(log):
         go()

@@ -48,6 +48,23 @@ A trial file (every key optional; defaults shown)::
     alpha = 16.0               # scale = alpha / rank
     targets = ""               # comma-separated projection names ("" = every projection of the blocks)
 
+    [lm]                       # language models (dataset = "austen", model = "gpt")
+    seq_len = 64               # tokens per sequence
+    base_model = "auto"        # auto: pretrain one (cached by its settings) | none: random init |
+                               #   PATH: a .safetensors state dict of the model
+    pretrain_steps = 150       # optimizer steps of the base model's pretraining (auto)
+    pretrain_fraction = 0.5    # the first part of each novel's training text the base model sees;
+                               #   the agents fine-tune on the rest; each novel's test part is held out
+    pretrain_batch_size = 32
+    pretrain_lr = 0.002
+    test_per_source = 100      # test sequences evaluated per novel (0 = all)
+    sample_tokens = 120        # bytes generated per prompt for the before/after continuations
+    cache_dir = ""             # pretrained base models ("" = ~/.cache/snakelearn)
+
+    With a text dataset, train.batch_size, train.max_steps and trial.rounds default to 16, 40 and 2, and
+    eval_every_round to true (the perplexity curve), unless the file or the command line sets them: a
+    4-agent trial takes minutes on 2 cores.
+
     [[fleet]]                  # optional, one table per simulated agent, in agent order (agent-0 first);
     memory_mb = 0              #   agents without a table get the defaults. memory_mb: a hard cap on the
     threads = 0                #   agent process (a cgroup, so going over means an OOM kill) that the
@@ -70,6 +87,9 @@ from coordinator.lora import LoraSettings
 from edge_agent.protocol.topics import check_id
 
 MODES = ("p2p", "cs")
+TEXT_DATASETS = ("austen",)  # token data sets: they need a language model (LANGUAGE_MODELS)
+LANGUAGE_MODELS = ("gpt",)
+TEXT_DEFAULTS = {"rounds": 2, "train.batch_size": 16, "train.max_steps": 40, "eval_every_round": True}
 ALGORITHMS = ("snake", "fedavg", "split")
 
 
@@ -102,6 +122,29 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class LmConfig:
+    seq_len: int = 64
+    base_model: str = "auto"
+    pretrain_steps: int = 150
+    pretrain_fraction: float = 0.5
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 0.002
+    test_per_source: int = 100
+    sample_tokens: int = 120
+    cache_dir: str = ""
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
+            (2 <= self.seq_len <= 4096, "lm.seq_len must be in [2, 4096]"),
+            (self.pretrain_steps >= 0 and self.pretrain_batch_size >= 1, "lm.pretrain_steps >= 0, batch_size >= 1"),
+            (0.0 < self.pretrain_fraction < 1.0, "lm.pretrain_fraction must be in (0, 1)"),
+            (math.isfinite(self.pretrain_lr) and self.pretrain_lr > 0, "lm.pretrain_lr must be > 0"),
+            (self.test_per_source >= 0 and self.sample_tokens >= 0, "lm.test_per_source, sample_tokens >= 0"),
+            (self.base_model != "", 'lm.base_model must be "auto", "none" or a .safetensors path'),
+        ]
+
+
+@dataclass(frozen=True)
 class FleetAgent:
     memory_mb: int = 0
     threads: int = 0
@@ -126,8 +169,14 @@ class TrialConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    lm: LmConfig = field(default_factory=LmConfig)
     fleet: tuple[FleetAgent, ...] = ()
     lora: LoraSettings = field(default_factory=LoraSettings)  # [lora]: see coordinator.lora
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the trial trains a language model on a token data set."""
+        return self.dataset.partition(":")[0] in TEXT_DATASETS
 
     def member(self, index: int) -> FleetAgent:
         """The fleet table of agent ``index`` (defaults when the file has none for it)."""
@@ -166,6 +215,17 @@ class TrialConfig:
                 "lora applies to snake and fedavg; split learning trains its front whole",
             ),
         ]
+        text, lm = self.is_text, self.model in LANGUAGE_MODELS
+        checks += [
+            (
+                text or not lm,
+                f"model {self.model} is a language model: use a text dataset ({', '.join(TEXT_DATASETS)})",
+            ),
+            (lm or not text, f"dataset {self.dataset} is text: use a language model ({', '.join(LANGUAGE_MODELS)})"),
+            (not (text and self.algorithm == "split"), "split learning is not built for language models"),
+            (not (text and self.train.kd_alpha > 0), "train.kd_alpha: distillation is not built for language models"),
+            *self.lm.checks(),
+        ]
         for i, a in enumerate(self.fleet):
             checks += [
                 (a.memory_mb == 0 or a.memory_mb >= 64, f"fleet[{i}].memory_mb must be 0 (no cap) or >= 64"),
@@ -185,7 +245,7 @@ class TrialConfig:
         return self
 
 
-_SECTIONS = {"train": TrainConfig, "transfer": TransferConfig, "timeouts": Timeouts, "lora": LoraSettings}
+_SECTIONS = {"train": TrainConfig, "transfer": TransferConfig, "timeouts": Timeouts, "lora": LoraSettings, "lm": LmConfig}
 
 
 def load_trial(path: Path | None, overrides: dict[str, Any] | None = None) -> TrialConfig:
@@ -208,7 +268,12 @@ def load_trial(path: Path | None, overrides: dict[str, Any] | None = None) -> Tr
         raise ConfigError("fleet must be an array of tables: [[fleet]]")
     members = tuple(_build(FleetAgent, table, f"fleet[{i}]") for i, table in enumerate(fleet))
     config: TrialConfig = dataclasses.replace(top, **sections, fleet=members)
-    for key, value in (overrides or {}).items():
+    given = {k for k, v in (overrides or {}).items() if v is not None}
+    given |= {f"{name}.{key}" for name in _SECTIONS for key in raw.get(name, {})} | set(raw.get("trial", {}))
+    dataset = (overrides or {}).get("dataset") or config.dataset
+    text = dataclasses.replace(config, dataset=dataset).is_text
+    defaults = {k: v for k, v in TEXT_DEFAULTS.items() if k not in given} if text else {}
+    for key, value in [*defaults.items(), *(overrides or {}).items()]:
         if value is None:
             continue
         section, _, leaf = key.rpartition(".")

@@ -5,6 +5,7 @@ Torch-free: ``simulate`` and the benchmarks give each agent process its partitio
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,8 @@ def write_partitions(config: TrialConfig, ds: Dataset, root: Path) -> list[Path]
 
 def write_token_partitions(config: TrialConfig, ds: TokenDataset, root: Path) -> list[Path]:
     """One token NPZ per agent: its share of the training sequences (capped) and the same partition of the
-    validation sequences (``by-source``: an agent validates on its own novels); the test set stays here."""
+    validation sequences (``by-source``: an agent validates on its own novels), capped at
+    :func:`validation_cap`; the test set stays here."""
     root.mkdir(parents=True, exist_ok=True)
     spec = parse_partition(config.partition)
     train_parts = partition(ds.y_train, config.agents, spec, seed=config.seed, min_size=1)
@@ -55,6 +57,9 @@ def write_token_partitions(config: TrialConfig, ds: TokenDataset, root: Path) ->
     for i, (idx, val) in enumerate(zip(train_parts, val_parts, strict=True)):
         if config.samples_per_agent and len(idx) > config.samples_per_agent:
             idx = np.sort(rng.permutation(idx)[: config.samples_per_agent])
+        cap = validation_cap(config, len(idx))
+        if len(val) > cap:  # every hop validates its whole share: keep it in proportion to what a hop trains
+            val = np.sort(rng.permutation(val)[:cap])
         empty = ds.x_test[:0], ds.y_test[:0]
         share = TokenDataset(f"{ds.name}[agent-{i}]", ds.x_train[idx], ds.y_train[idx], ds.x_val[val], ds.y_val[val],
                              *empty, ds.vocab_size, ds.pad_id, ds.sources)  # fmt: skip
@@ -62,3 +67,13 @@ def write_token_partitions(config: TrialConfig, ds: TokenDataset, root: Path) ->
         save_tokens_npz(path, share)
         paths.append(path)
     return paths
+
+
+def validation_cap(config: TrialConfig, train_sequences: int) -> int:
+    """Validation sequences an agent keeps: ``val_fraction`` of what one hop trains on (its share times the
+    epochs, or ``max_steps`` batches), relative to training, and at least one batch."""
+    t = config.train
+    used = train_sequences * t.epochs
+    if t.max_steps:
+        used = min(used, t.max_steps * t.batch_size)
+    return max(t.batch_size, math.ceil(used * config.val_fraction / (1 - config.val_fraction)))

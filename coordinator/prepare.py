@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from coordinator.build.artifacts import SegmentArtifacts, build_front_artifacts, build_segment_artifacts
@@ -14,7 +15,14 @@ from coordinator.build.portable_artifacts import build_portable_artifacts
 from coordinator.config import TrialConfig
 from coordinator.costs import profile_groups
 from coordinator.errors import ConfigError
-from coordinator.export import TASK_CAUSAL_LM, ForwardModel, export_forward, export_front
+from coordinator.export import (
+    TASK_CAUSAL_LM,
+    ExportError,
+    ForwardModel,
+    export_forward,
+    export_front,
+    load_tensors,
+)
 from coordinator.lora import add_adapters, lora_groups
 from coordinator.plan import AgentProfile, GroupInfo, Plan, Segment
 from coordinator.reroute import reroute
@@ -142,13 +150,21 @@ def group_infos(forward: ForwardModel, model: nn.Module) -> tuple[GroupInfo, ...
     )
 
 
-def prepare(config: TrialConfig, spec: InputSpec, work: Path) -> Prepared:
-    """Build the model (seeded), export it and measure its layer groups. Segment artifacts follow the
-    plan, which needs the agents' hellos (:meth:`Prepared.build_artifacts`)."""
+def prepare(
+    config: TrialConfig, spec: InputSpec, work: Path, initial: Mapping[str, np.ndarray] | None = None
+) -> Prepared:
+    """Build the model (seeded; ``initial``: these weights instead, e.g. a pretrained base), export it and
+    measure its layer groups. Segment artifacts follow the plan, which needs the agents' hellos
+    (:meth:`Prepared.build_artifacts`)."""
     import torch
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, spec)
+    if initial is not None:
+        try:
+            load_tensors(model, initial)
+        except ExportError as exc:
+            raise ConfigError(f"the base model does not fit {config.model}: {exc}") from exc
     if config.lora.enabled:  # after any base weights are in: the adapters start as a no-op on them
         add_adapters(model, config.lora)
     if spec.seq_len:  # a language model: token ids [N, seq_len], num_classes = vocabulary size

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coordinator import lm_report
+
 
 def reach(summary: dict[str, Any], target: float) -> tuple[int | None, int | None]:
     """(rounds, bytes) when test accuracy first reached ``target``; None if it never did."""
@@ -143,5 +145,7 @@ def write_report(summaries: Sequence[dict[str, Any]], out: Path, target: float, 
     result = {"target_accuracy": target, "rows": rows, "ratios": rel, "runs": list(summaries)}
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     plots(summaries, out)
-    (out / "report.md").write_text(markdown(rows, rel, target, title))
+    lm_report.plot(summaries, out)
+    text = markdown(rows, rel, target, title)
+    (out / "report.md").write_text("\n".join([text, *lm_report.markdown(summaries)]))
     return result

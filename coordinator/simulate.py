@@ -20,10 +20,10 @@ from coordinator.broker import free_port, start_broker
 from coordinator.config import TrialConfig
 from coordinator.errors import ConfigError, TrialError
 from coordinator.memcap import MemoryCap
-from coordinator.partitions import write_partitions
+from coordinator.partitions import write_partitions, write_token_partitions
 from coordinator.secure_broker import start_provisioned
-from coordinator.trial import run_trial
-from edge_agent.data import load_dataset
+from coordinator.trial import Workload, run_trial
+from edge_agent.data import Dataset, load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,18 @@ class AgentProcesses:
             cap.remove()
 
 
+def workload_and_partitions(config: TrialConfig, root: Path) -> tuple[Dataset | Workload, list[Path]]:
+    """The trial's data (image data set, or a language model's workload with its base model) and one
+    partition file per agent under ``root``."""
+    if config.is_text:
+        from coordinator.lm_trial import text_workload
+
+        workload, tokens = text_workload(config)
+        return workload, write_token_partitions(config, tokens, root)
+    ds = load_dataset(config.dataset)
+    return ds, write_partitions(config, ds, root)
+
+
 def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, Any]:
     """Run a simulated trial; returns the summary (also in ``out/summary.json``)."""
     backends = options.backends or ("auto",)
@@ -126,8 +138,7 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
         portable = [f"agent-{i}" for i, backend in enumerate(chosen) if backend == "portable"]
         if portable:
             raise ConfigError(f"split learning needs the ort backend; {', '.join(portable)} would run portable")
-    ds = load_dataset(config.dataset)
-    paths = write_partitions(config, ds, out / "data")
+    workload, paths = workload_and_partitions(config, out / "data")
     secure = provision_run(out, config.agents) if options.secure else None
     if secure is not None:
         broker = start_provisioned(secure, out / "broker" / "mosquitto.log")
@@ -160,7 +171,7 @@ def simulate(config: TrialConfig, out: Path, options: SimOptions) -> dict[str, A
         extra = {"broker": broker.kind if broker else "external", "samples_per_agent": config.samples_per_agent,
                  "agent_exits": exits, "secure": secure is not None}  # fmt: skip
         try:
-            return run_trial(replace(config), url, out, ds, exit_agents=True, stop=stop,
+            return run_trial(replace(config), url, out, workload, exit_agents=True, stop=stop,
                              show_progress=options.show_progress, extra=extra,
                              provisioned=secure / "coordinator" if secure else None)  # fmt: skip
         except TrialError as exc:

@@ -7,17 +7,21 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
 
 from coordinator.config import TrialConfig
 from coordinator.controller import TrialSetup
 from coordinator.display import TrialDisplay
 from coordinator.errors import ConfigError, TrialError
-from coordinator.evaluate import evaluate_onnx, finalize
+from coordinator.evaluate import TestResult, evaluate_onnx, finalize
 from coordinator.events import BackStep, BuildArtifacts, Built, EvaluateRound, Evaluation, Event, Relayed, Stepped
+from coordinator.export import TASK_CLASSIFY
 from coordinator.journal import Journal, Journaled
+from coordinator.lm_report import write_run_report
 from coordinator.prepare import Prepared, prepare
 from coordinator.results import RunRecord
 from coordinator.scheduler import HopSettings
@@ -35,6 +39,36 @@ log = logging.getLogger(__name__)
 def input_spec(ds: Dataset) -> InputSpec:
     c, h, w = ds.input_shape
     return InputSpec(c, h, w, ds.num_classes)
+
+
+class Workload(Protocol):
+    """What a trial trains for: the model's input, its starting weights, how it is evaluated."""
+
+    spec: InputSpec
+    task: str
+    initial: Mapping[str, np.ndarray] | None  # None: the seeded random init
+
+    def evaluate(self, onnx_path: Path) -> TestResult: ...
+
+    def finish(self, model: Any, initial: Mapping[str, np.ndarray], final_onnx: Path, out: Path) -> dict[str, Any]:
+        """Extra summary fields once the final model is evaluated."""
+        ...
+
+
+class ImageWorkload:
+    """A classifier on an image data set's test split."""
+
+    task: str = TASK_CLASSIFY
+    initial: Mapping[str, np.ndarray] | None = None
+
+    def __init__(self, ds: Dataset) -> None:
+        self.spec, self.x, self.y = input_spec(ds), to_float(ds.x_test), ds.y_test
+
+    def evaluate(self, onnx_path: Path) -> TestResult:
+        return evaluate_onnx(onnx_path, self.x, self.y)
+
+    def finish(self, model: Any, initial: Mapping[str, np.ndarray], final_onnx: Path, out: Path) -> dict[str, Any]:
+        return {}
 
 
 def trial_setup(
@@ -87,9 +121,8 @@ def make_back(config: TrialConfig, prepared: Prepared) -> Back | None:
 class TrialJobs:
     """The controller's slow work for a real trial: artifacts, split back steps, round evaluations."""
 
-    def __init__(self, prepared: Prepared, dataset: Dataset, work: Path, back: Back | None) -> None:
-        self.prepared, self.work, self.back = prepared, work, back
-        self.x, self.y = to_float(dataset.x_test), dataset.y_test
+    def __init__(self, prepared: Prepared, workload: Workload, work: Path, back: Back | None) -> None:
+        self.prepared, self.workload, self.work, self.back = prepared, workload, work, back
 
     def build(self, job: BuildArtifacts) -> Built:
         return Built(*self.prepared.artifacts_for(job.plan))
@@ -105,8 +138,9 @@ class TrialJobs:
 
     def evaluate(self, job: EvaluateRound) -> Evaluation:
         path = self.work / f"round_model_{job.round}.onnx"
-        onnx_path = finalize(self.prepared.model, decode_tensors(job.model), self.prepared.forward.input_shape, path)
-        test = evaluate_onnx(onnx_path, self.x, self.y)
+        forward = self.prepared.forward
+        onnx_path = finalize(self.prepared.model, decode_tensors(job.model), forward.input_shape, path, forward.task)
+        test = self.workload.evaluate(onnx_path)
         onnx_path.unlink(missing_ok=True)
         return Evaluation(test.accuracy, test.loss)
 
@@ -115,7 +149,7 @@ def run_trial(
     config: TrialConfig,
     broker: str,
     out: Path,
-    dataset: Dataset,
+    dataset: Dataset | Workload,
     exit_agents: bool,
     stop: Callable[[], bool] = lambda: False,
     show_progress: bool = True,
@@ -124,14 +158,16 @@ def run_trial(
     provisioned: Path | None = None,
 ) -> dict[str, Any]:
     """Run a whole trial against agents on ``broker``; returns (and writes) the summary. ``resume``: carry on
-    the trial whose journal is in ``out`` (its coordinator was killed)."""
+    the trial whose journal is in ``out`` (its coordinator was killed). ``dataset``: an image data set's test
+    split, or a :class:`Workload` (a language model's: :mod:`coordinator.lm_trial`)."""
+    workload = ImageWorkload(dataset) if isinstance(dataset, Dataset) else dataset
     started = time.monotonic()
     journal = Journal(out)
     journaled = read_journal(journal, config) if resume else None
     record = RunRecord(out)
     with TrialDisplay(enabled=show_progress) as display:
         display.status(f"exporting {config.model} and measuring its layer groups")
-        prepared = prepare(config, input_spec(dataset), out / "work")
+        prepared = prepare(config, workload.spec, out / "work", workload.initial)
         back = make_back(config, prepared)
         setup = trial_setup(config, prepared, back, journaled.trial_id if journaled else None)
         if journaled is None:
@@ -140,7 +176,7 @@ def run_trial(
             for event in journaled.events:  # metrics.jsonl, rounds.jsonl and the figures, as they were
                 record.record(event)
         display.status(f"trial {setup.trial_id}: waiting for {config.agents} agent(s)")
-        jobs = TrialJobs(prepared, dataset, out / "work", back)
+        jobs = TrialJobs(prepared, workload, out / "work", back)
         service: TrialService
 
         def on_event(event: Event) -> None:
@@ -168,8 +204,10 @@ def run_trial(
             raise TrialError(outcome.failed or "no final model")
         display.status("evaluating the final model on the test set")
         tensors = decode_tensors(outcome.final_model)
-        onnx_path = finalize(prepared.model, tensors, prepared.forward.input_shape, out / "final_model.onnx")
-        test = evaluate_onnx(onnx_path, jobs.x, jobs.y)
+        forward = prepared.forward
+        onnx_path = finalize(prepared.model, tensors, forward.input_shape, out / "final_model.onnx", forward.task)
+        test = workload.evaluate(onnx_path)
+        extra_fields = workload.finish(prepared.model, forward.tensors, onnx_path, out)
     base = _base(config, setup.trial_id, extra) | {
         "final_test_accuracy": round(test.accuracy, 6),
         "final_test_loss": round(test.loss, 6),
@@ -179,6 +217,7 @@ def run_trial(
         "segments": [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in prepared.segments],
         "plan": prepared.plan.as_dict() if prepared.plan else None,
         "final_model": str(onnx_path),
+        **extra_fields,
     }
     ctl = service.controller
     summary = record.summary(base, outcome.bytes_sent, ctl.checkpoint_bytes, outcome.bytes_received)
@@ -192,6 +231,8 @@ def run_trial(
                     "bytes_gradients": ctl.gradient_bytes}  # fmt: skip
     record.write_summary(summary)
     record.plot()
+    if "final_perplexity" in summary:
+        write_run_report(summary, out)
     log.info("final test accuracy %.4f (loss %.4f) on %d samples", test.accuracy, test.loss, test.samples)
     return summary
 
