@@ -43,7 +43,7 @@ def trial_setup(
     t = config.train
     strategy: Strategy = (
         FedAvgStrategy(config.transfer.compression)
-        if config.algorithm == "fedavg"
+        if config.algorithm in ("fedavg", "fedprox")
         else SnakeStrategy(config.transfer.compression)
     )
     if config.algorithm == "split":
@@ -64,6 +64,7 @@ def trial_setup(
             t.kd_alpha,
             t.kd_temperature,
             config.timeouts.gradient_s,
+            t.prox_mu if config.algorithm == "fedprox" else 0.0,
         ),  # fmt: skip
         chunk_bytes=config.transfer.chunk_bytes,
         compression=config.transfer.compression,
@@ -159,7 +160,9 @@ def run_trial(
             journal.close()
         record.rejections["coordinator"] = service.controller.rejections.as_dict()
         if outcome.failed is not None or outcome.final_model is None:
-            summary = record.summary(_base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent)
+            summary = record.summary(
+                _base(config, setup.trial_id, extra) | {"failed": outcome.failed}, outcome.bytes_sent
+            )
             record.write_summary(summary | faults_summary(service, record))
             raise TrialError(outcome.failed or "no final model")
         display.status("evaluating the final model on the test set")
@@ -225,7 +228,7 @@ def _base(config: TrialConfig, trial_id: str, extra: dict[str, Any] | None) -> d
     return {
         "trial_id": trial_id,
         "algorithm": config.algorithm,
-        "mode": "cs" if config.algorithm in ("fedavg", "split") else config.mode,  # both are stars by nature
+        "mode": "cs" if config.algorithm in ("fedavg", "fedprox", "split") else config.mode,  # both are stars by nature
         "model": config.model,
         "dataset": config.dataset,
         "partition": config.partition,
