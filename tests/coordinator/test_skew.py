@@ -45,3 +45,17 @@ def test_the_plan_carries_the_methods_to_every_hop_task() -> None:
         for t in ts
     ]
     assert {(t.kd_alpha, t.logit_adjust, t.bn_mix) for t in plain} == {(0.0, 0.0, 0.0)}
+
+
+def test_fedprox_plans_like_fedavg_and_its_hops_carry_mu() -> None:
+    from coordinator.config import TrialConfig
+    from coordinator.prepare import make_plan
+    from coordinator.scheduler import fedavg_plan
+
+    groups = [GroupInfo(f"g{i}", (f"g{i}.w",), (), 10) for i in range(2)]
+    config = TrialConfig(algorithm="fedprox", agents=2).validate()
+    assert make_plan(config, groups, ["a", "b"], SKEWED) == fedavg_plan(["a", "b"], groups, config.rounds)
+    plan = fedavg_plan(["a", "b"], groups, 1)
+    settings = HopSettings(1, 8, 0.1, 0, None, prox_mu=config.train.prox_mu)
+    tasks = [t for ts in hop_tasks(plan, {(0, "ort"): ("0" * 64, 1)}, settings).values() for t in ts]
+    assert {(t.prox_mu, t.logit_adjust, t.kd_alpha) for t in tasks} == {(0.01, 0.0, 0.0)}
