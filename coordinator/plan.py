@@ -159,7 +159,7 @@ class Plan:
         return lines + list(self.notes)
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "algorithm": self.algorithm,
             "mode": self.mode,
             "segments": [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in self.segments],
@@ -176,7 +176,10 @@ class Plan:
             ],
             "excluded": [{"agent": a, "reason": r} for a, r in self.excluded],
             "coverage": {g: sorted(a) for g, a in self.coverage().items()},
-        } | ({"label_skew": dataclasses.asdict(self.skew), "notes": list(self.notes)} if self.skew else {})
+        }
+        if self.skew is not None:
+            out |= {"label_skew": dataclasses.asdict(self.skew), "notes": list(self.notes)}
+        return out
 
 
 def _estimates(h: PlannedHop) -> str:

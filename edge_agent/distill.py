@@ -47,7 +47,8 @@ def label_log_prior(y: np.ndarray, num_classes: int) -> np.ndarray:
     """log of the label frequencies of ``y`` [N] with one pseudo-count per class (a class the hop does not
     hold gets log(1 / (N + C)): its score is barely pushed down by the adjusted cross-entropy)."""
     counts = np.bincount(np.asarray(y, np.int64).ravel(), minlength=num_classes)[:num_classes].astype(np.float64)
-    return np.log((counts + 1.0) / (counts.sum() + num_classes)).astype(np.float32)
+    prior: np.ndarray = np.log((counts + 1.0) / (counts.sum() + num_classes)).astype(np.float32)
+    return prior
 
 
 def kd_extras(

@@ -58,9 +58,12 @@ def main(partition: str, agents: int, rounds: int, samples_per_agent: int, seed:
     histograms = {f"agent-{i}": np.bincount(y, minlength=ds.num_classes).tolist() for i, (_, y) in enumerate(data)}
     plan = make_plan(config, prepared.groups, list(histograms), histograms)
     methods = decide(config.train, histograms)
-    overrides = {k: v for k, v in (("kd_alpha", kd_alpha), ("logit_adjust", logit_adjust), ("bn_mix", bn_mix))
-                 if v is not None}  # fmt: skip
-    methods = dataclasses.replace(methods, **overrides)
+    methods = dataclasses.replace(
+        methods,
+        kd_alpha=methods.kd_alpha if kd_alpha is None else kd_alpha,
+        logit_adjust=methods.logit_adjust if logit_adjust is None else logit_adjust,
+        bn_mix=methods.bn_mix if bn_mix is None else bn_mix,
+    )
     print(f"{methods.describe()}", file=sys.stderr)
     weights = dict(prepared.forward.tensors)
     trainer, rows, started = OrtTrainer(threads=threads), [], time.perf_counter()
