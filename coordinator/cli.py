@@ -39,7 +39,7 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--rounds", type=int, help="Rounds (every agent trains once per round)."),
         click.option(
             "--algorithm",
-            type=click.Choice(["snake", "fedavg", "split"]),
+            type=click.Choice(["snake", "fedavg", "fedprox", "split"]),
             help="snake, or a baseline: fedavg, or split learning (agents train the front, the coordinator the back).",
         ),
         click.option(
@@ -71,6 +71,11 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Language models: auto (pretrain one, cached) | none (random init) | PATH (.safetensors).",
         ),
         click.option("--pretrain-steps", type=int, help="Language models: steps of the base model's pretraining."),
+        click.option(
+            "--label-skew",
+            type=click.Choice(["auto", "on", "off"]),
+            help="Label-skew methods (KD, logit adjustment, BatchNorm mixing): when histograms are skewed, always, never.",
+        ),
         click.option("--seed", type=int, help="Seed for model init, partitions and shuffling."),
         click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/NAME-TIME)."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
@@ -95,6 +100,7 @@ def build_config(path: Path | None, opts: dict[str, Any]) -> TrialConfig:
         "compression": "transfer.compression",
         "kd_alpha": "train.kd_alpha",
         "kd_temperature": "train.kd_temperature",
+        "label_skew": "train.label_skew",
         "split_cut": "train.split_cut",
         "max_steps": "train.max_steps",
         "seq_len": "lm.seq_len",
@@ -143,6 +149,18 @@ def finish(summary: dict[str, Any], out: Path, as_json: bool) -> None:
             f"  {a['agent_id']:10} {a['backend']:8} peak {a['peak_rss_mb']:.0f} MiB  sent {a['bytes_sent'] / 1e6:.1f} MB  hops {a['hops']}"
         )
     click.echo(f"results in {out}/ (summary.json, metrics.jsonl, training.png, final_model.onnx)")
+
+
+def simulated_labels(config: TrialConfig) -> dict[str, list[int]] | None:
+    """The label histograms ``simulate`` agents of ``config`` would report (None when the data set cannot be read)."""
+    from coordinator.partitions import label_histograms
+    from edge_agent.data import DataError, load_dataset
+
+    try:
+        return label_histograms(config, load_dataset(config.dataset))
+    except DataError as exc:
+        log.warning("no label histograms for the plan: %s", exc)
+        return None
 
 
 def check_broker(url: str) -> None:
@@ -307,12 +325,13 @@ def pretrain(trial_file: Path | None, **opts: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--model", type=click.Choice(["mlp", "cnn", "vgg11"]), help="Model from the registry.")
 @click.option("--rounds", type=int, help="Rounds.")
-@click.option(
-    "--algorithm", type=click.Choice(["snake", "fedavg", "split"]), help="snake, or a baseline: fedavg, split."
-)
+@click.option("--algorithm", type=click.Choice(["snake", "fedavg", "fedprox", "split"]), help="snake, or a baseline.")
 @click.option("--split-cut", help="Split learning: the last layer group the agents train.")
 @click.option("--mode", type=click.Choice(["p2p", "cs"]), help="Peer to peer or client-server.")
 @click.option("--batch-size", type=int, help="Batch size (drives the activation memory estimate).")
+@click.option("--partition", help="iid | dirichlet:ALPHA: the simulated agents' label mixes (label-skew methods).")
+@click.option("--samples-per-agent", type=int, help="Cap each agent's partition, as simulate does.")
+@click.option("--seed", type=int, help="Partition seed.")
 def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
     """Print the plan without running anything: route, and per round each agent's segment with its
     estimated peak memory and hop time, and any agent left out with why.
@@ -352,7 +371,7 @@ def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
             data_mb = samples / (1 - config.val_fraction) * pixels / (1 << 20)
             fleet.append(AgentProfile(f"agent-{i}", float(m.memory_mb), TYPICAL_BASELINE_MB[backend],
                                       m.gflops or TYPICAL_GFLOPS, backend, samples * config.train.epochs, data_mb))  # fmt: skip
-        p = make_plan(config, groups, fleet)
+        p = make_plan(config, groups, fleet, simulated_labels(config))
         if as_json:
             click.echo(json.dumps(p.as_dict(), indent=2))
         else:
@@ -372,8 +391,10 @@ def plan(trial_file: Path | None, as_json: bool, **opts: Any) -> None:
     "--algorithms",
     default="snake,fedavg",
     show_default=True,
-    help="Comma-separated algorithms to run; variants: snake+kd, snake+fp16, snake+kd+fp16.",
+    help="Comma-separated algorithms to run (snake, fedavg, fedprox, split); variants: snake+kd, snake+fp16, "
+    "snake+noskew (no label-skew methods), combined with +.",
 )
+@click.option("--seeds", help="Comma-separated seeds: every combination once per seed; the report adds medians.")
 @click.option("--partitions", default="iid,dirichlet:0.1", show_default=True, help="Comma-separated partitions.")
 @click.option("--target", default=0.8, show_default=True, help="Test accuracy for the rounds/bytes-to-target columns.")
 @click.option("--agents", type=int, help="Number of agent processes.")
@@ -386,6 +407,7 @@ def compare(
     trial_file: Path | None,
     algorithms: str,
     partitions: str,
+    seeds: str | None,
     target: float,
     broker: str | None,
     threads: int,
@@ -410,7 +432,11 @@ def compare(
         run_dir = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
         backends = tuple(b.strip() for b in agent_backends.split(",")) if agent_backends else ()
         options = SimOptions(broker, "auto", backends, threads, show_progress=sys.stderr.isatty())
-        result = run_compare(config, algorithms.split(","), partitions.split(","), run_dir, options, target)
+        try:
+            seed_list = [int(s) for s in seeds.split(",")] if seeds else []
+        except ValueError as exc:
+            raise click.BadParameter(f"--seeds takes comma-separated integers, not {seeds!r}") from exc
+        result = run_compare(config, algorithms.split(","), partitions.split(","), run_dir, options, target, seed_list)
         if as_json:
             click.echo(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2, default=str))
         else:

@@ -5,6 +5,7 @@ A trial file (every key optional; defaults shown)::
     [trial]
     name = "snake"             # also the trial id on the wire
     algorithm = "snake"        # snake | fedavg (baseline: every agent trains everything, averaged)
+                               #   | fedprox (FedAvg + a proximal term mu/2 ||w - w_global||^2 per agent)
                                #   | split (baseline: agents train the front, the coordinator the back)
     mode = "p2p"               # p2p | cs
     model = "cnn"              # mlp | cnn | vgg11
@@ -27,6 +28,13 @@ A trial file (every key optional; defaults shown)::
                                #   KL(softmax(teacher/T) || softmax(student/T)), teacher = the model
                                #   as received at the start of the hop; > 0 builds KD artifacts
     kd_temperature = 2.0       # T (> 0)
+    label_skew = "auto"        # auto | on | off: the label-skew methods below apply when the agents' label
+                               #   histograms are skewed (auto; coordinator.skew), always (on) or never (off)
+    skew_kd_alpha = 4.0        #   distillation weight under label skew (a kd_alpha > 0 wins; 0 = no KD)
+    logit_adjust = 1.0         #   tau of the logit adjustment by each hop's label prior (0 = none)
+    bn_mix = 0.0               #   weight of a hop's BatchNorm statistics against the received ones (0 = none;
+                               #   0.25 measured worse at Dirichlet(0.1), so off by default)
+    prox_mu = 0.01             # fedprox: weight of the proximal term (>= 0)
     split_cut = ""             # split learning: the last layer group the agents train ("" = the first
                                #   group); the coordinator trains every later group
 
@@ -90,7 +98,7 @@ MODES = ("p2p", "cs")
 TEXT_DATASETS = ("austen",)  # token data sets: they need a language model (LANGUAGE_MODELS)
 LANGUAGE_MODELS = ("gpt",)
 TEXT_DEFAULTS = {"rounds": 2, "train.batch_size": 16, "train.max_steps": 40, "eval_every_round": True}
-ALGORITHMS = ("snake", "fedavg", "split")
+ALGORITHMS = ("snake", "fedavg", "fedprox", "split")
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,11 @@ class TrainConfig:
     kd_alpha: float = 0.0
     kd_temperature: float = 2.0
     split_cut: str = ""
+    label_skew: str = "auto"
+    skew_kd_alpha: float = 4.0
+    logit_adjust: float = 1.0
+    bn_mix: float = 0.0
+    prox_mu: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -198,6 +211,13 @@ class TrialConfig:
                 math.isfinite(self.train.kd_temperature) and self.train.kd_temperature > 0,
                 "train.kd_temperature must be > 0",
             ),
+            (self.train.label_skew in ("auto", "on", "off"), "train.label_skew must be auto, on or off"),
+            (
+                all(math.isfinite(v) and v >= 0 for v in (self.train.skew_kd_alpha, self.train.logit_adjust)),
+                "train.skew_kd_alpha and train.logit_adjust must be >= 0",
+            ),
+            (math.isfinite(self.train.bn_mix) and 0 <= self.train.bn_mix <= 1, "train.bn_mix must be in [0, 1]"),
+            (math.isfinite(self.train.prox_mu) and self.train.prox_mu >= 0, "train.prox_mu must be >= 0"),
             (self.timeouts.gradient_s > 0, "timeouts.gradient_s must be > 0"),
             (
                 min(self.timeouts.offline_s, self.timeouts.holder_s, self.timeouts.silence_s) > 0,

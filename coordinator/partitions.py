@@ -12,7 +12,7 @@ import numpy as np
 
 from coordinator.config import TrialConfig
 from coordinator.text.sequences import save_tokens_npz
-from edge_agent.data import Dataset, parse_partition, partition, split_holdout
+from edge_agent.data import Dataset, label_histogram, parse_partition, partition, split_holdout
 from edge_agent.textdata import TokenDataset
 
 
@@ -28,15 +28,32 @@ def save_npz(path: Path | str, ds: Dataset) -> None:
     )
 
 
+def shares(config: TrialConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """Each agent's training indices: the trial's partition of ``labels``, capped at ``samples_per_agent``."""
+    parts = partition(labels, config.agents, parse_partition(config.partition), seed=config.seed)
+    rng = np.random.default_rng(config.seed)
+    out = []
+    for idx in parts:
+        if config.samples_per_agent and len(idx) > config.samples_per_agent:
+            idx = np.sort(rng.permutation(idx)[: config.samples_per_agent])
+        out.append(idx)
+    return out
+
+
+def label_histograms(config: TrialConfig, ds: Dataset) -> dict[str, list[int]]:
+    """The training label histogram each simulated agent of ``config`` will report in its hello."""
+    out = {}
+    for i, idx in enumerate(shares(config, ds.y_train)):
+        y, _, _, _ = split_holdout(ds.y_train[idx], ds.y_train[idx], config.val_fraction, seed=config.seed + i)
+        out[f"agent-{i}"] = label_histogram(y, ds.num_classes)
+    return out
+
+
 def write_partitions(config: TrialConfig, ds: Dataset, root: Path) -> list[Path]:
     """One NPZ per agent: its share of the training set (capped) and a local validation split."""
     root.mkdir(parents=True, exist_ok=True)
-    parts = partition(ds.y_train, config.agents, parse_partition(config.partition), seed=config.seed)
-    rng = np.random.default_rng(config.seed)
     paths = []
-    for i, idx in enumerate(parts):
-        if config.samples_per_agent and len(idx) > config.samples_per_agent:
-            idx = np.sort(rng.permutation(idx)[: config.samples_per_agent])
+    for i, idx in enumerate(shares(config, ds.y_train)):
         x, y, xv, yv = split_holdout(ds.x_train[idx], ds.y_train[idx], config.val_fraction, seed=config.seed + i)
         path = root / f"agent-{i}.npz"
         save_npz(path, Dataset(f"{ds.name}[agent-{i}]", x, y, xv, yv, ds.num_classes))

@@ -3,6 +3,7 @@ beyond describing itself (:mod:`coordinator.scheduler` builds plans)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -69,6 +70,24 @@ class PlannedHop:
 
 
 @dataclass(frozen=True)
+class SkewMethods:
+    """What the trial does against label skew, and why."""
+
+    skew: float  # sample-weighted mean total variation distance of the agents' label mixes from the fleet's
+    active: bool  # the methods below are on
+    kd_alpha: float = 0.0  # distillation weight every hop uses
+    logit_adjust: float = 0.0  # tau
+    bn_mix: float = 0.0  # weight of a hop's BatchNorm statistics
+    reason: str = ""
+
+    def describe(self) -> str:
+        on = [f"distillation (alpha {self.kd_alpha:g})"] if self.kd_alpha > 0 else []
+        on += [f"logit adjustment (tau {self.logit_adjust:g})"] if self.logit_adjust > 0 else []
+        on += [f"BatchNorm statistics mixing (w {self.bn_mix:g})"] if self.bn_mix > 0 else []
+        return f"label skew {self.skew:.2f}: {self.reason}; " + (", ".join(on) if on else "no label-skew methods")
+
+
+@dataclass(frozen=True)
 class Plan:
     mode: str  # "p2p" | "cs"
     segments: tuple[Segment, ...]
@@ -76,6 +95,8 @@ class Plan:
     algorithm: str = "snake"  # "snake" | "fedavg" | "split" (agents train segment 0, the coordinator 1)
     excluded: tuple[tuple[str, str], ...] = ()  # (agent, reason): agents the plan leaves out
     layout: tuple[tuple[str, tuple[str, ...]], ...] = ()  # versioned layer groups and their parameters (snake)
+    skew: SkewMethods | None = None  # the label-skew methods every hop uses (coordinator.skew); None: none known
+    notes: tuple[str, ...] = ()  # why the plan is as it is, beyond the route (e.g. the agents' label mixes)
 
     def groups(self) -> dict[str, list[str]]:
         """Layer group -> parameter names: what a model transfer versions (empty: whole models travel)."""
@@ -147,10 +168,12 @@ class Plan:
             detail = ": missing " + ", ".join(f"{g}/{a}" for g, a in missing) if 0 < len(missing) <= 6 else ""
             lines.append(f"coverage: {total - len(missing)} of {total} (layer group, agent) pairs{detail}")
         lines.extend(f"left out: {agent}: {reason}" for agent, reason in self.excluded)
-        return lines
+        if self.skew is not None:
+            lines.append(self.skew.describe())
+        return lines + list(self.notes)
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "algorithm": self.algorithm,
             "mode": self.mode,
             "segments": [{"index": s.index, "groups": list(s.groups), "params": s.num_params} for s in self.segments],
@@ -168,6 +191,9 @@ class Plan:
             "excluded": [{"agent": a, "reason": r} for a, r in self.excluded],
             "coverage": {g: sorted(a) for g, a in self.coverage().items()},
         }
+        if self.skew is not None:
+            out |= {"label_skew": dataclasses.asdict(self.skew), "notes": list(self.notes)}
+        return out
 
 
 def _estimates(h: PlannedHop) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from coordinator.lora import add_adapters, lora_groups
 from coordinator.plan import AgentProfile, GroupInfo, Plan, Segment
 from coordinator.reroute import reroute
 from coordinator.scheduler import fedavg_plan, snake_plan, split_plan
+from coordinator.skew import decide, label_mix
 from edge_agent.protocol.messages import Hello
 from models import InputSpec, build_model
 from models.split import split_model
@@ -46,7 +48,9 @@ class Prepared:
 
     def plan_for(self, config: TrialConfig) -> Callable[[Mapping[str, Hello]], Plan]:
         def plan(hellos: Mapping[str, Hello]) -> Plan:
-            return make_plan(config, self.groups, [profile_of(h, config) for _, h in sorted(hellos.items())])
+            fleet = [profile_of(h, config) for _, h in sorted(hellos.items())]
+            labels = {a: h.label_histogram for a, h in hellos.items()} if self.forward.task == TASK_CLASSIFY else None
+            return make_plan(config, self.groups, fleet, labels)
 
         return plan
 
@@ -72,7 +76,10 @@ class Prepared:
         """Both bundle kinds of every segment the plan uses (cached by content under ``work``); split
         learning: the front's one ORT bundle."""
         self.plan, self.artifacts = plan, {}
-        cache, opt, kd = self.work / "artifacts", self.config.train.optimizer, self.config.train.kd_alpha > 0
+        cache, opt = self.work / "artifacts", self.config.train.optimizer
+        kd = self.config.train.kd_alpha > 0 or (
+            plan.skew is not None and plan.skew.active
+        )  # KD bundles also adjust logits
         if plan.algorithm == "split":
             shape = self.forward.input_shape
             front_onnx = export_front(self.model, split_model(self.model, self.cut)[0], shape, self.work / "export")
@@ -119,13 +126,24 @@ def split_cut(config: TrialConfig, groups: Sequence[GroupInfo]) -> str:
     return cut
 
 
-def make_plan(config: TrialConfig, groups: Sequence[GroupInfo], fleet: Sequence[AgentProfile]) -> Plan:
+def make_plan(
+    config: TrialConfig,
+    groups: Sequence[GroupInfo],
+    fleet: Sequence[AgentProfile | str],
+    labels: Mapping[str, Sequence[int]] | None = None,
+) -> Plan:
+    """The trial's plan; ``labels`` (agent -> training samples per class, from the hellos) decides a snake
+    trial's label-skew methods (:mod:`coordinator.skew`), which the plan carries and prints."""
     t = config.train
     if config.algorithm == "split":  # the agents' memory budgets are not planned: the front is the small side
         return split_plan(fleet, groups, config.rounds, split_cut(config, groups))
-    if config.algorithm == "fedavg":
+    if config.algorithm in ("fedavg", "fedprox"):  # FedProx: FedAvg's plan, a proximal term in every hop
         return fedavg_plan(fleet, groups, config.rounds, t.batch_size, t.optimizer)
-    return snake_plan(fleet, groups, config.rounds, config.mode, t.batch_size, t.optimizer)
+    plan = snake_plan(fleet, groups, config.rounds, config.mode, t.batch_size, t.optimizer)
+    if labels is None:
+        return plan
+    notes = tuple(f"labels {a}: {label_mix(labels[a])}" for a in sorted(labels) if len(labels) <= 16)
+    return dataclasses.replace(plan, skew=decide(t, labels), notes=notes)
 
 
 def group_infos(forward: ForwardModel, model: nn.Module) -> tuple[GroupInfo, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ def reach(summary: dict[str, Any], target: float) -> tuple[int | None, int | Non
 def row(summary: dict[str, Any], target: float) -> dict[str, Any]:
     agents = summary.get("agents", [])
     rounds, bytes_ = reach(summary, target)
+    seed = f" / seed {summary['seed']}" if "seed" in summary else ""
     return {
-        "run": f"{label(summary)} / {summary['partition']}",
+        "run": f"{label(summary)} / {summary['partition']}{seed}",
+        "seed": summary.get("seed"),
         "variant": summary.get("variant", summary["algorithm"]),
         "algorithm": summary["algorithm"],
         "kd_alpha": summary.get("kd_alpha", 0.0),
@@ -38,6 +41,45 @@ def row(summary: dict[str, Any], target: float) -> dict[str, Any]:
         "max_trainable_params": max((a["max_trainable_params"] for a in agents), default=None),
         "wall_s": summary.get("wall_s"),
     }
+
+
+def over_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (variant, partition): medians over its seeds (accuracy also mean, min, max; rounds and bytes
+    to target over the seeds that reached it, with how many did), in the order the rows came."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if not r["failed"]:
+            groups.setdefault((r["variant"], r["partition"]), []).append(r)
+    out = []
+    for (variant, part), runs in groups.items():
+        acc = [r["final_test_accuracy"] for r in runs]
+        reached = [r for r in runs if r["rounds_to_target"] is not None]
+
+        def med(key: str, among: Sequence[dict[str, Any]] = runs) -> Any:
+            values = [r[key] for r in among if r[key] is not None]
+            return float(statistics.median(values)) if values else None
+
+        out.append({
+            "run": f"{variant} / {part}", "variant": variant, "algorithm": runs[0]["algorithm"], "partition": part,
+            "failed": None, "seeds": len(runs), "final_test_accuracy": med("final_test_accuracy"),
+            "accuracy_mean": statistics.fmean(acc), "accuracy_min": min(acc), "accuracy_max": max(acc),
+            "reached_target": len(reached), "rounds_to_target": med("rounds_to_target", reached),
+            "bytes_to_target": med("bytes_to_target", reached), "bytes_total": med("bytes_total"),
+            "peak_rss_mb_max": med("peak_rss_mb_max"), "wall_s": med("wall_s"),
+        })  # fmt: skip
+    return out
+
+
+def seeds_markdown(rows: Sequence[dict[str, Any]], target: float) -> list[str]:
+    head = "| run | seeds | median acc | mean | min | max | reached {t} | median rounds to {t} | median MB to {t} | median MB total |"
+    lines = ["", "## Over seeds", "", head.format(t=target), "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['seeds']} | {_fmt(r['final_test_accuracy'])} | {_fmt(r['accuracy_mean'])} | "
+            f"{_fmt(r['accuracy_min'])} | {_fmt(r['accuracy_max'])} | {r['reached_target']} | "
+            f"{_fmt(r['rounds_to_target'])} | {_fmt(r['bytes_to_target'], 'mb')} | {_fmt(r['bytes_total'], 'mb')} |"
+        )
+    return lines
 
 
 def label(summary: dict[str, Any]) -> str:
@@ -76,7 +118,10 @@ def _fmt(value: Any, kind: str = "") -> str:
     return str(value)
 
 
-def markdown(rows: Sequence[dict[str, Any]], rel: Sequence[dict[str, Any]], target: float, title: str) -> str:
+def markdown(
+    rows: Sequence[dict[str, Any]], rel: Sequence[dict[str, Any]], target: float, title: str,
+    seeded: Sequence[dict[str, Any]] = (),
+) -> str:  # fmt: skip
     head = "| run | final test acc | rounds to {t} | MB to {t} | MB total | peak RSS max (MiB) | peak RSS mean | max trainable params | wall s |"
     lines = [f"# {title}", "", head.format(t=target), "|" + "---|" * 9]
     for r in rows:
@@ -88,8 +133,11 @@ def markdown(rows: Sequence[dict[str, Any]], rel: Sequence[dict[str, Any]], targ
             f"{_fmt(r['bytes_to_target'], 'mb')} | {_fmt(r['bytes_total'], 'mb')} | {_fmt(r['peak_rss_mb_max'])} | "
             f"{_fmt(r['peak_rss_mb_mean'])} | {_fmt(r['max_trainable_params'])} | {_fmt(r['wall_s'], 's')} |"
         )
+    if seeded:
+        lines += seeds_markdown(seeded, target)
     if rel:
-        lines += ["", "## Ratios (measured in this run: same agents, data, broker, rounds)", ""]
+        medians = " (medians over seeds)" if seeded else ""
+        lines += ["", f"## Ratios{medians} (measured in this run: same agents, data, broker, rounds)", ""]
         for r in rel:
             lines.append(f"- {r['partition']}: " + ", ".join(f"{k} = {v}" for k, v in r.items() if k != "partition"))
     lines += ["", "![accuracy per round](accuracy_rounds.png)", "![accuracy per byte](accuracy_bytes.png)",
@@ -139,13 +187,15 @@ def plots(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
 
 def write_report(summaries: Sequence[dict[str, Any]], out: Path, target: float, title: str) -> dict[str, Any]:
     rows = [row(s, target) for s in summaries]
+    seeded = over_seeds(rows) if any(r["seed"] is not None for r in rows) else []
+    base = seeded or rows
     variants = {r["variant"] for r in rows}
-    rel = ratios(rows) + ratios(rows, other="split")
-    rel += [r for v in sorted(variants) if v.startswith("snake+") for r in ratios(rows, base="snake", other=v)]
-    result = {"target_accuracy": target, "rows": rows, "ratios": rel, "runs": list(summaries)}
+    rel = ratios(base) + ratios(base, other="fedprox") + ratios(base, other="split")
+    rel += [r for v in sorted(variants) if v.startswith("snake+") for r in ratios(base, base="snake", other=v)]
+    result = {"target_accuracy": target, "rows": rows, "over_seeds": seeded, "ratios": rel, "runs": list(summaries)}
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     plots(summaries, out)
     lm_report.plot(summaries, out)
-    text = markdown(rows, rel, target, title)
+    text = markdown(rows, rel, target, title, seeded)
     (out / "report.md").write_text("\n".join([text, *lm_report.markdown(summaries)]))
     return result

@@ -434,6 +434,7 @@ class HopSettings:
     kd_alpha: float = 0.0  # knowledge distillation weight (0 = off)
     kd_temperature: float = 2.0
     gradient_timeout_s: float = 60.0  # split learning: per batch
+    prox_mu: float = 0.0  # FedProx: weight of the proximal term toward the model the hop received (0 = off)
 
 
 def artifact_kind(backend: str) -> str:
@@ -450,6 +451,7 @@ def hop_tasks(
     """Per agent, its HopTasks; ``artifacts`` maps (segment, kind) -> (sha256, size), ``backends``
     agent -> the backend its hello names."""
     out: dict[str, list[HopTask]] = {}
+    skew = plan.skew
     for h in plan.hops:
         if plan.mode == "cs" or plan.algorithm == "fedavg":
             prev = nxt = COORDINATOR
@@ -471,8 +473,9 @@ def hop_tasks(
             h.round, h.hop, h.segment, list(seg.groups), list(seg.tensors), sha, size, prev, nxt,
             settings.epochs, settings.batch_size, settings.lr, settings.seed + h.hop, settings.max_steps,
             settings.checkpoints and round_end and plan.algorithm == "snake" and plan.mode == "p2p",
-            settings.kd_alpha, settings.kd_temperature, plan.algorithm == "split", settings.gradient_timeout_s,
-            holds,
+            skew.kd_alpha if skew else settings.kd_alpha, settings.kd_temperature, plan.algorithm == "split",
+            settings.gradient_timeout_s, holds, skew.logit_adjust if skew else 0.0, skew.bn_mix if skew else 0.0,
+            settings.prox_mu,
         )  # fmt: skip
         out.setdefault(h.agent, []).append(task)
     return out

@@ -77,7 +77,7 @@ def trial_setup(
     t = config.train
     strategy: Strategy = (
         FedAvgStrategy(config.transfer.compression)
-        if config.algorithm == "fedavg"
+        if config.algorithm in ("fedavg", "fedprox")
         else SnakeStrategy(config.transfer.compression)
     )
     if config.algorithm == "split":
@@ -98,6 +98,7 @@ def trial_setup(
             t.kd_alpha,
             t.kd_temperature,
             config.timeouts.gradient_s,
+            t.prox_mu if config.algorithm == "fedprox" else 0.0,
         ),  # fmt: skip
         chunk_bytes=config.transfer.chunk_bytes,
         compression=config.transfer.compression,
@@ -270,7 +271,7 @@ def _base(config: TrialConfig, trial_id: str, extra: dict[str, Any] | None) -> d
     return {
         "trial_id": trial_id,
         "algorithm": config.algorithm,
-        "mode": "cs" if config.algorithm in ("fedavg", "split") else config.mode,  # both are stars by nature
+        "mode": "cs" if config.algorithm in ("fedavg", "fedprox", "split") else config.mode,  # both are stars by nature
         "model": config.model,
         "dataset": config.dataset,
         "partition": config.partition,

@@ -23,6 +23,7 @@ import numpy as np
 from edge_agent import profile
 from edge_agent.actions import Counters, Effects, Gradient, HopResult, ResendFull, Train
 from edge_agent.agent import Agent
+from edge_agent.bnstats import mix_running_stats, mixed_buffers, running_stats
 from edge_agent.bundle import ArtifactStore
 from edge_agent.data import Inputs
 from edge_agent.handover import Cache, Loaded, full_model, hand_on, load_model
@@ -121,8 +122,9 @@ class HopRunner:
 
     def spec(self, task: HopTask) -> TrainSpec:
         return TrainSpec(
-            task.epochs, task.batch_size, task.lr, task.max_steps, task.seed, task.kd_alpha, task.kd_temperature
-        )
+            task.epochs, task.batch_size, task.lr, task.max_steps, task.seed, task.kd_alpha, task.kd_temperature,
+            task.logit_adjust, task.prox_mu,
+        )  # fmt: skip
 
     def total_steps(self, task: HopTask) -> int:
         steps = task.epochs * (len(self.data.y_train) // task.batch_size)
@@ -132,17 +134,17 @@ class HopRunner:
         """Train an ordinary hop (in the worker thread)."""
         task = action.task
         trainer = self.trainers.make()
-        directory, loaded = self._open(action, trainer)
+        directory, loaded, kept = self._open(action, trainer)
         stats = trainer.train(self.data.x_train, self.data.y_train, self.spec(task), on_step)
         # evaluation batches as small as training's: a 256-sample forward pass was the hop's memory peak
         val = trainer.evaluate(self.data.x_val, self.data.y_val, task.batch_size) if len(self.data.y_val) else None
-        return self._result(action, directory, trainer, loaded, stats, val)
+        return self._result(action, directory, trainer, loaded, stats, val, kept)
 
     def run_split(self, action: Train, on_step: StepCallback) -> HopResult:
         """Split learning: train the front batch by batch against the coordinator's gradients."""
         task = action.task
         trainer = self.trainers.make_front()
-        directory, loaded = self._open(action, trainer)
+        directory, loaded, _ = self._open(action, trainer)
         exchange = self.channel.exchange_for(task, action.compression)
         stats = trainer.train_split(self.data.x_train, self.data.y_train, self.spec(task), exchange, on_step)
         return self._result(action, directory, trainer, loaded, stats, None)
@@ -156,21 +158,36 @@ class HopRunner:
             return agent.resend(action.dst, action.hop, None, exc.message, now)
         return agent.resend(action.dst, action.hop, data, "", now)
 
-    def _open(self, action: Train, trainer: Trainer) -> tuple[Path, Loaded]:
-        """Open the segment's bundle and give ``trainer`` the whole received model."""
+    def _open(self, action: Train, trainer: Trainer) -> tuple[Path, Loaded, dict[str, np.ndarray]]:
+        """Open the segment's bundle and give ``trainer`` the whole received model; also the received
+        BatchNorm running statistics when the hop mixes them (``bn_mix``), else {}."""
         directory = self.store.path(action.task.artifact_sha256)
         trainer.open(directory)
-        return directory, self._load(action, trainer)
+        kept: dict[str, np.ndarray] = {}
+        return directory, self._load(action, trainer, kept), kept
 
-    def _load(self, action: Train, trainer: Trainer) -> Loaded:
+    def _load(self, action: Train, trainer: Trainer, kept: dict[str, np.ndarray]) -> Loaded:
         """Complete the received model (a delta, from the cached copy) and give it to ``trainer``."""
         loaded = load_model(action.received.take(), action.task, action.layout, self.models, action.trial_id)
-        trainer.set_weights(loaded.take_tensors())  # a temporary: the received bytes go once copied
+
+        def keep(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if action.task.bn_mix > 0:
+                kept.update(running_stats(tensors, list(tensors)))
+            return tensors
+
+        trainer.set_weights(keep(loaded.take_tensors()))  # a temporary: the received bytes go once copied
         profile.return_free_memory()
         return loaded
 
     def _result(
-        self, action: Train, directory: Path, trainer: Trainer, loaded: Loaded, stats: TrainStats, val: EvalStats | None
+        self,
+        action: Train,
+        directory: Path,
+        trainer: Trainer,
+        loaded: Loaded,
+        stats: TrainStats,
+        val: EvalStats | None,
+        kept: dict[str, np.ndarray] | None = None,
     ) -> HopResult:
         task = action.task
         manifest = read_manifest(directory)
@@ -178,6 +195,8 @@ class HopRunner:
         val = val or EvalStats(float("nan"), float("nan"), 0)
         profile.return_free_memory()  # activations of training and evaluation: before the weights are copied out
         weights = trainer.release_weights()  # the training session goes before we encode
+        if kept:  # frozen layers' BatchNorm statistics: a running average over hops, not this hop's data alone
+            weights = mix_running_stats(kept, weights, mixed_buffers(manifest), task.bn_mix)
         profile.return_free_memory()
         out = hand_on(
             task, weights, loaded.versions, loaded.digests, action.layout, action.compression, self.models,

@@ -82,3 +82,9 @@ def make_optimizer(name: str) -> Optimizer:
     if name == "adamw":
         return AdamW()
     raise ValueError(f"unknown optimizer {name!r}; known: adamw, sgd")
+
+
+def proximal_pull(param: np.ndarray, anchor: np.ndarray, rate: float) -> None:
+    """FedProx's proximal term mu/2 ||w - w0||^2, applied decoupled after each optimizer step (as AdamW applies
+    weight decay): ``param -= rate * (param - anchor)`` in place, ``rate`` = lr * mu."""
+    param -= np.float32(rate) * (param - anchor)

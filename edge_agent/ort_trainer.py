@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import Inputs
-from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
+from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_adjust, step_extras, teacher_logits
+from edge_agent.optim import proximal_pull
 from edge_agent.ort_training import import_onnxruntime, ort_errors, training_module
 from edge_agent.protocol.manifest import SegmentManifest
 from edge_agent.segment_checks import check_data, check_tensors, open_manifest
@@ -66,6 +67,22 @@ class _Session:
         self.module.copy_buffer_to_parameters(onnxruntime.OrtValue.ortvalue_from_numpy(flat)._ortvalue, False)
         # Only now: an optimizer created over a nominal (empty) checkpoint crashes on set_learning_rate.
         self.optimizer = api.Optimizer(directory / "optimizer_model.onnx", self.module)
+
+    def trainable(self) -> np.ndarray:
+        """The trainable parameters in one float32 buffer we own."""
+        onnxruntime = import_onnxruntime()
+
+        out = np.empty(self.module.get_parameters_size(True), dtype=np.float32)
+        self.module._model.copy_parameters_to_buffer(onnxruntime.OrtValue.ortvalue_from_numpy(out)._ortvalue, True)
+        return out
+
+    def pull_toward(self, anchor: np.ndarray, rate: float) -> None:
+        """FedProx: move the trainable parameters ``rate`` of the way back to ``anchor`` (:func:`proximal_pull`)."""
+        onnxruntime = import_onnxruntime()
+
+        params = self.trainable()
+        proximal_pull(params, anchor, rate)
+        self.module.copy_buffer_to_parameters(onnxruntime.OrtValue.ortvalue_from_numpy(params)._ortvalue, True)
 
     def flat(self) -> np.ndarray:
         """Every parameter in one float32 buffer we own (copied straight into it: one copy, not three)."""
@@ -136,18 +153,24 @@ class OrtTrainer:
         on_step: StepCallback | None = None,
         teacher: np.ndarray | None = None,
     ) -> TrainStats:
-        """Train; with ``spec.kd_alpha > 0`` distil from ``teacher`` (default: the current weights' logits)."""
+        """Train; with ``spec.kd_alpha > 0`` distil from ``teacher`` (default: the current weights' logits), with
+        ``spec.logit_adjust > 0`` adjust the logits by the label prior of ``y``."""
         session = self._require_session()
         x, y = self._check_data(x, y)
         batch, _, _ = plan_steps(spec, len(x))
         kd = check_kd(self.manifest, spec)
         if kd and teacher is None:
             teacher = self.teacher_logits(x, y, batch)
+        adjust = step_adjust(self.manifest, spec, y)
+        anchor = session.trainable() if spec.prox_mu > 0 else None
         onnxruntime = import_onnxruntime()
 
         def step(_: int, idx: np.ndarray) -> float:
-            extras = step_extras(self.manifest, spec, teacher if kd else None, idx)
-            return self._step(session, x[idx], y[idx], extras)
+            extras = step_extras(self.manifest, spec, teacher if kd else None, idx, adjust)
+            loss = self._step(session, x[idx], y[idx], extras)
+            if anchor is not None:  # FedProx
+                session.pull_toward(anchor, spec.lr * spec.prox_mu)
+            return loss
 
         onnxruntime.set_seed(spec.seed)  # dropout masks
         try:

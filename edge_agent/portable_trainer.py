@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import Inputs
-from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_extras, teacher_logits
-from edge_agent.optim import Optimizer, make_optimizer
+from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_adjust, step_extras, teacher_logits
+from edge_agent.optim import Optimizer, make_optimizer, proximal_pull
 from edge_agent.ort_training import import_onnxruntime, ort_errors
 from edge_agent.protocol.manifest import SegmentManifest
 from edge_agent.segment_checks import check_data, check_tensors, open_manifest
@@ -128,13 +128,18 @@ class PortableTrainer:
         kd = check_kd(manifest, spec)
         if kd and teacher is None:
             teacher = self.teacher_logits(x, y, batch)
+        adjust = step_adjust(manifest, spec, y)
+        anchor = {n: tensors[n].copy() for n in manifest.trainable} if spec.prox_mu > 0 else {}
         import_onnxruntime().set_seed(spec.seed)  # dropout masks
         try:
             graph = self._train_graph()
 
             def step(_: int, idx: np.ndarray) -> float:
-                extras = step_extras(manifest, spec, teacher if kd else None, idx)
-                return self._step(graph, tensors, x[idx], y[idx], spec.lr, extras)
+                extras = step_extras(manifest, spec, teacher if kd else None, idx, adjust)
+                loss = self._step(graph, tensors, x[idx], y[idx], spec.lr, extras)
+                for name, start in anchor.items():  # FedProx
+                    proximal_pull(tensors[name], start, spec.lr * spec.prox_mu)
+                return loss
 
             return run_steps(len(x), spec, step, on_step)
         except ort_errors() as exc:

@@ -47,6 +47,8 @@ class TrainSpec:
     seed: int = 0  # shuffling (and dropout) seed
     kd_alpha: float = 0.0  # knowledge-distillation weight; 0 = plain cross-entropy (needs a KD bundle if > 0)
     kd_temperature: float = 2.0  # distillation temperature T (> 0)
+    logit_adjust: float = 0.0  # tau of the logit adjustment by the hop's label prior; 0 = off (needs a KD bundle)
+    prox_mu: float = 0.0  # FedProx: pull the trained parameters toward their starting values (0 = off)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ TOOLS_REACHING_IN = {  # benchmarks of the agent itself: they drive its internal
     "tools/inmemory.py": "runs a whole fleet of AgentServices in-process over the in-memory broker",
     "tools/bench_llm_memory.py": "measures one OrtTrainer hop's peak memory on an LLM against full fine-tuning",
     "tools/lm_hops.py": "Snake hops of the GPT on Austen in-process with OrtTrainer (until trials take token data)",
+    "tools/skew_hops.py": "a snake trial's hops in-process with OrtTrainer and the hop's BatchNorm mixing (screening)",
+    "tools/skew_screen.py": "the same trial in plain torch with the agent's batch order (fast, approximate screening)",
 }
 
 

@@ -48,8 +48,8 @@ def artifact_key(
     digest.update(forward_onnx)
     digest.update(b"\0" + "\n".join(sorted(set(trainable))).encode())
     digest.update(b"\0" + optimizer.encode() + b"\0" + str(FORMAT_VERSION).encode())
-    if kd:  # non-KD keys stay as they were
-        digest.update(b"\0kd")
+    if kd:  # non-KD keys stay as they were; "+la": the graphs take the logit adjustment too
+        digest.update(b"\0kd+la")
     if task != "classify":  # so do classifier keys
         digest.update(b"\0task=" + task.encode())
     return digest.hexdigest()

@@ -1,10 +1,14 @@
 """Knowledge-distillation loss as an onnxblock loss block (torch-free; onnxruntime-training only).
 
-    loss = CE(student, y) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+    loss = CE(student + adjust, y) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
-with both terms batch means. The teacher logits, alpha and T are graph inputs, so one
-training graph serves every alpha and T, and the eval graph (which carries the same loss)
-reports plain cross-entropy when fed alpha = 0. Only standard ONNX operators are used
+with both terms batch means. ``adjust`` [num_classes] is the logit adjustment (Menon et al. 2021,
+"Long-tail learning via logit adjustment"; the balanced softmax of Ren et al. 2020): tau * log of the
+hop's local label prior, added to the logits inside the cross-entropy only, so the classifier learns
+scores for a uniform label mix instead of the hop's skewed one (and barely pushes down classes the hop
+does not hold). The teacher logits, alpha, T and adjust are graph inputs, so one
+training graph serves every alpha, T and prior, and the eval graph (which carries the same loss)
+reports plain cross-entropy when fed alpha = 0 and adjust = 0. Only standard ONNX operators are used
 (SoftmaxCrossEntropyLoss, Div, Softmax, LogSoftmax, Sub, Mul, ReduceMean, Add, Constant),
 so ORT builds the gradient from standard gradient rules and the portable lowering handles it.
 The KL row sum is taken as ReduceMean over all elements times the class count (no axes
@@ -28,6 +32,7 @@ LABEL_NAME = "labels"
 TEACHER_NAME = "teacher_logits"  # float [N, num_classes]
 ALPHA_NAME = "kd_alpha"  # float scalar
 TEMPERATURE_NAME = "kd_temperature"  # float scalar
+ADJUST_NAME = "logit_adjust"  # float [num_classes]: added to the logits inside the cross-entropy
 
 
 def _node(model: onnx.ModelProto, op_type: str, inputs: list[str], hint: str, **attrs: Any) -> str:
@@ -38,8 +43,9 @@ def _node(model: onnx.ModelProto, op_type: str, inputs: list[str], hint: str, **
     return out
 
 
-def _add_inputs(model: onnx.ModelProto, logits: str) -> None:
-    """Graph inputs for labels (int64 [N]), teacher logits (like ``logits``), alpha and T (scalars)."""
+def _add_inputs(model: onnx.ModelProto, logits: str, num_classes: int) -> None:
+    """Graph inputs for labels (int64 [N]), teacher logits (like ``logits``), alpha and T (scalars) and the
+    logit adjustment ([num_classes])."""
     graph_utils = training_module("onnxblock._graph_utils")
     like = graph_utils.get_output_from_output_name(model, logits)
     if not graph_utils.node_arg_exists(model, LABEL_NAME):
@@ -53,6 +59,7 @@ def _add_inputs(model: onnx.ModelProto, logits: str) -> None:
     model.graph.input.append(teacher)
     for name in (ALPHA_NAME, TEMPERATURE_NAME):
         model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
+    model.graph.input.append(helper.make_tensor_value_info(ADJUST_NAME, TensorProto.FLOAT, [num_classes]))
 
 
 def _kd_nodes(model: onnx.ModelProto, logits: str, num_classes: int) -> str:
@@ -74,19 +81,20 @@ def _kd_nodes(model: onnx.ModelProto, logits: str, num_classes: int) -> str:
 
 
 def kd_loss_block(num_classes: int) -> object:
-    """An ``onnxblock.Block`` computing CE + alpha * T^2 * KL, for ``generate_artifacts(loss=...)``."""
+    """An ``onnxblock.Block`` computing CE(logits + adjust) + alpha * T^2 * KL, for ``generate_artifacts(loss=...)``."""
     onnxblock = training_module("onnxblock")
     graph_utils = training_module("onnxblock._graph_utils")
 
     class KnowledgeDistillationLoss(onnxblock.Block):  # type: ignore[misc, name-defined]
         def build(self, logits: str, *_others: str) -> str:  # the forward graph's outputs; logits first
             model: onnx.ModelProto = self.base
-            _add_inputs(model, logits)
+            _add_inputs(model, logits, num_classes)
+            adjusted = _node(model, "Add", [logits, ADJUST_NAME], "kd.adjusted_logits")
             ce = str(graph_utils.generate_graph_name("kd.ce"))
             log_prob = str(graph_utils.generate_graph_name("kd.log_prob"))
             node = helper.make_node(
                 "SoftmaxCrossEntropyLoss",
-                [logits, LABEL_NAME],
+                [adjusted, LABEL_NAME],
                 [ce, log_prob],
                 reduction="mean",
                 name=str(graph_utils.generate_graph_name("kd.SoftmaxCrossEntropyLoss")),

@@ -4,7 +4,7 @@ Needs onnx and onnxruntime-training (not torch). The trainable set is baked
 into ``training_model.onnx``, so every segment gets its own artifact directory:
 
     training_model.onnx   forward + CrossEntropy loss + gradients; outputs (loss, logits, ...)
-                          (kd=True: CE + distillation loss, inputs teacher logits/alpha/T; see kd_loss)
+                          (kd=True: CE + distillation loss, inputs teacher logits/alpha/T/logit adjustment; see kd_loss)
     eval_model.onnx       forward + loss; outputs (loss, logits)
     optimizer_model.onnx  AdamW (torch defaults) or plain SGD
     nominal_checkpoint    parameter names and shapes only: weights travel separately
@@ -28,7 +28,7 @@ import onnx
 
 from coordinator.build.bundle import write_manifest
 from coordinator.build.generator_env import generator_env
-from coordinator.build.kd_loss import ALPHA_NAME, TEACHER_NAME, TEMPERATURE_NAME, kd_loss_block
+from coordinator.build.kd_loss import ADJUST_NAME, ALPHA_NAME, TEACHER_NAME, TEMPERATURE_NAME, kd_loss_block
 from coordinator.build.lm_loss import lm_loss_block
 from coordinator.errors import CoordinatorError
 from coordinator.onnx_external import uses_external_data
@@ -345,7 +345,7 @@ def generate_segment(
         optimizer=optimizer,
         num_classes=classes,
         input_shape=_input_shape(model, input_name),
-        kd_inputs=(TEACHER_NAME, ALPHA_NAME, TEMPERATURE_NAME) if kd else (),
+        kd_inputs=(TEACHER_NAME, ALPHA_NAME, TEMPERATURE_NAME, ADJUST_NAME) if kd else (),
         task=task,
     )
     write_manifest(out, manifest)

@@ -48,7 +48,8 @@ class SegmentManifest:
     grad_outputs: Mapping[str, str] = field(default_factory=dict)  # trainable name -> its gradient output
     buffer_outputs: Mapping[str, str] = field(default_factory=dict)  # every buffer -> its updated value output
     # Knowledge-distillation bundles only (absent otherwise): the extra graph inputs (teacher logits
-    # float [N, num_classes], alpha and temperature float scalars), in that order. See coordinator.build.kd_loss.
+    # float [N, num_classes], alpha and temperature float scalars, and in bundles that have it the logit
+    # adjustment float [num_classes]), in that order. See coordinator.build.kd_loss.
     kd_inputs: tuple[str, ...] = ()
     # Split-learning front bundles only (absent otherwise): the per-sample shape of the activations the
     # front outputs (``logits_name``); ``label_name`` then names the input taking dL/d(activations) and
@@ -69,6 +70,11 @@ class SegmentManifest:
         """Whether the loss is CE + knowledge distillation (the graphs take ``kd_inputs``)."""
         return bool(self.kd_inputs)
 
+    @property
+    def logit_adjust(self) -> bool:
+        """Whether the graphs take a logit adjustment (KD bundles built since it exists)."""
+        return len(self.kd_inputs) == 4
+
     def __post_init__(self) -> None:
         known = set(self.order)
         if len(known) != len(self.order):
@@ -85,8 +91,8 @@ class SegmentManifest:
             raise ManifestError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         if self.task not in TASKS:
             raise ManifestError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
-        if self.kd_inputs and len(self.kd_inputs) != 3:
-            raise ManifestError("manifest kd_inputs names teacher logits, alpha and temperature")
+        if self.kd_inputs and len(self.kd_inputs) not in (3, 4):
+            raise ManifestError("manifest kd_inputs names teacher logits, alpha, temperature (and logit adjustment)")
         self._check_kind()
 
     def _check_kind(self) -> None:

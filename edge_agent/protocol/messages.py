@@ -77,6 +77,9 @@ class HopTask:
     # group versions the receiver of this hop's model holds (its cached copy); send only newer groups.
     # Empty: the receiver holds nothing, send the whole model.
     next_holds: dict[str, int] = field(default_factory=dict)
+    logit_adjust: float = 0.0  # tau of the logit adjustment by the hop's label prior (0 = off; needs a KD bundle)
+    bn_mix: float = 0.0  # weight of the hop's BatchNorm running statistics against the received ones (0 = off)
+    prox_mu: float = 0.0  # FedProx: proximal term mu/2 ||w - w_received||^2 on the trained parameters (0 = off)
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,8 @@ T = TypeVar("T")
 # integer fields that cannot be negative (counts, sizes, indices); the decoder already bounds every integer
 # to 64 bits and every number to finite values
 NON_NEGATIVE = {
-    "HopTask": ("round", "hop", "segment", "artifact_size", "epochs", "batch_size", "max_steps"),
+    "HopTask": ("round", "hop", "segment", "artifact_size", "epochs", "batch_size", "max_steps", "logit_adjust",
+                "bn_mix", "prox_mu"),
     "Assign": ("chunk_bytes",),
     "ModelRequest": ("hop",),
     "Chunk": ("seq", "count", "size"),

@@ -38,7 +38,7 @@ def test_kd_manifest_names_the_extra_inputs_and_plain_manifests_do_not(
     kd_segment = tmp_path / "kd"
     generate_segment(toy().onnx_path, ALL, kd_segment, optimizer="sgd", kd=True)
     manifest = read_manifest(kd_segment)
-    assert manifest.kd and manifest.kd_inputs == ("teacher_logits", "kd_alpha", "kd_temperature")
+    assert manifest.kd and manifest.kd_inputs == ("teacher_logits", "kd_alpha", "kd_temperature", "logit_adjust")
     data = json.loads((kd_segment / "manifest.json").read_text())
     assert data["kd"] is True and data["kd_inputs"] == list(manifest.kd_inputs)
     plain = json.loads((segment(ALL, "sgd") / "manifest.json").read_text())

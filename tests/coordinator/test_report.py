@@ -76,3 +76,17 @@ def test_compare_variants_configure_each_run() -> None:
     for bad in ("snek", "snake+kd+kd", "snake+zip"):
         with pytest.raises(CoordinatorError):
             variant(base, bad)
+
+
+def test_seeds_give_medians_and_ratios_of_medians(tmp_path: Path) -> None:
+    runs = []
+    for seed, (snake, fedavg) in enumerate([(0.70, 0.80), (0.90, 0.78), (0.80, 0.79)]):
+        runs += [summary("snake", "dirichlet:0.3", [0.5, snake], 1.0, 100) | {"variant": "snake", "seed": seed},
+                 summary("fedavg", "dirichlet:0.3", [0.5, fedavg], 4.0, 200) | {"variant": "fedavg", "seed": seed}]  # fmt: skip
+    result = write_report(runs, tmp_path, 0.8, "title")
+    snake = next(r for r in result["over_seeds"] if r["variant"] == "snake")
+    assert snake["seeds"] == 3 and snake["final_test_accuracy"] == 0.8 and snake["accuracy_min"] == 0.7
+    assert snake["reached_target"] == 2 and snake["rounds_to_target"] == 2
+    (ratio,) = result["ratios"]
+    assert ratio["accuracy_gap_points"] == 1.0 and ratio["snake_over_fedavg_bytes"] == 0.25
+    assert "## Over seeds" in (tmp_path / "report.md").read_text()
