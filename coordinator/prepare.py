@@ -18,6 +18,7 @@ from coordinator.costs import profile_groups
 from coordinator.errors import ConfigError
 from coordinator.export import (
     TASK_CAUSAL_LM,
+    TASK_CLASSIFY,
     ExportError,
     ForwardModel,
     export_forward,
