@@ -265,7 +265,13 @@ class TrialConfig:
         return self
 
 
-_SECTIONS = {"train": TrainConfig, "transfer": TransferConfig, "timeouts": Timeouts, "lora": LoraSettings, "lm": LmConfig}
+_SECTIONS = {
+    "train": TrainConfig,
+    "transfer": TransferConfig,
+    "timeouts": Timeouts,
+    "lora": LoraSettings,
+    "lm": LmConfig,
+}
 
 
 def load_trial(path: Path | None, overrides: dict[str, Any] | None = None) -> TrialConfig:

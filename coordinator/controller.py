@@ -718,7 +718,9 @@ class Controller:
         holder, dst = self._holder(j), self.plan.hops[j].agent
         if holder == ME:
             self.outbox.pending = {
-                t: p for t, p in self.outbox.pending.items() if not (p.purpose == Purpose.MODEL and p.meta.get("hop") == j)
+                t: p
+                for t, p in self.outbox.pending.items()
+                if not (p.purpose == Purpose.MODEL and p.meta.get("hop") == j)
             }
             sends = self.setup.strategy.on_request(self.plan, dst, j)
             self.bytes_retransmitted += sum(len(s.data) for s in sends)
@@ -743,7 +745,9 @@ class Controller:
             self._fault(step, "agent_restarted", agent, k, "said hello from a new process",
                         f"hop {k} sent to it again", now)  # fmt: skip
             self._send_input(step, k, now, f"{agent} restarted")
-        elif k > 0 and self.plan.mode == "p2p" and self.plan.hops[k - 1].agent == agent and k not in self.hop_started_at:
+        elif (
+            k > 0 and self.plan.mode == "p2p" and self.plan.hops[k - 1].agent == agent and k not in self.hop_started_at
+        ):
             self._fault(step, "agent_restarted", agent, k, "said hello from a new process",
                         f"it hands its model for hop {k} on again", now)  # fmt: skip
             self._send_input(step, k, now, "you restarted before your hand-off was acknowledged")
@@ -768,7 +772,9 @@ class Controller:
             except (PlanError, CoordinatorError) as exc:
                 log.warning("cannot plan %s in again: %s", agent, exc)
 
-    def _fault(self, step: Step, kind: str, agent: str, hop: int | None, detail: str, recovery: str, now: float) -> None:
+    def _fault(
+        self, step: Step, kind: str, agent: str, hop: int | None, detail: str, recovery: str, now: float
+    ) -> None:
         step.events.append(Fault(round(now - self.started_at, 3), kind, agent, hop, detail, recovery))
 
     def _fail(self, step: Step, reason: str) -> None:

@@ -46,8 +46,10 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
 def plan_from_json(data: Mapping[str, Any]) -> Plan:
     return Plan(
         mode=data["mode"],
-        segments=tuple(Segment(s["index"], tuple(s["groups"]), tuple(s["params"]), tuple(s["tensors"]),
-                               s["num_params"]) for s in data["segments"]),  # fmt: skip
+        segments=tuple(
+            Segment(s["index"], tuple(s["groups"]), tuple(s["params"]), tuple(s["tensors"]), s["num_params"])
+            for s in data["segments"]
+        ),  # fmt: skip
         hops=tuple(PlannedHop(**h) for h in data["hops"]),
         algorithm=data["algorithm"],
         excluded=tuple((a, r) for a, r in data["excluded"]),
@@ -159,7 +161,9 @@ class Journal:
         meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
         if "trial_id" not in meta:
             raise ConfigError(f"{self.path} holds no trial to resume")
-        events = [event_from_json(k, json.loads(b)) for k, b in self.db.execute("SELECT kind, body FROM events ORDER BY seq")]
+        events = [
+            event_from_json(k, json.loads(b)) for k, b in self.db.execute("SELECT kind, body FROM events ORDER BY seq")
+        ]
         counters = dict(self.db.execute("SELECT key, value FROM counters").fetchall())
         model = None
         path = self.dir / MODEL_FILE
@@ -184,4 +188,3 @@ class _Tx:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-

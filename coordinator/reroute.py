@@ -44,9 +44,13 @@ def reroute(
         lo, hi = index[seg.groups[0]], index[seg.groups[-1]] + 1
         planned = original.hops[h.hop].agent if h.hop < len(original.hops) else h.agent
         candidates = [a for a in (planned, h.agent) if a in profiles][:1] or sorted(profiles)
-        choice = _pick(candidates, profiles, load, h, hops[-1].agent if hops else None, groups, lo, hi, batch, optimizer)
+        choice = _pick(
+            candidates, profiles, load, h, hops[-1].agent if hops else None, groups, lo, hi, batch, optimizer
+        )
         if choice is None:
-            raise PlanError(f"no available agent can train segment {h.segment} ({', '.join(seg.groups)}) of hop {h.hop}")
+            raise PlanError(
+                f"no available agent can train segment {h.segment} ({', '.join(seg.groups)}) of hop {h.hop}"
+            )
         agent, mb, seconds = choice
         load[h.round, agent] = load.get((h.round, agent), 0.0) + seconds
         hops.append(dataclasses.replace(h, agent=agent, est_mb=mb, est_s=seconds))

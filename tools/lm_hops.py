@@ -49,9 +49,16 @@ def _segments(groups: list[str], count: int) -> list[list[str]]:
 @click.option("--test-sequences", default=1000, show_default=True, help="Test sequences evaluated (spread evenly).")
 @click.option("--threads", default=2, show_default=True, help="ORT intra-op threads.")
 @click.option("--seed", default=0, show_default=True, help="Model, partition and shuffling seed.")
-@click.option("--pretrain-steps", default=0, show_default=True, help="First train a base: every non-adapter "
-              "parameter on the whole train split for this many steps (0 = start from the random init).")
-@click.option("--lora-rank", default=0, show_default=True, help="LoRA: segments train only adapters of this rank (0 = off).")
+@click.option(
+    "--pretrain-steps",
+    default=0,
+    show_default=True,
+    help="First train a base: every non-adapter "
+    "parameter on the whole train split for this many steps (0 = start from the random init).",
+)
+@click.option(
+    "--lora-rank", default=0, show_default=True, help="LoRA: segments train only adapters of this rank (0 = off)."
+)
 @click.option("--lora-alpha", default=16.0, show_default=True, help="LoRA scale numerator (scale = alpha / rank).")
 def main(
     agents: int,
@@ -130,7 +137,9 @@ def main(
                "perplexity_before": hops[0]["test_perplexity_before"], "perplexity_after": hops[-1]["test_perplexity"],
                "pretrain_steps": pretrain_steps, "hops": hops}  # fmt: skip
     if pretrain_steps:
-        summary["per_source"] = {k: {"base": v, "final": p} for (k, v), p in zip(base_per_source.items(), per_source().values(), strict=True)}
+        summary["per_source"] = {
+            k: {"base": v, "final": p} for (k, v), p in zip(base_per_source.items(), per_source().values(), strict=True)
+        }
     print(json.dumps(summary, indent=1))
 
 

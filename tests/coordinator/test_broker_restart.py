@@ -85,7 +85,9 @@ def test_queued_messages_for_an_offline_session_across_a_restart(
             time.sleep(0.1)
             queued = time.time()
             deadline = queued + 6 * autosave_s
-            while time.time() < deadline and not any(p.stat().st_mtime > queued for p in tmp_path.rglob("mosquitto.db")):
+            while time.time() < deadline and not any(
+                p.stat().st_mtime > queued for p in tmp_path.rglob("mosquitto.db")
+            ):
                 time.sleep(0.1)
         broker.restart(kill=kill)
         assert broker.port == port and broker.pid != pid

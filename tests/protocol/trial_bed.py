@@ -105,6 +105,7 @@ class TrialBed:
             "split": SplitStrategy(self.back, self.compression),
             "snake": SnakeStrategy(self.compression),
         }
+
         def again(plan: Plan, original: Plan, start: int, hellos: Mapping[str, Hello]) -> Plan:
             return reroute(plan, original, start, [AgentProfile(a) for a in sorted(hellos)], GROUPS, 8)
 
