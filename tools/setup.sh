@@ -50,7 +50,17 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip
 fi
 stamp="$venv/.snakelearn-$(cat setup.cfg | sha256sum | cut -c1-16)-${extras//,/_}"
-if [ ! -f "$stamp" ]; then
+if [ "${SNAKE_FROM_WHEEL:-0}" = "1" ]; then
+  # Install what users get: a wheel built from this checkout, not an editable link to it (CI agent tiers).
+  rm -rf "$venv/dist" && "$venv/bin/python" -m pip wheel -q --no-deps -w "$venv/dist" . 2>&1 | grep -vE "is ignored|^$" >&2 || true
+  wheel="$(ls "$venv"/dist/snakelearn-*.whl)"
+  echo "setup: installing $(basename "$wheel")[$extras] into $venv" >&2
+  "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel" 2>&1 | grep -vE "is ignored|^$" >&2 || true
+  "$venv/bin/python" -m pip install -q "${wheel}[${extras}]" 2>&1 | grep -vE "is ignored|^$" >&2 || true
+  (cd / && "$venv/bin/python" -c "import edge_agent" ) || { echo "setup: wheel install failed" >&2; exit 1; }
+  stamp="$venv/.snakelearn-wheel"  # never skip: the wheel is rebuilt from the checkout every time
+  touch "$stamp"
+elif [ ! -f "$stamp" ]; then
   echo "setup: installing snakelearn[$extras] into $venv" >&2
   "$venv/bin/python" -m pip install -q -e ".[${extras}]" 2>&1 | grep -vE "is ignored|^$" >&2 || true
   "$venv/bin/python" -c "import edge_agent, coordinator" || { echo "setup: install failed" >&2; exit 1; }
