@@ -57,7 +57,7 @@ if [ "${SNAKE_FROM_WHEEL:-0}" = "1" ]; then
   echo "setup: installing $(basename "$wheel")[$extras] into $venv" >&2
   "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel" 2>&1 | grep -vE "is ignored|^$" >&2 || true
   "$venv/bin/python" -m pip install -q "${wheel}[${extras}]" 2>&1 | grep -vE "is ignored|^$" >&2 || true
-  (cd / && "$venv/bin/python" -c "import edge_agent" ) || { echo "setup: wheel install failed" >&2; exit 1; }
+  (py_abs="$(realpath "$venv")/bin/python" && cd / && "$py_abs" -c "import edge_agent") || { echo "setup: wheel install failed" >&2; exit 1; }
   stamp="$venv/.snakelearn-wheel"  # never skip: the wheel is rebuilt from the checkout every time
   touch "$stamp"
 elif [ ! -f "$stamp" ]; then
