@@ -50,7 +50,8 @@ class Link(Protocol):
         """Receive messages on topics matching ``pattern`` (MQTT wildcards), now and after reconnects."""
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """Queue a publish; never blocks on the network."""
+        """Queue a publish. It may wait (MQTT: up to 2 s) while the bytes awaiting acknowledgement exceed the
+        link's window, which bounds a large hand-off's memory; it never waits while the broker is down."""
 
     def get(self, timeout: float | None = None) -> Incoming | None:
         """The next received message, or None after ``timeout`` seconds (None: wait forever)."""
