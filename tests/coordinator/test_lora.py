@@ -112,11 +112,14 @@ def test_opt_projections_take_adapters() -> None:
 
 
 def test_trial_settings_parse_and_check(tmp_path: Path) -> None:
-    config = load_trial(None, {"model": "gpt", "lora.rank": 8, "lora.alpha": 32.0, "lora.targets": "attn.qkv, mlp.fc"})
+    config = load_trial(
+        None,
+        {"model": "gpt", "dataset": "austen", "lora.rank": 8, "lora.alpha": 32.0, "lora.targets": "attn.qkv, mlp.fc"},
+    )
     assert config.lora.enabled and config.lora.target_list == ("attn.qkv", "mlp.fc")
     assert not load_trial(None).lora.enabled
     path = tmp_path / "t.toml"
-    path.write_text('[trial]\nmodel = "gpt"\n[lora]\nrank = 4\nalpha = 8\n')
+    path.write_text('[trial]\nmodel = "gpt"\ndataset = "austen"\n[lora]\nrank = 4\nalpha = 8\n')
     assert load_trial(path).lora.as_dict() == {"rank": 4, "alpha": 8.0, "targets": []}
     for overrides, message in (
         ({"lora.rank": -1}, "lora.rank"),

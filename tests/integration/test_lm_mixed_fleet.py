@@ -57,7 +57,8 @@ def test_ort_and_portable_agents_train_consecutive_gpt_segments(mosquitto: Runni
         pytest.skip(str(exc))
     ds = build_token_dataset("austen", {name: text[:CHARS] for name, text in novels}, SEQ_LEN)
     config = load_trial(None, {"model": "gpt", "dataset": "austen", "partition": "by-source", "agents": 2,
-                               "rounds": 2, "samples_per_agent": 128, "train.batch_size": 16})  # fmt: skip
+                               "rounds": 2, "samples_per_agent": 128, "train.batch_size": 16,
+                               "eval_every_round": False})  # fmt: skip
     agents = AgentProcesses()
     try:
         for i, (path, backend) in enumerate(zip(write_token_partitions(config, ds, tmp_path / "data"), BACKENDS, strict=True)):  # fmt: skip

@@ -183,8 +183,11 @@ def test_garbage_in_every_inbox_leaves_every_process_running(mosquitto: RunningB
 def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: Path) -> None:
     """Watch every model that travels: each hop changes every parameter of its segment and no other
     parameter (bit-identical); BatchNorm running statistics, which are not parameters, follow the data."""
-    watcher = MqttLink(
-        parse_broker_url(mosquitto.url), "watcher", [f"{topics.ROOT}/agents/+/inbox", f"{topics.ROOT}/+/inbox"]
+    watcher = MqttLink(  # reads only after the trial: no inbox budget, or paho holds the frames back meanwhile
+        parse_broker_url(mosquitto.url),
+        "watcher",
+        [f"{topics.ROOT}/agents/+/inbox", f"{topics.ROOT}/+/inbox"],
+        inbox_bytes=1 << 40,
     )
     watcher.start()
     try:
