@@ -165,6 +165,7 @@ class MqttLink:
         self._subscriptions = tuple(subscriptions)
         self._keepalive = keepalive
         self._window, self._inbox_budget = window_bytes, inbox_bytes
+        self._stopping = False  # set by stop(): no flow-control waits from then on
         self._queued = 0  # bytes in self._inbox
         self._tx_waiting = self._rx_waiting = False  # a publish waits for PUBACKs / paho's thread for get()
         self._inbox: queue.Queue[Incoming] = queue.Queue(maxsize=max_queue)
@@ -256,6 +257,9 @@ class MqttLink:
 
     def stop(self) -> None:
         """Disconnect cleanly (the last will is NOT published) and stop the network thread."""
+        with self._acks:  # nobody reads the inbox any more: paho's thread must not hold messages back for it
+            self._stopping = True
+            self._acks.notify_all()
         self._client.disconnect()
         self._client.loop_stop()
         # paho 2.1 leaves loop_start's wake-up socket pair open until the client is garbage collected
@@ -320,7 +324,7 @@ class MqttLink:
         """In paho's thread: hold back while the inbox is over budget (TCP then holds the rest back)."""
         deadline = time.monotonic() + FLOW_WAIT_S
         with self._acks:
-            while self._queued > self._inbox_budget and not self._tx_waiting:
+            while self._queued > self._inbox_budget and not self._tx_waiting and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
