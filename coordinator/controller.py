@@ -116,6 +116,9 @@ class Controller:
         self.artifacts: dict[tuple[int, str], tuple[str, int]] = {}
         self.blobs: dict[str, bytes] = {}
         self.done_hops: dict[int, HopDone] = {}
+        # snake hops whose report never came (lost with a broker's queue) but a later hop's did: that later
+        # hop started from their output, so they finished; they are not trained again
+        self.unreported: set[int] = set()
         self.hop_started_at: dict[int, float] = {}
         self.byes: dict[str, Bye] = {}
         self.last_progress = now
@@ -197,7 +200,8 @@ class Controller:
                 step, f"only {len(self.hellos)} of {self.setup.expected_agents} agents joined in time (joined: {have})"
             )
         elif self.tasks and not self.finished and now - self.last_progress > self.setup.hop_timeout_s:
-            hop = self.plan.hops[min(len(self.done_hops), self.total_hops - 1)] if self.plan else None
+            k = self._current() if self.plan else None
+            hop = self.plan.hops[k if k is not None else self.total_hops - 1] if self.plan else None
             assert hop is not None
             state = "online" if self.online.get(hop.agent) else "offline"
             self._fail(
@@ -219,8 +223,9 @@ class Controller:
             elif isinstance(event, Replanned):
                 self.plan = event.plan
                 self.done_hops = {h: d for h, d in self.done_hops.items() if h < event.start}
+                self.unreported = {h for h in self.unreported if h < event.start}
             elif isinstance(event, HopFinished):
-                self.done_hops[event.report.hop] = event.report
+                self._finish(event.report)
             elif isinstance(event, Fault) and event.kind == "agent_lost":
                 self.lost[event.agent] = event.detail
             elif isinstance(event, Fault) and event.kind == "agent_returned":
@@ -236,8 +241,8 @@ class Controller:
         self.resumed, self.held = True, held
         self.last_progress = now
         done = ", ".join(map(str, sorted(self.done_hops))) or "none"
-        log.info("resuming trial %s: %d of %d hops done (%s)", self.setup.trial_id, len(self.done_hops),
-                 self.total_hops, done)  # fmt: skip
+        log.info("resuming trial %s: %d of %d hops done (%s)", self.setup.trial_id,
+                 len(self.done_hops) + len(self.unreported), self.total_hops, done)  # fmt: skip
         return Step(jobs=[BuildArtifacts(self.plan)])
 
     def counters(self) -> dict[str, int]:
@@ -498,7 +503,7 @@ class Controller:
         if done.hop in self.done_hops or not self._assignee(env.src, done.hop):
             return Step()
         self.last_progress = now
-        self.done_hops[done.hop] = done
+        self._finish(done)
         return Step(events=[HopFinished(env.src, done, now - self.hop_started_at.get(done.hop, now))])
 
     def _on_bye(self, env: Envelope, now: float) -> Step:
@@ -590,7 +595,24 @@ class Controller:
     def _current(self) -> int | None:
         """The first hop not finished (snake hops run one after another); None when all are."""
         assert self.plan is not None
-        return next((h.hop for h in self.plan.hops if h.hop not in self.done_hops), None)
+        return next((h.hop for h in self.plan.hops if not self._is_done(h.hop)), None)
+
+    def _is_done(self, hop: int) -> bool:
+        return hop in self.done_hops or hop in self.unreported
+
+    def _finish(self, done: HopDone) -> None:
+        """Record ``done``. Snake hops run one after another, each from the output of the one before: a
+        finished hop proves every earlier hop of the route finished, even one whose report was lost (an agent
+        killed, a broker restarted without persistence before the coordinator read it)."""
+        self.done_hops[done.hop] = done
+        self.unreported.discard(done.hop)
+        if self.plan is None or self.plan.algorithm != "snake":
+            return
+        missing = [h.hop for h in self.plan.hops if h.hop < done.hop and not self._is_done(h.hop)]
+        if missing:
+            log.warning("hop %d finished but no report came for hop(s) %s: they finished too (not trained again)",
+                        done.hop, ", ".join(map(str, missing)))  # fmt: skip
+            self.unreported.update(missing)
 
     def _on_heartbeat(self, env: Envelope, now: float) -> Step:
         self.heartbeating.add(env.src)
@@ -686,11 +708,12 @@ class Controller:
             self._fail(step, f"cannot re-route around {', '.join(sorted(self.lost))}: {exc}")
             return
         if not keep:
-            lost_done = [j for j in range(start, k) if j in self.done_hops]
+            lost_done = [j for j in range(start, k) if self._is_done(j)]
             self.hops_lost += len(lost_done)
             self.hops_retried += len(lost_done) + (1 if k in self.hop_started_at else 0)
             for j in range(start, self.total_hops):
                 self.done_hops.pop(j, None)
+                self.unreported.discard(j)
                 self.hop_started_at.pop(j, None)
         self._replan(step, plan, first, now)
         if not keep:

@@ -262,6 +262,7 @@ def faults_summary(service: TrialService, record: RunRecord) -> dict[str, Any]:
     return {
         "hops_retried": ctl.hops_retried,
         "hops_lost": ctl.hops_lost,
+        "hops_unreported": sorted(ctl.unreported),  # finished (a later hop started from them), report lost
         "bytes_retransmitted": ctl.bytes_retransmitted + sum(record.retransmitted.values()),
         "lost_agents": dict(ctl.lost),
     }

@@ -198,6 +198,7 @@ def run(settings: dict[str, Any], out: Path, faults: list[PlannedFault] | None, 
         "span_s": round(span, 1), "coordinator_lives": lt.lives, "final_test_accuracy": summary.get("final_test_accuracy"),
         "model_digest": model_digest(out), "hops": summary.get("hops"), "resumed": summary.get("resumed", False),
         "hops_retried": summary.get("hops_retried"), "hops_lost": summary.get("hops_lost"),
+        "hops_unreported": summary.get("hops_unreported", []),
         "bytes_retransmitted": summary.get("bytes_retransmitted"), "lost_agents": summary.get("lost_agents"),
         "trial_faults": summary.get("faults", []), "faults": records,
     }  # fmt: skip

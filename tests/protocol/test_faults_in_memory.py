@@ -324,3 +324,32 @@ def test_a_replayed_offline_status_of_a_live_agent_loses_nothing(tmp_path: Path)
     h.run()
     assert h.ctl.failed is None and not h.ctl.lost and not faults(h)
     assert same(h.final, ref)
+
+
+def test_a_lost_hop_report_is_inferred_from_the_next_hop_and_its_restarted_agent_trains_nothing_again(
+    tmp_path: Path,
+) -> None:
+    """Found by tools/chaos.py: an agent finishes hop 2 and hands it on, but its ``hop_done`` dies with the
+    broker's queue (a restart without persistence) and the agent is killed. Hop 3 reports done: hop 2 finished
+    (hop 3 started from its output). The agent comes back; it must not be sent hop 2 again (its successor's
+    cache holds hop 3's output by then, so the resend fails and the trial re-plans and retrains)."""
+    ref = reference(tmp_path, agents=3, rounds=2)
+    h = TrialBed(tmp_path / "h", agents=3, rounds=2, tolerant=True)
+    h.run(until=lambda: h.ctl.plan is not None)
+    victim = h.ctl.plan.hops[2].agent  # type: ignore[union-attr]
+
+    def loses_the_report(topic: str, payload: bytes) -> list[Delivery]:
+        try:
+            env = decode(payload)
+        except ProtocolError:
+            return [Delivery(payload)]
+        lost = env.src == victim and env.type == "hop_done" and env.body.get("hop") == 2
+        return [] if lost else [Delivery(payload)]
+
+    h.broker.tamper = loses_the_report
+    h.run(until=lambda: 3 in h.ctl.done_hops, limit_s=600.0)
+    assert 2 not in h.ctl.done_hops and h.ctl.unreported == {2} and h.ctl._current() == 4  # noqa: SLF001
+    h.restart(victim)
+    h.run()
+    assert h.ctl.failed is None and same(h.final, ref)  # every hop trained exactly once
+    assert h.ctl.hops_lost == 0 and h.ctl.hops_retried == 0 and not h.ctl.lost
