@@ -57,6 +57,10 @@ def exit_guard(log: logging.Logger) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
+        # the clean-up ran: a second SIGTERM/Ctrl-C while the process exits must not turn exit 130 into
+        # death by signal (seen once in CI: -2, after "interrupted" was logged)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         log.error("interrupted")
         sys.exit(ExitCode.INTERRUPTED)
     except click.ClickException:

@@ -167,7 +167,8 @@ class MqttLink:
         self._window, self._inbox_budget = window_bytes, inbox_bytes
         self._stopping = False  # set by stop(): no flow-control waits from then on
         self._queued = 0  # bytes in self._inbox
-        self._tx_waiting = self._rx_waiting = False  # a publish waits for PUBACKs / paho's thread for get()
+        self._tx_waiters = 0  # threads waiting for PUBACKs (a publish over the window, wait_published)
+        self._rx_waiting = False  # paho's thread waits for get()
         self._inbox: queue.Queue[Incoming] = queue.Queue(maxsize=max_queue)
         self._loop_thread: int | None = None
         self._connack = threading.Event()
@@ -311,20 +312,23 @@ class MqttLink:
             return  # paho's thread (a birth message on connect) must never wait for its own PUBACKs
         deadline = time.monotonic() + FLOW_WAIT_S
         with self._acks:
-            while self._unacked + size > self._window and self._unacked and not self._rx_waiting and self.connected:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    logger.debug("link %s: %d B await PUBACKs; queueing more anyway", self.client_id, self._unacked)
-                    break
-                self._tx_waiting = True
-                self._acks.wait(remaining)
-            self._tx_waiting = False
+            self._tx_waiters += 1
+            try:
+                while self._unacked + size > self._window and self._unacked and not self._rx_waiting and self.connected:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        logger.debug("link %s: %d B await PUBACKs; queueing more", self.client_id, self._unacked)
+                        break
+                    self._acks.notify_all()  # paho's thread, waiting for get(), stops waiting: it reads PUBACKs
+                    self._acks.wait(remaining)
+            finally:
+                self._tx_waiters -= 1
 
     def _wait_for_consumer(self) -> None:
         """In paho's thread: hold back while the inbox is over budget (TCP then holds the rest back)."""
         deadline = time.monotonic() + FLOW_WAIT_S
         with self._acks:
-            while self._queued > self._inbox_budget and not self._tx_waiting and not self._stopping:
+            while self._queued > self._inbox_budget and not self._tx_waiters and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -334,14 +338,20 @@ class MqttLink:
             self._rx_waiting = False
 
     def wait_published(self, timeout: float) -> bool:
-        """True once the broker has acknowledged every publish so far; False on timeout."""
+        """True once the broker has acknowledged every publish so far; False on timeout. Meanwhile paho's
+        thread does not hold back for the inbox budget (it reads the PUBACKs this waits for)."""
         deadline = time.monotonic() + timeout
         with self._acks:
-            while self._pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._acks.wait(remaining)
+            self._tx_waiters += 1
+            self._acks.notify_all()
+            try:
+                while self._pending:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._acks.wait(remaining)
+            finally:
+                self._tx_waiters -= 1
         return True
 
     def get(self, timeout: float | None = None) -> Incoming | None:

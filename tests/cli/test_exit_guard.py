@@ -19,10 +19,11 @@ log = logging.getLogger("test.exitcodes")
 
 
 @pytest.fixture(autouse=True)
-def restore_sigterm() -> object:
-    previous = signal.getsignal(signal.SIGTERM)
+def restore_signals() -> object:
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     yield
-    signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _exit_code(exc: BaseException) -> int | str | None:
@@ -63,6 +64,8 @@ def test_the_traceback_is_logged_only_at_debug(caplog: pytest.LogCaptureFixture)
 @pytest.mark.expect_errors
 def test_interrupts_exit_130_and_bugs_exit_1_with_their_traceback(caplog: pytest.LogCaptureFixture) -> None:
     assert _exit_code(KeyboardInterrupt()) == ExitCode.INTERRUPTED
+    # once interrupted, the exit is not interrupted again (a second SIGTERM would end it by signal)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN == signal.getsignal(signal.SIGINT)
     assert _exit_code(ZeroDivisionError("oops")) == ExitCode.FAILED
     assert caplog.records[-1].exc_info and "bug" in caplog.records[-1].getMessage()
 

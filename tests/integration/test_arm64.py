@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,9 @@ def _agent_args(agent_id: str, part: str, broker: str, cache: Path) -> list[str]
 def test_an_arm64_agent_under_emulation_trains_a_conv_segment(mosquitto: RunningBroker, tmp_path: Path) -> None:
     if (reason := arm64_root.root_reason(arm64_root.DEFAULT_ROOT)) is not None:
         pytest.skip(f"no emulated arm64 agent here: {reason}")
-    watcher = MqttLink(parse_broker_url(mosquitto.url), "watcher", [f"{topics.ROOT}/agents/+/inbox",
-                                                                     f"{topics.ROOT}/+/inbox"],
-                      inbox_bytes=1 << 40)  # reads after the trial: no inbox budget  # fmt: skip
+    watcher = MqttLink(parse_broker_url(mosquitto.url), f"watcher-{uuid.uuid4().hex[:6]}",
+                       [f"{topics.ROOT}/agents/+/inbox", f"{topics.ROOT}/+/inbox"], clean_session=True,
+                       inbox_bytes=1 << 40)  # reads after the trial: no inbox budget  # fmt: skip
     watcher.start()
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("arm64", "x86")}
     tool = [sys.executable, str(REPO / "tools" / "arm64_root.py"), "run", "--bind", str(DATA), "--bind", str(tmp_path)]

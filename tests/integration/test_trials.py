@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,10 @@ class Meddler:
 
     def __init__(self, broker: str, duplicate: bool) -> None:
         self.link = MqttLink(
-            parse_broker_url(broker), "meddler", [f"{topics.ROOT}/+/inbox", f"{topics.ROOT}/agents/+/inbox"]
+            parse_broker_url(broker),
+            f"meddler-{uuid.uuid4().hex[:6]}",
+            [f"{topics.ROOT}/+/inbox", f"{topics.ROOT}/agents/+/inbox"],
+            clean_session=True,  # a persistent session would keep collecting later tests' traffic in the broker
         )
         self.duplicate = duplicate
         self.seen: set[bytes] = set()
@@ -186,8 +190,9 @@ def test_each_hop_changes_only_its_segment(mosquitto: RunningBroker, tmp_path: P
     parameter (bit-identical); BatchNorm running statistics, which are not parameters, follow the data."""
     watcher = MqttLink(  # reads only after the trial: no inbox budget, or paho holds the frames back meanwhile
         parse_broker_url(mosquitto.url),
-        "watcher",
+        f"watcher-{uuid.uuid4().hex[:6]}",
         [f"{topics.ROOT}/agents/+/inbox", f"{topics.ROOT}/+/inbox"],
+        clean_session=True,  # a session kept by an earlier test's "watcher" would replay its backlog here
         inbox_bytes=1 << 40,
     )
     watcher.start()
@@ -335,7 +340,10 @@ def test_an_agent_that_lost_its_cached_model_fetches_the_whole_model(mosquitto: 
     asks the sender for the whole model, and the trial ends as usual. The watcher reads the plan from
     the assignments (``next_holds``: what the sender may leave out)."""
     watcher = MqttLink(
-        parse_broker_url(mosquitto.url), "cache-wiper", [topics.coordinator_inbox(), f"{topics.ROOT}/agents/+/inbox"]
+        parse_broker_url(mosquitto.url),
+        f"cache-wiper-{uuid.uuid4().hex[:6]}",
+        [topics.coordinator_inbox(), f"{topics.ROOT}/agents/+/inbox"],
+        clean_session=True,
     )
     watcher.start()
     stop, wiped = threading.Event(), threading.Event()
