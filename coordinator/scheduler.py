@@ -170,24 +170,42 @@ class _Costs:
 
 
 SAME_SPEED = 2.0  # calibrations within this factor of the fleet's median count as the median
+SAME_FOOTPRINT = 1.1  # idle footprints within this factor of the fleet's median count as alike
 
 
 def _profiles(agents: Sequence[str | AgentProfile]) -> list[AgentProfile]:
-    """Profiles with planning speeds: an uncalibrated agent counts as a typical one, and speeds within
-    ``SAME_SPEED`` of the median as the median. Identical agents calibrating at once on one shared
-    2-core machine (simulate, while the coordinator exports) read 61-118 GFLOP/s; taken literally,
-    that noise outweighed rotation and cost transfers. Boards of different generations differ by
-    more (a Raspberry Pi 4 and a Jetson Orin: several times)."""
-    profiles = [a if isinstance(a, AgentProfile) else AgentProfile(a) for a in agents]
-    known = sorted(p.gflops for p in profiles if p.gflops)
-    if not known:
-        return profiles
-    typical = known[len(known) // 2]
+    """Profiles as the planner uses them, with measurement noise taken out so that alike agents plan alike.
 
-    def speed(g: float | None) -> float:
+    * **Speed**: an uncalibrated agent counts as a typical one, and speeds within ``SAME_SPEED`` of the
+      median as the median. Identical agents calibrating at once on one shared 2-core machine (simulate,
+      while the coordinator exports) read 61-118 GFLOP/s; taken literally, that noise outweighed
+      rotation and cost transfers. Boards of different generations differ by more (a Raspberry Pi 4
+      and a Jetson Orin: several times).
+    * **Idle footprint**: footprints within ``SAME_FOOTPRINT`` of the median count as the largest of
+      them (erring towards more memory, never less). Identical agents report idle footprints a few MiB
+      apart (allocator, import timing); taken literally, a difference of 2 MiB moved hops across a
+      memory step and gave identical simulated fleets 16 different routes, so a comparison's seeds
+      trained different routes from run to run. An agent of another backend or with a real extra
+      load differs by more and keeps its own figure.
+    """
+    profiles = [a if isinstance(a, AgentProfile) else AgentProfile(a) for a in agents]
+    speeds = sorted(p.gflops for p in profiles if p.gflops)
+    typical = speeds[len(speeds) // 2] if speeds else None
+
+    def speed(g: float | None) -> float | None:
+        if typical is None:
+            return g
         return typical if not g or 1 / SAME_SPEED <= g / typical <= SAME_SPEED else g
 
-    return [dataclasses.replace(p, gflops=speed(p.gflops)) for p in profiles]
+    footprints = sorted(p.baseline_mb for p in profiles if p.baseline_mb > 0)
+    usual = footprints[len(footprints) // 2] if footprints else 0.0
+    alike = [f for f in footprints if 1 / SAME_FOOTPRINT <= f / usual <= SAME_FOOTPRINT] if usual else []
+    shared = max(alike, default=0.0)
+
+    def footprint(mb: float) -> float:
+        return shared if mb > 0 and 1 / SAME_FOOTPRINT <= mb / usual <= SAME_FOOTPRINT else mb
+
+    return [dataclasses.replace(p, gflops=speed(p.gflops), baseline_mb=footprint(p.baseline_mb)) for p in profiles]
 
 
 TIME_SLACK = 1.25  # assignments within 25 % of the fastest round time count as equally fast (calibration noise)

@@ -188,8 +188,10 @@ class FedAvgStrategy(WholeModels):
         return Decision(self._broadcast(plan, hop.round + 1, merged), checkpoint=(hop.round, merged))
 
     def average(self, results: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Sample-weighted mean of every tensor (BatchNorm running statistics included)."""
-        weights = {agent: float(max(self.samples.get(agent, 1), 1)) for agent in results}
+        """Sample-weighted mean of every tensor (BatchNorm running statistics included). Summed in the order
+        of the agents' names, not the order their models arrived in: a float sum depends on its order, and
+        the same seed must give the same model however the agents' timing falls."""
+        weights = {agent: float(max(self.samples.get(agent, 1), 1)) for agent in sorted(results)}
         total = sum(weights.values())
         names = next(iter(results.values())).keys()
         return {

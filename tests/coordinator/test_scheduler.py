@@ -185,6 +185,23 @@ def test_calibration_noise_does_not_cost_rotation_but_a_truly_slow_agent_is_seen
     assert params["slow"] < params["fast"]
 
 
+def test_alike_agents_plan_alike_whatever_footprints_they_measure_but_a_heavier_agent_is_seen() -> None:
+    from tests.coordinator.test_plan_golden import layout  # the real cnn's layer groups
+
+    def route(footprints: list[float]) -> list[str]:
+        fleet = [AgentProfile(f"agent-{i}", 24105.0, mb, 80.0, "ort", 3000) for i, mb in enumerate(footprints)]
+        return [h.agent for h in snake_plan(fleet, layout("cnn"), rounds=4).hops]
+
+    same = route([105.0] * 4)
+    # footprints a simulated fleet of identical agents reported; taken literally they gave another route
+    assert route([104.1, 110.0, 105.3, 106.9]) == route([109.2, 103.0, 107.7, 105.1]) == same
+    fleet = [AgentProfile(f"a{i}", 200.0, mb, 80.0, "ort", 3000) for i, mb in enumerate([100.0, 104.0, 150.0])]
+    estimates = {h.agent: h.est_mb for h in snake_plan(fleet, layout("cnn"), rounds=1).hops}
+    # the two alike count as the larger of them (never less memory than measured); the heavy one keeps its own
+    assert estimates["a0"] >= 104.0 and estimates["a2"] >= 150.0
+    assert max(estimates.values()) <= 200.0  # and every hop still fits its budget
+
+
 def test_among_equally_fast_cuts_the_plan_takes_the_one_with_the_smallest_largest_hop() -> None:
     # the front keeps every later activation, the back holds most parameters; equal compute per group
     spec = [(1_000, 500_000), (300_000, 300_000), (1_000_000, 100_000), (3_000_000, 8_000)]

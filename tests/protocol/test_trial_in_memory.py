@@ -213,6 +213,15 @@ def test_fedavg_average_is_weighted_by_training_samples() -> None:
     np.testing.assert_allclose(merged["w"], [3.0, 3.0])
 
 
+def test_fedavg_average_does_not_depend_on_the_order_models_arrive_in() -> None:
+    strategy = FedAvgStrategy()
+    strategy.samples = {"a": 1, "b": 1, "c": 1}
+    big, one = np.full(2, 1e20, np.float32), np.ones(2, np.float32)
+    models = {"a": {"w": big}, "b": {"w": one}, "c": {"w": -big}}  # a float sum of these depends on its order
+    merged = [strategy.average({k: models[k] for k in order})["w"] for order in ("abc", "acb", "cba", "bca")]
+    assert all(m.tobytes() == merged[0].tobytes() for m in merged)
+
+
 def test_a_stale_shutdown_from_another_trial_does_not_stop_a_fresh_agent(tmp_path: Path) -> None:
     h = TrialBed(tmp_path, agents=2, rounds=1)
     stale = Envelope("shutdown", "coordinator", "a0", {"reason": "old", "exit": True}, trial_id="old-trial")
