@@ -16,7 +16,7 @@ segment never change.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from edge_agent.distill import TEACHER_BATCH, check_kd, kd_extras, step_adjust, 
 from edge_agent.optim import proximal_pull
 from edge_agent.ort_training import import_onnxruntime, ort_errors, training_module
 from edge_agent.protocol.manifest import SegmentManifest
-from edge_agent.segment_checks import check_data, check_tensors, open_manifest
+from edge_agent.segment_checks import check_data, checked_tensors, manifest_floats, open_manifest
 from edge_agent.trainer import (
     EvalStats,
     StepCallback,
@@ -47,9 +47,10 @@ ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onn
 class _Session:
     """ONNX Runtime objects for one set of weights: checkpoint state, module, optimizer."""
 
-    def __init__(self, directory: Path, options: Any, flat: np.ndarray, manifest: SegmentManifest) -> None:
+    def __init__(
+        self, directory: Path, options: Any, tensors: Iterator[tuple[str, np.ndarray]], manifest: SegmentManifest
+    ) -> None:
         api = training_module("api")
-        onnxruntime = import_onnxruntime()
 
         self.state = api.CheckpointState.load_checkpoint(str(directory / "nominal_checkpoint"))
         self.module = api.Module(
@@ -60,11 +61,25 @@ class _Session:
             raise TrainerError(
                 f"training graph inputs {self.module.input_names()} differ from the manifest's {expected}"
             )
-        size = self.module.get_parameters_size(False)
-        if size != flat.size:
-            raise TrainerError(f"training graph holds {size} floats, the manifest describes {flat.size}")
-        # 1.19.2 wants the raw C OrtValue here, not the Python wrapper.
-        self.module.copy_buffer_to_parameters(onnxruntime.OrtValue.ortvalue_from_numpy(flat)._ortvalue, False)
+        size, expected_size = self.module.get_parameters_size(False), manifest_floats(manifest)
+        if size != expected_size:
+            raise TrainerError(f"training graph holds {size} floats, the manifest describes {expected_size}")
+        # One tensor at a time into the module's own storage (the state's parameters are shared with it):
+        # no flat copy of the whole model, so loading peaks at ONNX Runtime's copy plus one tensor, not
+        # plus the whole model again (OPT-1.3B: about 5 GB less).
+        onnxruntime = import_onnxruntime()
+        # A nominal state takes only a whole flat buffer. Zeros from calloc are pages nobody has touched:
+        # ONNX Runtime reads them as the kernel's shared zero page, so they cost no resident memory. After
+        # that the state is whole, and each tensor is written into the module's own storage (``data`` is a
+        # view of it), one at a time: loading peaks at ONNX Runtime's copy plus one tensor, not plus two
+        # more copies of the model (a flat buffer, and the source tensors, all resident at once).
+        zeros = np.zeros(size, dtype=np.float32)
+        self.module.copy_buffer_to_parameters(onnxruntime.OrtValue.ortvalue_from_numpy(zeros)._ortvalue, False)
+        del zeros
+        parameters = self.state.parameters
+        for name, value in tensors:
+            parameters[name].data[...] = value
+            del value
         # Only now: an optimizer created over a nominal (empty) checkpoint crashes on set_learning_rate.
         self.optimizer = api.Optimizer(directory / "optimizer_model.onnx", self.module)
 
@@ -126,14 +141,14 @@ class OrtTrainer:
         )
 
     def set_weights(self, tensors: Mapping[str, np.ndarray]) -> None:
-        """Load every tensor. A caller that passes a temporary lets the inputs go before ONNX Runtime
-        copies the buffer (one model copy less at the peak)."""
+        """Load every tensor, one at a time (checked by name, shape and dtype): a mapping that produces
+        its values on access (read from a file, say) never holds the whole model besides ONNX Runtime's copy."""
         self._session = None  # the previous session's weights go first
-        flat = self._flatten(tensors)
+        checked = checked_tensors(self.manifest, tensors)
         del tensors
-        assert self._dir is not None  # _flatten checked the manifest
+        assert self._dir is not None  # checked_tensors checked the manifest
         try:
-            self._session = _Session(self._dir, self._options(), flat, self.manifest)
+            self._session = _Session(self._dir, self._options(), checked, self.manifest)
         except ort_errors() as exc:
             raise TrainerError(f"cannot load artifacts in {self._dir}: {exc}") from exc
 
@@ -237,16 +252,6 @@ class OrtTrainer:
         session.optimizer.step()
         session.module.lazy_reset_grad()
         return loss
-
-    def _flatten(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Every manifest tensor, checked by name, shape and dtype, copied once into a float32 buffer in order."""
-        checked = check_tensors(self.manifest, tensors, copy=False)
-        flat = np.empty(sum(t.size for t in checked.values()), dtype=np.float32)
-        offset = 0
-        for t in checked.values():
-            flat[offset : offset + t.size] = t.ravel()
-            offset += t.size
-        return flat
 
     def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         manifest = self.manifest

@@ -6,7 +6,7 @@ backends accept and refuse the same things.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,15 @@ def check_tensors(
 ) -> dict[str, np.ndarray]:
     """Every manifest tensor, checked by name, shape and dtype, as a float32 copy (manifest order);
     ``copy=False``: the given arrays themselves (the caller copies them where it needs them)."""
+    return {
+        name: np.array(value, dtype=np.float32, copy=True, order="C") if copy else value
+        for name, value in checked_tensors(manifest, tensors)
+    }
+
+
+def checked_tensors(manifest: SegmentManifest, tensors: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of every manifest tensor in manifest order, each checked by shape and dtype as it is
+    taken from ``tensors``; the names are checked before the first is taken."""
     missing = [name for name in manifest.order if name not in tensors]
     unknown = sorted(set(tensors) - set(manifest.order))
     if missing or unknown:
@@ -28,15 +37,23 @@ def check_tensors(
             f"weights do not match the segment: missing {missing[:5]}{'...' * (len(missing) > 5)}"
             f" ({len(missing)}), unknown {unknown[:5]} ({len(unknown)})"
         )
-    out: dict[str, np.ndarray] = {}
+    return _checked_values(manifest, tensors)
+
+
+def _checked_values(manifest: SegmentManifest, tensors: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
     for name in manifest.order:
         value = np.asarray(tensors[name])
         if value.shape != manifest.shapes[name]:
             raise TrainerError(f"tensor {name!r} has shape {value.shape}, expected {manifest.shapes[name]}")
         if not np.issubdtype(value.dtype, np.floating):
             raise TrainerError(f"tensor {name!r} has dtype {value.dtype}, expected a float type")
-        out[name] = np.array(value, dtype=np.float32, copy=True, order="C") if copy else value
-    return out
+        yield name, value
+        del value  # not kept while the next one is read
+
+
+def manifest_floats(manifest: SegmentManifest) -> int:
+    """How many floats the segment's tensors hold."""
+    return int(sum(np.prod(manifest.shapes[name], dtype=np.int64) for name in manifest.order))
 
 
 def open_manifest(directory: Path) -> SegmentManifest:

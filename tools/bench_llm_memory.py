@@ -7,7 +7,8 @@ architecture from a config written to a local directory, or the trials' GPT), ex
 a fresh child process (no torch; onnxruntime-training's on-device API, AdamW, fp32, the agent's
 ``OrtTrainer``) loads all weights, trains a few steps at the given batch and sequence length and reports:
 
-- ``load_peak_mb``: VmHWM while the weights are loaded (ORT's copy plus the flat buffer it is filled from);
+- ``load_peak_mb``: VmHWM while the weights are loaded (ORT's copy, filled one tensor at a time, each read
+  from the exported model's external data file when it is needed: an agent loading from its disk cache);
 - ``train_peak_mb``: VmHWM over the training steps, after resetting it (``/proc/self/clear_refs``);
 - ``peak_mb``: the larger of the two: the hop's peak.
 
@@ -30,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +56,41 @@ def _say(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def _forward_tensors(forward_onnx: Path, names: list[str]) -> dict[str, Any]:
+class _Lazy(Mapping[str, Any]):
+    """The forward model's tensors, each read from the external data file only when asked for and not
+    kept: an agent loading its frozen weights from its disk cache. (Memory maps kept for every tensor
+    would leave the whole file resident once read.)"""
+
+    def __init__(self, proto: Any, path: Path, names: list[str]) -> None:
+        from coordinator.onnx_external import tensor_views  # onnx + numpy only
+
+        self._read = lambda name: tensor_views(proto, path, [name])[name]
+        self._names = set(names)
+        self._order = names
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _forward_tensors(forward_onnx: Path, names: list[str]) -> Mapping[str, Any]:
     import onnx
     from onnx import numpy_helper
 
     proto = onnx.load(forward_onnx, load_external_data=False)
     if any(i.data_location == onnx.TensorProto.EXTERNAL for i in proto.graph.initializer):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from coordinator.onnx_external import tensor_views  # onnx + numpy only
-
-        return tensor_views(proto, forward_onnx, names)
+        return _Lazy(proto, forward_onnx, names)
     by_name = {i.name: i for i in proto.graph.initializer}
     return {name: numpy_helper.to_array(by_name[name]) for name in names}
 
