@@ -10,7 +10,9 @@ a fresh child process (no torch; onnxruntime-training's on-device API, AdamW, fp
 - ``load_peak_mb``: VmHWM while the weights are loaded (ORT's copy, filled one tensor at a time, each read
   from the exported model's external data file when it is needed: an agent loading from its disk cache);
 - ``train_peak_mb``: VmHWM over the training steps, after resetting it (``/proc/self/clear_refs``);
-- ``peak_mb``: the larger of the two: the hop's peak.
+- ``handoff_peak_mb``: VmHWM while the trained weights come out of ONNX Runtime for the hand-off
+  (``release_weights``: ORT's own tensors, no copy, while the training state goes), after resetting it;
+- ``peak_mb``: the largest of the three: the hop's peak.
 
 Cases: ``snake-hop`` trains a slice of consecutive blocks (the first ones: gradients then flow back
 through every later block, the worst place for a slice); ``full`` trains every parameter. The parent
@@ -124,9 +126,19 @@ def child(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
         losses.append(stats.loss)
         _say(phase=f"step {step + 1}", rss=_status("VmRSS"), hwm=_status("VmHWM"), seconds=times[-1])
+    train_peak = _status("VmHWM")
+    # the hand-off: the trained weights out of ONNX Runtime (the session goes), the trained tensors taken
+    # to be sent on, as the agent's hop does before it encodes them
+    Path("/proc/self/clear_refs").write_text("5")
+    t0 = time.perf_counter()
+    weights = trainer.release_weights()
+    sent = {name: weights[name] for name in trainer.manifest.trainable}
+    handoff_bytes = sum(int(t.nbytes) for t in sent.values())
+    handoff_peak, handoff_seconds = _status("VmHWM"), time.perf_counter() - t0
+    _say(phase="handed off", rss=_status("VmRSS"), hwm=handoff_peak, seconds=handoff_seconds)
     _say(
-        phase="done", load_peak=load_peak, loaded_rss=loaded, train_peak=_status("VmHWM"),
-        losses=losses, step_seconds=times,
+        phase="done", load_peak=load_peak, loaded_rss=loaded, train_peak=train_peak, handoff_peak=handoff_peak,
+        handoff_bytes=handoff_bytes, losses=losses, step_seconds=times,
     )  # fmt: skip
 
 
@@ -241,7 +253,9 @@ def summarize(info: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str
         if done is not None:
             out[case] = {
                 "ok": True, "load_peak_mb": done["load_peak"] / MB, "loaded_rss_mb": done["loaded_rss"] / MB,
-                "train_peak_mb": done["train_peak"] / MB, "peak_mb": max(done["load_peak"], done["train_peak"]) / MB,
+                "train_peak_mb": done["train_peak"] / MB, "handoff_peak_mb": done["handoff_peak"] / MB,
+                "handoff_bytes": done["handoff_bytes"],
+                "peak_mb": max(done["load_peak"], done["train_peak"], done["handoff_peak"]) / MB,
                 "losses": done["losses"], "median_step_seconds": sorted(done["step_seconds"])[len(done["step_seconds"]) // 2],
             }  # fmt: skip
         else:
@@ -253,8 +267,11 @@ def summarize(info: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str
     return out
 
 
-def estimate(info: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """Full fine-tuning's memory: weights + gradients + AdamW moments (16 B/param) + the hop's non-weight part."""
+def estimate(info: dict[str, Any], result: dict[str, Any], given: float | None = None) -> dict[str, Any]:
+    """Full fine-tuning's memory: weights + gradients + AdamW moments (16 B/param) + the hop's non-weight part
+    (``given``: an estimate from another run of the same model, e.g. for a LoRA-only run)."""
+    if given:
+        return {"full_estimate_mb": given, "from": "--full-estimate-mb"}
     params = info["parameters"]
     states = 16 * params
     hop = result.get("snake-hop", {})
@@ -286,6 +303,12 @@ def main() -> None:
     parser.add_argument("--cases", default="snake-hop,full", help="of snake-hop, full, snake-hop-lora")
     parser.add_argument("--lora-rank", type=int, default=0, help="also build the case snake-hop-lora")
     parser.add_argument("--lora-targets", default="self_attn.q_proj,self_attn.v_proj")
+    parser.add_argument(
+        "--full-estimate-mb",
+        type=float,
+        default=None,
+        help="full fine-tuning's estimate from another run (for runs without the snake-hop case)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--forward", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -299,10 +322,15 @@ def main() -> None:
     runs = {case: run_child(args, info, case) for case in args.cases.split(",")}
     result = summarize(info, runs)
     hop, full = result.get("snake-hop", {}), result.get("full", {})
+    full_estimate = estimate(info, result, args.full_estimate_mb)
+    against = full["peak_mb"] if full.get("ok") else full_estimate["full_estimate_mb"]
     report = {
         "setup": {"batch": args.batch, "seq": args.seq, "steps": args.steps, "threads": args.threads,
                   "optimizer": "adamw", "dtype": "float32", "backend": "ort", "cap_gb": args.cap_gb},
-        "model": info, "result": result, "runs": runs, "full_estimate": estimate(info, result),
+        "model": info, "result": result, "runs": runs, "full_estimate": full_estimate,
+        "ratio_peak_to_full": {  # each hop's whole peak (load, train, hand-off) over full fine-tuning's (or its estimate)
+            case: r["peak_mb"] / against for case, r in result.items() if case != "full" and r.get("ok") and against
+        },
         "ratio_peak": hop["peak_mb"] / full["peak_mb"] if hop.get("ok") and full.get("ok") else None,
         "ratio_train_peak": hop["train_peak_mb"] / full["train_peak_mb"] if hop.get("ok") and full.get("ok") else None,
         "hop_transfer_bytes": {
@@ -313,7 +341,11 @@ def main() -> None:
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("result", "full_estimate", "ratio_peak", "hop_transfer_bytes")}, indent=2))
+    print(
+        json.dumps(
+            {k: report[k] for k in ("result", "full_estimate", "ratio_peak_to_full", "hop_transfer_bytes")}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -243,5 +243,10 @@ def test_release_weights_hands_over_the_trained_weights_and_frees_the_session(
     assert list(released) == list(expected) and all(np.array_equal(released[n], expected[n]) for n in expected)
     with pytest.raises(TrainerError, match="no weights loaded"):
         trainer.get_weights()
+    assert all(v.dtype == np.float32 and v.shape == expected[n].shape for n, v in released.items())
     trainer.set_weights(released)  # usable again once weights are loaded
     assert all(np.array_equal(v, expected[n]) for n, v in trainer.get_weights().items())
+    trainer.set_weights(toy().tensors)  # the released arrays are ONNX Runtime's tensors, kept alive by them:
+    trainer.train(x, y, TrainSpec(epochs=2, batch_size=32, lr=0.01, seed=6))  # new sessions never reuse them
+    del trainer
+    assert all(np.array_equal(released[n], expected[n]) for n in expected)
