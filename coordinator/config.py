@@ -35,6 +35,8 @@ A trial file (every key optional; defaults shown)::
     bn_mix = 0.0               #   weight of a hop's BatchNorm statistics against the received ones (0 = none;
                                #   0.25 measured worse at Dirichlet(0.1), so off by default)
     prox_mu = 0.01             # fedprox: weight of the proximal term (>= 0)
+    lr_decay = 0.0             # > 0: the learning rate falls over the rounds along a cosine, from lr in the
+                               #   first round to lr * (1 - lr_decay) in the last (0 = constant; in [0, 1))
     split_cut = ""             # split learning: the last layer group the agents train ("" = the first
                                #   group); the coordinator trains every later group
 
@@ -116,6 +118,7 @@ class TrainConfig:
     logit_adjust: float = 1.0
     bn_mix: float = 0.0
     prox_mu: float = 0.01
+    lr_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ class TrialConfig:
             ),
             (math.isfinite(self.train.bn_mix) and 0 <= self.train.bn_mix <= 1, "train.bn_mix must be in [0, 1]"),
             (math.isfinite(self.train.prox_mu) and self.train.prox_mu >= 0, "train.prox_mu must be >= 0"),
+            (math.isfinite(self.train.lr_decay) and 0 <= self.train.lr_decay < 1, "train.lr_decay must be in [0, 1)"),
             (self.timeouts.gradient_s > 0, "timeouts.gradient_s must be > 0"),
             (
                 min(self.timeouts.offline_s, self.timeouts.holder_s, self.timeouts.silence_s) > 0,

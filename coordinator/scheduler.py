@@ -453,6 +453,15 @@ class HopSettings:
     kd_temperature: float = 2.0
     gradient_timeout_s: float = 60.0  # split learning: per batch
     prox_mu: float = 0.0  # FedProx: weight of the proximal term toward the model the hop received (0 = off)
+    lr_decay: float = 0.0  # the learning rate falls along a cosine over the rounds to lr * (1 - lr_decay)
+
+    def lr_in(self, round_: int, rounds: int) -> float:
+        """The learning rate of round ``round_`` of ``rounds``: ``lr`` with no decay; otherwise from ``lr`` in
+        the first round along a half cosine to ``lr * (1 - lr_decay)`` in the last."""
+        if self.lr_decay <= 0 or rounds <= 1:
+            return self.lr
+        progress = round_ / (rounds - 1)
+        return self.lr * (1 - self.lr_decay * (1 - math.cos(math.pi * progress)) / 2)
 
 
 def artifact_kind(backend: str) -> str:
@@ -489,7 +498,8 @@ def hop_tasks(
         round_end = h.hop + 1 == len(plan.hops) or plan.hops[h.hop + 1].round != h.round
         task = HopTask(
             h.round, h.hop, h.segment, list(seg.groups), list(seg.tensors), sha, size, prev, nxt,
-            settings.epochs, settings.batch_size, settings.lr, settings.seed + h.hop, settings.max_steps,
+            settings.epochs, settings.batch_size, settings.lr_in(h.round, plan.rounds), settings.seed + h.hop,
+            settings.max_steps,
             settings.checkpoints and round_end and plan.algorithm == "snake" and plan.mode == "p2p",
             skew.kd_alpha if skew else settings.kd_alpha, settings.kd_temperature, plan.algorithm == "split",
             settings.gradient_timeout_s, holds, skew.logit_adjust if skew else 0.0, skew.bn_mix if skew else 0.0,

@@ -99,6 +99,7 @@ def trial_setup(
             t.kd_temperature,
             config.timeouts.gradient_s,
             t.prox_mu if config.algorithm == "fedprox" else 0.0,
+            t.lr_decay,
         ),  # fmt: skip
         chunk_bytes=config.transfer.chunk_bytes,
         compression=config.transfer.compression,

@@ -131,6 +131,21 @@ def test_plans_print_and_serialise_their_estimates() -> None:
     assert {"segments", "hops", "excluded", "coverage"} <= set(data) and data["hops"][0]["est_mb"] > 100
 
 
+def test_the_learning_rate_decays_over_the_rounds_only_when_asked() -> None:
+    arts = {(0, "ort"): ("sha0", 1), (1, "ort"): ("sha1", 1)}
+    plan = snake_plan(["a", "b"], groups(1, 1), 5, "p2p")
+
+    def rates(settings: HopSettings) -> list[float]:
+        tasks = sorted((t for ts in hop_tasks(plan, arts, settings).values() for t in ts), key=lambda t: t.hop)
+        assert all(t.lr == tasks[2 * t.round].lr for t in tasks)  # one rate per round
+        return [tasks[2 * r].lr for r in range(5)]
+
+    assert rates(HopSettings(1, 32, 0.1, 7, None)) == [0.1] * 5  # the default: constant
+    decayed = rates(HopSettings(1, 32, 0.1, 7, None, lr_decay=0.9))
+    assert decayed[0] == 0.1 and decayed[-1] == pytest.approx(0.01) and decayed[2] == pytest.approx(0.055)
+    assert all(a > b for a, b in zip(decayed, decayed[1:], strict=False))
+
+
 def test_p2p_chains_agents_and_cs_routes_every_hop_through_the_coordinator() -> None:
     arts = {(0, "ort"): ("sha0", 1), (1, "ort"): ("sha1", 1), (0, "portable"): ("p0", 1), (1, "portable"): ("p1", 1)}
     settings = HopSettings(1, 32, 0.1, 7, None)
