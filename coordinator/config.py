@@ -231,6 +231,11 @@ class TrialConfig:
                 not (self.algorithm == "split" and self.train.kd_alpha > 0),
                 "train.kd_alpha applies to snake and fedavg; split learning trains no full model on agents",
             ),
+            (
+                not (self.algorithm == "split" and self.train.lr_decay > 0),
+                "train.lr_decay applies to snake, fedavg and fedprox; split learning's back (on the coordinator) "
+                "keeps one rate",
+            ),
             (4096 <= self.transfer.chunk_bytes <= 64 << 20, "transfer.chunk_bytes must be in [4096, 64 MiB]"),
             (self.transfer.compression in ("none", "fp16"), "transfer.compression must be none or fp16"),
             *((False, problem) for problem in self.lora.problems()),

@@ -189,21 +189,23 @@ def _profiles(agents: Sequence[str | AgentProfile]) -> list[AgentProfile]:
       load differs by more and keeps its own figure.
     """
     profiles = [a if isinstance(a, AgentProfile) else AgentProfile(a) for a in agents]
-    speeds = sorted(p.gflops for p in profiles if p.gflops)
-    typical = speeds[len(speeds) // 2] if speeds else None
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2] if values else 0.0
+
+    def near(value: float, ref: float, factor: float) -> bool:
+        return ref > 0 and 1 / factor <= value / ref <= factor
+
+    typical = median([p.gflops for p in profiles if p.gflops])
 
     def speed(g: float | None) -> float | None:
-        if typical is None:
-            return g
-        return typical if not g or 1 / SAME_SPEED <= g / typical <= SAME_SPEED else g
+        return typical if typical and (not g or near(g, typical, SAME_SPEED)) else g
 
-    footprints = sorted(p.baseline_mb for p in profiles if p.baseline_mb > 0)
-    usual = footprints[len(footprints) // 2] if footprints else 0.0
-    alike = [f for f in footprints if 1 / SAME_FOOTPRINT <= f / usual <= SAME_FOOTPRINT] if usual else []
-    shared = max(alike, default=0.0)
+    usual = median([p.baseline_mb for p in profiles if p.baseline_mb > 0])
+    shared = max((p.baseline_mb for p in profiles if near(p.baseline_mb, usual, SAME_FOOTPRINT)), default=0.0)
 
     def footprint(mb: float) -> float:
-        return shared if mb > 0 and 1 / SAME_FOOTPRINT <= mb / usual <= SAME_FOOTPRINT else mb
+        return shared if near(mb, usual, SAME_FOOTPRINT) else mb
 
     return [dataclasses.replace(p, gflops=speed(p.gflops), baseline_mb=footprint(p.baseline_mb)) for p in profiles]
 

@@ -282,6 +282,7 @@ def _base(config: TrialConfig, trial_id: str, extra: dict[str, Any] | None) -> d
         "epochs": config.train.epochs,
         "batch_size": config.train.batch_size,
         "lr": config.train.lr,
+        "lr_decay": config.train.lr_decay,
         "compression": config.transfer.compression,
         "kd_alpha": config.train.kd_alpha,
         "kd_temperature": config.train.kd_temperature,

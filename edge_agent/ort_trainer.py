@@ -64,21 +64,29 @@ class _Session:
         size, expected_size = self.module.get_parameters_size(False), manifest_floats(manifest)
         if size != expected_size:
             raise TrainerError(f"training graph holds {size} floats, the manifest describes {expected_size}")
-        # One tensor at a time into the module's own storage (the state's parameters are shared with it):
-        # no flat copy of the whole model, so loading peaks at ONNX Runtime's copy plus one tensor, not
-        # plus the whole model again (OPT-1.3B: about 5 GB less).
-        onnxruntime = import_onnxruntime()
         # A nominal state takes only a whole flat buffer. Zeros from calloc are pages nobody has touched:
         # ONNX Runtime reads them as the kernel's shared zero page, so they cost no resident memory. After
         # that the state is whole, and each tensor is written into the module's own storage (``data`` is a
         # view of it), one at a time: loading peaks at ONNX Runtime's copy plus one tensor, not plus two
         # more copies of the model (a flat buffer, and the source tensors, all resident at once).
+        onnxruntime = import_onnxruntime()
         zeros = np.zeros(size, dtype=np.float32)
         self.module.copy_buffer_to_parameters(onnxruntime.OrtValue.ortvalue_from_numpy(zeros)._ortvalue, False)
         del zeros
         parameters = self.state.parameters
+        first = True
         for name, value in tensors:
             parameters[name].data[...] = value
+            if (
+                first
+                and value.size
+                and not np.array_equal(parameters[name].data, np.asarray(value, np.float32), equal_nan=True)
+            ):  # once: cheap
+                raise TrainerError(
+                    "this onnxruntime build hands out copies of parameters, not views: weights cannot be loaded "
+                    "tensor by tensor (onnxruntime-training 1.19.2 is the tested version)"
+                )
+            first = False
             del value
         # Only now: an optimizer created over a nominal (empty) checkpoint crashes on set_learning_rate.
         self.optimizer = api.Optimizer(directory / "optimizer_model.onnx", self.module)

@@ -16,13 +16,10 @@ from edge_agent.protocol.manifest import IGNORE_INDEX, ManifestError, SegmentMan
 from edge_agent.trainer import TrainerError
 
 
-def check_tensors(
-    manifest: SegmentManifest, tensors: Mapping[str, np.ndarray], copy: bool = True
-) -> dict[str, np.ndarray]:
-    """Every manifest tensor, checked by name, shape and dtype, as a float32 copy (manifest order);
-    ``copy=False``: the given arrays themselves (the caller copies them where it needs them)."""
+def check_tensors(manifest: SegmentManifest, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every manifest tensor, checked by name, shape and dtype, as a float32 copy (manifest order)."""
     return {
-        name: np.array(value, dtype=np.float32, copy=True, order="C") if copy else value
+        name: np.array(value, dtype=np.float32, copy=True, order="C")
         for name, value in checked_tensors(manifest, tensors)
     }
 

@@ -32,6 +32,7 @@ def test_file_values_then_flags_override(tmp_path: Path) -> None:
         ("[trial]\nname = 'a/b'\n", "trial.name"),
         ("[train]\nlr = -1.0\n", "train.lr must be > 0"),
         ("[train]\nlr_decay = 1.0\n", "train.lr_decay must be in"),
+        ("[trial]\nalgorithm = 'split'\n[train]\nlr_decay = 0.5\n", "train.lr_decay applies to snake"),
         ("[transfer]\nchunk_bytes = 100\n", "transfer.chunk_bytes"),
         ("[extras]\nx = 1\n", "unknown section"),
         ("[trial\n", "not valid TOML"),

@@ -125,6 +125,20 @@ def test_weights_load_one_tensor_at_a_time_without_a_second_copy_of_the_model(
         np.testing.assert_array_equal(value, tensors[name])
 
 
+def test_a_runtime_whose_parameters_are_copies_is_refused_not_loaded_with_zeros(
+    toy: Callable[..., ToyModel], segment: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading writes through ``state.parameters[name].data``; were that a copy (another onnxruntime build),
+    the model would silently train from zeros. The trainer checks the first tensor and says why."""
+    from edge_agent.ort_training import training_module  # the torch-free import, as the agent's
+
+    checkpoint_state = training_module("api.checkpoint_state")
+    real = checkpoint_state.Parameter.data
+    monkeypatch.setattr(checkpoint_state.Parameter, "data", property(lambda self: real.fget(self).copy()))
+    with pytest.raises(TrainerError, match="copies of parameters, not views"):
+        _trainer(segment(HEAD), toy().tensors)
+
+
 def test_same_weights_data_and_seed_give_the_same_result(
     toy: Callable[..., ToyModel], segment: Callable[..., Path], blobs: Data
 ) -> None:
