@@ -29,7 +29,7 @@ from coordinator.lora import add_adapters, lora_groups
 from coordinator.plan import AgentProfile, GroupInfo, Plan, Segment
 from coordinator.reroute import reroute
 from coordinator.scheduler import fedavg_plan, snake_plan, split_plan
-from coordinator.skew import decide, label_mix
+from coordinator.skew import decide, distances, label_mix
 from edge_agent.protocol.messages import Hello
 from models import InputSpec, build_model
 from models.split import split_model
@@ -140,11 +140,25 @@ def make_plan(
         return split_plan(fleet, groups, config.rounds, split_cut(config, groups))
     if config.algorithm in ("fedavg", "fedprox"):  # FedProx: FedAvg's plan, a proximal term in every hop
         return fedavg_plan(fleet, groups, config.rounds, t.batch_size, t.optimizer)
-    plan = snake_plan(fleet, groups, config.rounds, config.mode, t.batch_size, t.optimizer)
     if labels is None:
-        return plan
-    notes = tuple(f"labels {a}: {label_mix(labels[a])}" for a in sorted(labels) if len(labels) <= 16)
-    return dataclasses.replace(plan, skew=decide(t, labels), notes=notes)
+        return snake_plan(fleet, groups, config.rounds, config.mode, t.batch_size, t.optimizer)
+    methods = decide(t, labels)
+    head_by = distances(labels) if methods.active and t.balanced_head else None
+    plan = snake_plan(fleet, groups, config.rounds, config.mode, t.batch_size, t.optimizer, head_by)
+    notes = [f"labels {a}: {label_mix(labels[a])}" for a in sorted(labels) if len(labels) <= 16]
+    if head_by:
+        notes.append(head_note(plan, head_by))
+    return dataclasses.replace(plan, skew=methods, notes=tuple(notes))
+
+
+def head_note(plan: Plan, head_by: Mapping[str, float]) -> str:
+    """Why the trial's last hop went to its agent (for ``plan`` output)."""
+    last = plan.hops[-1].agent
+    others = sorted(d for a, d in head_by.items() if a != last)
+    spread = f"{others[0]:.2f}-{others[-1]:.2f}" if others else "none"
+    return (f"the last hop (the classifier the final model keeps) goes to {last}: label mix distance "
+            f"{head_by.get(last, float('nan')):.2f} from the fleet's, the closest of the last sweep's agents "
+            f"within the time and memory limits (others {spread}; train.balanced_head)")  # fmt: skip
 
 
 def group_infos(forward: ForwardModel, model: nn.Module) -> tuple[GroupInfo, ...]:

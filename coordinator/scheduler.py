@@ -217,6 +217,9 @@ TIME_SLACK = 1.25  # assignments within 25 % of the fastest round time count as 
 # plan gives it few parameters.
 MEMORY_STEP_MB = 5.0
 MEMORY_SLACK = 1.05  # rotation may cost the largest hop this much memory, no more (a big front segment may not)
+# label mix distances (total variation, 0..1) within this of the closest count as alike when the trial's last hop
+# is given to the agent closest to the fleet's mix: 3,000-sample IID shares already differ by about 0.03
+HEAD_TOLERANCE = 0.05
 Balance = tuple[float, float]  # (memory share step, parameters per GFLOP/s) of one hop
 
 
@@ -227,6 +230,7 @@ def snake_plan(
     mode: str = "p2p",
     batch: int = 64,
     optimizer: str = "adamw",
+    head_by: Mapping[str, float] | None = None,
 ) -> Plan:
     """Capability-aware Snake Learning plan.
 
@@ -241,7 +245,11 @@ def snake_plan(
     since an agent's last hop travels to it), then the one whose largest hop needs the least
     memory, then the one whose largest
     parameters-per-speed share is smallest (a slow agent gets fewer or lighter layers); every hop
-    must fit its agent's memory budget. An agent that cannot train even
+    must fit its agent's memory budget. With ``head_by`` (agent -> how far its label mix is from the
+    fleet's, :func:`coordinator.skew.distances`) the trial's last hop, which leaves the classifier as the
+    final model has it, goes to the closest agent of the last sweep among the orders within the time and
+    memory limits, before rotation is weighed (agents within ``HEAD_TOLERANCE`` of the closest count as
+    alike: a few points of distance are sampling noise, and rotation then decides as without labels). An agent that cannot train even
     the cheapest group within its budget is left out with the reason. With more agents than groups,
     a round is several sweeps over the layers, each agent training once per round.
     """
@@ -274,7 +282,8 @@ def snake_plan(
         sweeps = -(-len(fleet) // n)
         for s in range(sweeps):
             members = rotated[s::sweeps]
-            order, cuts = _best_sweep(members, costs, covered, r, copies)
+            final = head_by if (r, s) == (rounds - 1, sweeps - 1) else None
+            order, cuts = _best_sweep(members, costs, covered, r, copies, final)
             for p, lo, hi in zip(order, [0, *cuts], [*cuts, n], strict=True):
                 covered.update((p.agent, g) for g in range(lo, hi))
                 copies.add(p.agent, lo, hi)
@@ -341,9 +350,15 @@ class _Candidate(NamedTuple):
 
 
 def _best_sweep(
-    members: list[AgentProfile], costs: _Costs, covered: set[tuple[str, int]], round_: int, copies: _Copies
+    members: list[AgentProfile],
+    costs: _Costs,
+    covered: set[tuple[str, int]],
+    round_: int,
+    copies: _Copies,
+    head_by: Mapping[str, float] | None = None,
 ) -> tuple[list[AgentProfile], list[int]]:
-    """The agents' order along the layers and the cut points for one sweep (see ``snake_plan``)."""
+    """The agents' order along the layers and the cut points for one sweep (see ``snake_plan``); with
+    ``head_by``, the sweep's last hop goes to a member within ``HEAD_TOLERANCE`` of the smallest value."""
     n = len(costs.groups)
     members = members[:n]  # more agents than groups in one sweep cannot happen (sweeps split them)
     m, kind = len(members), [costs.kind(p) for p in members]
@@ -387,6 +402,13 @@ def _best_sweep(
     # rotation only among assignments whose largest hop is within MEMORY_SLACK of the lightest possible;
     # then the fewest parameters on the wire, the lightest largest hop, the first order tried
     scored = [(fresh(c), c) for c in balanced if c.worst[0] <= lightest * MEMORY_SLACK + 1]
+    if head_by:
+
+        def head(c: _Candidate) -> float:
+            return head_by.get(members[c.order[-1]].agent, math.inf)
+
+        closest = min(head(c) for _, c in scored)
+        scored = [(f, c) for f, c in scored if head(c) <= closest + HEAD_TOLERANCE]
     most = max(f for f, _ in scored)
     best = min((c for f, c in scored if f == most), key=lambda c: (sent(c), c.worst, c.k))
     return [members[i] for i in best.order], list(best.cuts)

@@ -29,16 +29,26 @@ from coordinator.plan import SkewMethods
 SKEWED_AT = 0.15  # mean total variation distance from the fleet's label mix; IID shares of 3,000 samples: ~0.03
 
 
+def distances(histograms: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """Each agent's total variation distance (0..1) between its label mix and the fleet's pooled mix; empty
+    when there are no comparable histograms (none, all empty, or of different lengths)."""
+    named = {a: np.asarray(h, np.float64) for a, h in histograms.items() if sum(h) > 0}
+    if not named or len({len(r) for r in named.values()}) != 1:
+        return {}
+    counts = np.stack(list(named.values()))
+    pooled = counts.sum(0) / counts.sum()
+    tv = 0.5 * np.abs(counts / counts.sum(1, keepdims=True) - pooled).sum(1)
+    return {a: float(d) for a, d in zip(named, tv, strict=True)}
+
+
 def label_skew(histograms: Mapping[str, Sequence[int]]) -> float:
     """Sample-weighted mean total variation distance between each agent's label mix and the fleet's (0..1);
     0 without histograms."""
-    rows = [np.asarray(h, np.float64) for h in histograms.values() if sum(h) > 0]
-    if not rows or len({len(r) for r in rows}) != 1:
+    tv = distances(histograms)
+    if not tv:
         return 0.0
-    counts = np.stack(rows)
-    pooled = counts.sum(0) / counts.sum()
-    tv = 0.5 * np.abs(counts / counts.sum(1, keepdims=True) - pooled).sum(1)
-    return float((tv * counts.sum(1)).sum() / counts.sum())
+    weights = {a: float(sum(histograms[a])) for a in tv}
+    return float(sum(tv[a] * weights[a] for a in tv) / sum(weights.values()))
 
 
 def decide(train: TrainConfig, histograms: Mapping[str, Sequence[int]]) -> SkewMethods:

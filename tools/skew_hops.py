@@ -42,10 +42,17 @@ from edge_agent.trainer import TrainSpec
 @click.option("--kd-alpha", type=float, help="Override the distillation weight.")
 @click.option("--logit-adjust", type=float, help="Override the logit adjustment tau.")
 @click.option("--bn-mix", type=float, help="Override the BatchNorm statistics mixing weight.")
+@click.option(
+    "--balanced-head/--rotate-head",
+    default=True,
+    show_default=True,
+    help="train.balanced_head: the last hop to the agent closest to the fleet's label mix.",
+)
 @click.option("--threads", default=1, show_default=True)
 def main(partition: str, agents: int, rounds: int, samples_per_agent: int, seed: int, label_skew: str,
-         kd_alpha: float | None, logit_adjust: float | None, bn_mix: float | None, threads: int) -> None:  # fmt: skip
-    train = TrainConfig(label_skew=label_skew)
+         kd_alpha: float | None, logit_adjust: float | None, bn_mix: float | None, balanced_head: bool,
+         threads: int) -> None:  # fmt: skip
+    train = TrainConfig(label_skew=label_skew, balanced_head=balanced_head)
     config = TrialConfig(partition=partition, agents=agents, rounds=rounds, seed=seed, train=train,
                          samples_per_agent=samples_per_agent).validate()  # fmt: skip
     ds = load_dataset(config.dataset)
@@ -83,7 +90,8 @@ def main(partition: str, agents: int, rounds: int, samples_per_agent: int, seed:
             rows.append(round(test.accuracy, 4))
             print(f"round {h.round}: {test.accuracy:.4f}", file=sys.stderr)
     print(json.dumps({"partition": partition, "seed": seed, "agents": agents, "methods": dataclasses.asdict(methods),
-                      "round_accuracy": rows, "wall_s": round(time.perf_counter() - started, 1)}))  # fmt: skip
+                      "balanced_head": balanced_head,
+                      "route": [f"{h.agent}:s{h.segment}" for h in plan.hops], "round_accuracy": rows, "wall_s": round(time.perf_counter() - started, 1)}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import dataclasses
 
 from coordinator.config import TrainConfig
 from coordinator.plan import GroupInfo
-from coordinator.scheduler import HopSettings, hop_tasks, snake_plan
-from coordinator.skew import SKEWED_AT, decide, label_mix, label_skew
+from coordinator.scheduler import HEAD_TOLERANCE, HopSettings, hop_tasks, snake_plan
+from coordinator.skew import SKEWED_AT, decide, distances, label_mix, label_skew
 
 IID = {"a": [100, 100, 100], "b": [98, 102, 100]}
 SKEWED = {"a": [300, 0, 0], "b": [0, 150, 150]}
@@ -59,3 +59,44 @@ def test_fedprox_plans_like_fedavg_and_its_hops_carry_mu() -> None:
     settings = HopSettings(1, 8, 0.1, 0, None, prox_mu=config.train.prox_mu)
     tasks = [t for ts in hop_tasks(plan, {(0, "ort"): ("0" * 64, 1)}, settings).values() for t in ts]
     assert {(t.prox_mu, t.logit_adjust, t.kd_alpha) for t in tasks} == {(0.01, 0.0, 0.0)}
+
+
+# Four agents with the same data volume: "d" holds every class evenly, the others one class each.
+MIXED = {"a": [400, 0, 0, 0], "b": [0, 400, 0, 0], "c": [0, 0, 400, 0], "d": [100, 100, 100, 100]}
+
+
+def test_distances_measure_each_agent_against_the_fleets_mix() -> None:
+    d = distances(MIXED)
+    assert d["d"] < 0.2 < min(d["a"], d["b"], d["c"])
+    assert distances({}) == {} and distances({"a": [1, 2], "b": [1, 2, 3]}) == {}  # nothing comparable
+    assert label_skew(MIXED) == sum(d.values()) / 4  # equal volumes: the plain mean
+
+
+def test_the_last_hop_goes_to_the_agent_closest_to_the_fleets_label_mix() -> None:
+    groups = [GroupInfo(f"g{i}", (f"g{i}.w",), (), 10) for i in range(4)]
+    rotated = snake_plan(list(MIXED), groups, 3)
+    assert rotated.hops[-1].agent != "d"  # without labels, rotation gives the last hop to another agent
+    plan = snake_plan(list(MIXED), groups, 3, head_by=distances(MIXED))
+    assert plan.hops[-1].agent == "d"
+    assert plan.hops[:8] == rotated.hops[:8]  # only the last round is planned differently
+    assert sorted(h.agent for h in plan.hops[8:]) == sorted(MIXED)  # every agent still trains once in it
+    # distances within HEAD_TOLERANCE of the closest are sampling noise: the plan stays the rotation's
+    near = {a: 0.40 + (HEAD_TOLERANCE / 2 if a == rotated.hops[-1].agent else 0.0) for a in MIXED}
+    assert snake_plan(list(MIXED), groups, 3, head_by=near) == rotated
+
+
+def test_make_plan_balances_the_head_only_under_skew_and_says_why() -> None:
+    from coordinator.config import TrialConfig
+    from coordinator.prepare import make_plan
+
+    groups = [GroupInfo(f"g{i}", (f"g{i}.w",), (), 10) for i in range(4)]
+    config = TrialConfig(agents=4, rounds=3).validate()
+    plan = make_plan(config, groups, list(MIXED), MIXED)
+    assert plan.hops[-1].agent == "d" and plan.skew is not None and plan.skew.active
+    assert any("last hop" in n and "goes to d" in n for n in plan.describe())
+    rotated = snake_plan(list(MIXED), groups, 3)
+    for train in (TrainConfig(balanced_head=False), TrainConfig(label_skew="off")):
+        other = make_plan(dataclasses.replace(config, train=train), groups, list(MIXED), MIXED)
+        assert other.hops == rotated.hops and not any("last hop" in n for n in other.notes)
+    balanced = {a: [100, 100, 100, 100] for a in MIXED}  # IID: no methods, no preference
+    assert make_plan(config, groups, list(MIXED), balanced).hops == rotated.hops
