@@ -73,7 +73,7 @@ def choose_tokenizer(facts: TokenFacts) -> tuple[Tokenizer, str]:
     """The checkpoint's own tokenizer, else bytes if they fit, else a ConfigError; and a description."""
     files = tokenizer_files(facts.directory)
     if files:
-        tok = HfTokenizer(files, facts.vocab_size, facts.pad, facts.eos)
+        tok = HfTokenizer(files, facts.vocab_size, facts.pad, facts.eos, facts.bos)
         if tok.size > facts.vocab_size:
             raise ConfigError(f"the tokenizer in {facts.directory} has {tok.size} tokens, more than the model's "
                               f"{facts.vocab_size} ids: it is not this model's tokenizer")  # fmt: skip

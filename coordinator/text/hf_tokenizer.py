@@ -69,15 +69,18 @@ def _load(files: Sequence[Path]) -> Any:
 
 
 class HfTokenizer:
-    """A ``tokenizers.Tokenizer`` mapping text to a model's vocabulary of ``vocab_size`` ids."""
+    """A ``tokenizers.Tokenizer`` mapping text to a model's vocabulary of ``vocab_size`` ids; decoding drops
+    the tokenizer's special tokens and the model's ``pad``, ``eos`` and ``bos`` ids (even when the files do
+    not mark them special, as a bare vocab.json + merges.txt does not)."""
 
-    def __init__(self, files: Sequence[Path], vocab_size: int, pad: int, eos: int) -> None:
+    def __init__(self, files: Sequence[Path], vocab_size: int, pad: int, eos: int, bos: int | None = None) -> None:
         self.files = tuple(files)
         self._tok = _load(self.files)
         self._tok.no_truncation()
         self._tok.no_padding()
         self.size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self._vocab, self._pad, self._eos = vocab_size, pad, eos
+        self._dropped = {pad, eos} | ({bos} if bos is not None else set())
         self._dtype = id_dtype(vocab_size)
 
     @property
@@ -97,7 +100,8 @@ class HfTokenizer:
         return np.array([*ids, *([self._eos] if eos else [])], dtype=self._dtype)
 
     def decode(self, ids: np.ndarray | list[int]) -> str:
-        known = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1) if 0 <= i < self.size]
+        values = np.asarray(ids, dtype=np.int64).reshape(-1)
+        known = [int(i) for i in values if 0 <= i < self.size and int(i) not in self._dropped]
         return str(self._tok.decode(known, skip_special_tokens=True))
 
     def describe(self) -> str:
