@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from coordinator.config import TrialConfig, load_trial
+from coordinator.config import OPT_PREFIX, TrialConfig, load_trial
 from coordinator.errors import TrialError
 from coordinator.provision_cli import provision_command, provisioned_broker
 from edge_agent.errors import LinkError
@@ -22,6 +22,13 @@ from edge_agent.mqtt import parse_broker_url
 
 log = logging.getLogger("coordinator")
 MODEL_NAMES = ["mlp", "cnn", "vgg11", "gpt"]  # models.MODELS, without importing torch for --help
+
+
+def model_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--model``: a registry name, or ``opt:PATH`` (a local Hugging Face OPT directory)."""
+    if value is None or value in MODEL_NAMES or (value.startswith(OPT_PREFIX) and len(value) > len(OPT_PREFIX)):
+        return value
+    raise click.BadParameter(f"{value!r} is not one of {', '.join(MODEL_NAMES)} or {OPT_PREFIX}PATH", ctx, param)
 
 
 def setup_logging(level: str) -> None:
@@ -46,9 +53,14 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--split-cut", help="Split learning: the last layer group the agents train (default: the first group)."
         ),
         click.option(
-            "--model", type=click.Choice(MODEL_NAMES), help="Model from the registry (gpt: a language model)."
+            "--model",
+            callback=model_name,
+            help="mlp | cnn | vgg11 | gpt | opt:PATH (the last two are language models; opt:PATH fine-tunes "
+            "the OPT checkpoint in the local Hugging Face directory PATH, with its tokenizer).",
         ),
-        click.option("--dataset", help="fashion-mnist[:DIR] | cifar10:DIR | npz:FILE | austen[:DIR] (text, for gpt)."),
+        click.option(
+            "--dataset", help="fashion-mnist[:DIR] | cifar10:DIR | npz:FILE | austen[:DIR] (text: gpt, opt:PATH)."
+        ),
         click.option("--partition", help="iid | dirichlet:ALPHA | by-source (text: whole novels per agent)."),
         click.option(
             "--mode", type=click.Choice(["p2p", "cs"]), help="p2p: agent to agent; cs: every hop via the coordinator."
@@ -68,9 +80,11 @@ def trial_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seq-len", type=int, help="Language models: tokens per sequence."),
         click.option(
             "--base-model",
-            help="Language models: auto (pretrain one, cached) | none (random init) | PATH (.safetensors).",
+            help="gpt: auto (pretrain one, cached) | none (random init) | PATH (.safetensors); opt:PATH: only auto.",
         ),
-        click.option("--pretrain-steps", type=int, help="Language models: steps of the base model's pretraining."),
+        click.option(
+            "--pretrain-steps", type=int, help="gpt: steps of the base model's pretraining (opt:PATH: ignored)."
+        ),
         click.option(
             "--label-skew",
             type=click.Choice(["auto", "on", "off"]),

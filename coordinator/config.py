@@ -8,7 +8,7 @@ A trial file (every key optional; defaults shown)::
                                #   | fedprox (FedAvg + a proximal term mu/2 ||w - w_global||^2 per agent)
                                #   | split (baseline: agents train the front, the coordinator the back)
     mode = "p2p"               # p2p | cs
-    model = "cnn"              # mlp | cnn | vgg11
+    model = "cnn"              # mlp | cnn | vgg11 | gpt | opt:PATH (the last two: text datasets)
     dataset = "fashion-mnist"  # fashion-mnist[:DIR] | cifar10:DIR | npz:FILE
     partition = "iid"          # iid | dirichlet:ALPHA
     agents = 4                 # simulate: agents to start; run: agents to wait for
@@ -61,17 +61,18 @@ A trial file (every key optional; defaults shown)::
     alpha = 16.0               # scale = alpha / rank
     targets = ""               # comma-separated projection names ("" = every projection of the blocks)
 
-    [lm]                       # language models (dataset = "austen", model = "gpt")
-    seq_len = 64               # tokens per sequence
+    [lm]                       # language models (dataset = "austen", model = "gpt" or "opt:PATH")
+    seq_len = 64               # tokens per sequence (opt: at most the model's max_position_embeddings)
     base_model = "auto"        # auto: pretrain one (cached by its settings) | none: random init |
-                               #   PATH: a .safetensors state dict of the model
+                               #   PATH: a .safetensors state dict of the model. opt:PATH: only auto (the
+                               #   checkpoint is the base; the pretrain_* keys are ignored, with a log line)
     pretrain_steps = 150       # optimizer steps of the base model's pretraining (auto)
     pretrain_fraction = 0.5    # the first part of each novel's training text the base model sees;
                                #   the agents fine-tune on the rest; each novel's test part is held out
     pretrain_batch_size = 32
     pretrain_lr = 0.002
     test_per_source = 100      # test sequences evaluated per novel (0 = all)
-    sample_tokens = 120        # bytes generated per prompt for the before/after continuations
+    sample_tokens = 120        # tokens (gpt: bytes) generated per prompt for the before/after continuations
     cache_dir = ""             # pretrained base models ("" = ~/.cache/snakelearn)
 
     With a text dataset, train.batch_size, train.max_steps and trial.rounds default to 16, 40 and 2, and
@@ -102,6 +103,7 @@ from edge_agent.protocol.topics import check_id
 MODES = ("p2p", "cs")
 TEXT_DATASETS = ("austen",)  # token data sets: they need a language model (LANGUAGE_MODELS)
 LANGUAGE_MODELS = ("gpt",)
+OPT_PREFIX = "opt:"  # opt:PATH, a local Hugging Face OPT checkpoint (as models.registry, without importing torch)
 TEXT_DEFAULTS = {"rounds": 2, "train.batch_size": 16, "train.max_steps": 40, "eval_every_round": True}
 ALGORITHMS = ("snake", "fedavg", "fedprox", "split")
 
@@ -194,6 +196,11 @@ class TrialConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)  # [lora]: see coordinator.lora
 
     @property
+    def is_checkpoint(self) -> bool:
+        """Whether the model is a checkpoint (``opt:PATH``): its own base, tokenizer and vocabulary."""
+        return self.model.startswith(OPT_PREFIX)
+
+    @property
     def is_text(self) -> bool:
         """Whether the trial trains a language model on a token data set."""
         return self.dataset.partition(":")[0] in TEXT_DATASETS
@@ -248,13 +255,20 @@ class TrialConfig:
                 "lora applies to snake and fedavg; split learning trains its front whole",
             ),
         ]
-        text, lm = self.is_text, self.model in LANGUAGE_MODELS
+        text, lm = self.is_text, self.model in LANGUAGE_MODELS or self.is_checkpoint
+        models = ", ".join([*LANGUAGE_MODELS, f"{OPT_PREFIX}PATH"])
         checks += [
             (
                 text or not lm,
                 f"model {self.model} is a language model: use a text dataset ({', '.join(TEXT_DATASETS)})",
             ),
-            (lm or not text, f"dataset {self.dataset} is text: use a language model ({', '.join(LANGUAGE_MODELS)})"),
+            (lm or not text, f"dataset {self.dataset} is text: use a language model ({models})"),
+            (self.model != OPT_PREFIX, f"model {OPT_PREFIX}PATH needs the checkpoint's directory after the colon"),
+            (
+                not (self.is_checkpoint and self.lm.base_model != "auto"),
+                f"lm.base_model = {self.lm.base_model!r}: an {OPT_PREFIX}PATH model is its own base (the checkpoint); "
+                "--base-model / lm.base_model apply to gpt only",
+            ),
             (not (text and self.algorithm == "split"), "split learning is not built for language models"),
             (not (text and self.train.kd_alpha > 0), "train.kd_alpha: distillation is not built for language models"),
             *self.lm.checks(),

@@ -6,6 +6,9 @@ The split: each novel's token stream is cut 80/10/10 into train / validation / t
 of every novel's train part; the agents fine-tune on the rest of it (partitioned as the trial says:
 ``by-source`` gives each agent whole novels) and validate on the validation parts; the test parts
 are held out from both and give ``base_perplexity``, ``final_perplexity`` and ``per_source``.
+
+A checkpoint (``opt:PATH``, :mod:`coordinator.lm_checkpoint`) is its own base: nothing is pretrained, the
+agents fine-tune on the whole train parts, and the corpus is tokenized for the checkpoint's vocabulary.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from coordinator.errors import ConfigError
 from coordinator.evaluate import TestResult, evaluate_lm_onnx, finalize
 from coordinator.export import TASK_CAUSAL_LM
 from coordinator.pretrain import PretrainSettings, cache_root, cached_base, load_state
-from coordinator.text.tokenizer import ByteTokenizer
+from coordinator.text.tokenizer import ByteTokenizer, Tokenizer
 from edge_agent.textdata import TokenDataset, lm_pairs
 from models import InputSpec
 
@@ -40,14 +43,14 @@ class TextSplit:
     finetune: TokenDataset  # the rest of every train part; validation and test parts as in the corpus
 
 
-def load_text(config: TrialConfig) -> TokenDataset:
-    """The trial's token data set (``austen`` or ``austen:DIR``)."""
+def load_text(config: TrialConfig, tokenizer: Tokenizer | None = None) -> TokenDataset:
+    """The trial's token data set (``austen`` or ``austen:DIR``); byte tokens unless ``tokenizer`` is given."""
     from coordinator.text.sequences import austen_tokens
 
     kind, _, arg = config.dataset.partition(":")
     if kind != "austen":
         raise ConfigError(f"unknown text dataset {config.dataset!r}; use austen or austen:DIR")
-    return austen_tokens(config.lm.seq_len, Path(arg) if arg else None)
+    return austen_tokens(config.lm.seq_len, Path(arg) if arg else None, tokenizer)
 
 
 def split_corpus(ds: TokenDataset, fraction: float) -> TextSplit:
@@ -94,8 +97,10 @@ class LmWorkload:
     task = TASK_CAUSAL_LM
 
     def __init__(self, config: TrialConfig, ds: TokenDataset, initial: Mapping[str, np.ndarray] | None,
-                 base_source: str) -> None:  # fmt: skip
+                 base_source: str, tokenizer: Tokenizer | None = None, tokenizer_name: str = "byte-level") -> None:  # fmt: skip
         self.config, self.initial, self.base_source = config, initial, base_source
+        self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()
+        self.tokenizer_name = tokenizer_name
         self.spec = InputSpec(num_classes=ds.vocab_size, seq_len=ds.seq_len)
         self.pad_id, self.seq_len = ds.pad_id, ds.seq_len
         self.tests: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -126,9 +131,10 @@ class LmWorkload:
         base_onnx = finalize(model, initial, (self.seq_len,), out / "base_model.onnx", TASK_CAUSAL_LM)
         base, base_all = self.per_source(base_onnx)
         final, final_all = self.per_source(final_onnx)
-        samples = write_samples(base_onnx, final_onnx, out, self.config.lm.sample_tokens, self.seq_len, self.pad_id)
+        samples = write_samples(base_onnx, final_onnx, out, self.config.lm.sample_tokens, self.seq_len, self.tokenizer)
         return {
             "base_model": self.base_source,
+            "tokenizer": self.tokenizer_name,
             "base_perplexity": base_all,
             "final_perplexity": final_all,
             "per_source": {name: {"base": base[name], "final": final[name]} for name in self.tests},
@@ -138,20 +144,21 @@ class LmWorkload:
         }
 
 
-def continue_text(onnx_path: Path, prompt: str, tokens: int, seq_len: int, pad_id: int, seed: int = 0) -> str:
-    """``prompt`` and ``tokens`` bytes sampled after it (temperature SAMPLE_TEMPERATURE, seeded) by an
-    inference ONNX of a causal LM (plain onnxruntime; the last ``seq_len`` tokens are the context)."""
+def continue_text(onnx_path: Path, prompt: str, tokens: int, seq_len: int, tok: Tokenizer, seed: int = 0) -> str:
+    """``prompt`` and ``tokens`` tokens sampled after it (temperature SAMPLE_TEMPERATURE, seeded) by an
+    inference ONNX of a causal LM (plain onnxruntime; the last ``seq_len`` tokens are the context),
+    encoded and decoded with ``tok``, the tokenizer the model was trained with."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    tok, rng = ByteTokenizer(), np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     ids = [int(t) for t in tok.encode(prompt)]
     for _ in range(tokens):
         window = ids[-seq_len:]
-        x = np.full((1, seq_len), pad_id, np.int64)
+        x = np.full((1, seq_len), tok.pad, np.int64)
         x[0, : len(window)] = window  # causal: the padding after the context changes nothing before it
         logits = session.run(None, {name: x})[0][0, len(window) - 1].astype(np.float64) / SAMPLE_TEMPERATURE
         probs = np.exp(logits - logits.max())
@@ -159,13 +166,15 @@ def continue_text(onnx_path: Path, prompt: str, tokens: int, seq_len: int, pad_i
     return tok.decode(np.array(ids))
 
 
-def write_samples(base: Path, final: Path, out: Path, tokens: int, seq_len: int, pad_id: int) -> list[dict[str, str]]:
+def write_samples(
+    base: Path, final: Path, out: Path, tokens: int, seq_len: int, tok: Tokenizer
+) -> list[dict[str, str]]:
     """The same prompts continued by the base and the final model: ``samples.json`` and ``samples.md``."""
     samples = [
         {
             "prompt": p,
-            "base": continue_text(base, p, tokens, seq_len, pad_id),
-            "final": continue_text(final, p, tokens, seq_len, pad_id),
+            "base": continue_text(base, p, tokens, seq_len, tok),
+            "final": continue_text(final, p, tokens, seq_len, tok),
         }  # fmt: skip
         for p in (PROMPTS if tokens else ())
     ]
@@ -184,9 +193,26 @@ def samples_markdown(samples: list[dict[str, str]]) -> str:
 
 def text_workload(config: TrialConfig) -> tuple[LmWorkload, TokenDataset]:
     """The workload of a text trial and the token data set its agents fine-tune on (partition it)."""
+    if config.is_checkpoint:
+        return checkpoint_workload(config)
     ds = load_text(config)
     split = split_corpus(ds, config.lm.pretrain_fraction)
     initial, source = base_tensors(config, split, ds)
     log.info("fine-tuning %s from base %s on %d sequences (%d held back for pretraining)", config.model, source,
              len(split.finetune.x_train), len(split.pretrain))  # fmt: skip
     return LmWorkload(config, split.finetune, initial, source), split.finetune
+
+
+def checkpoint_workload(config: TrialConfig) -> tuple[LmWorkload, TokenDataset]:
+    """A checkpoint's trial (``opt:PATH``): its tokenizer, no pretraining, the whole train parts to fine-tune."""
+    from coordinator.lm_checkpoint import checkpoint_dir, checkpoint_tokenizer, note_unused_pretraining
+
+    directory = checkpoint_dir(config.model)
+    assert directory is not None  # config.is_checkpoint
+    note_unused_pretraining(config)
+    tok, described = checkpoint_tokenizer(directory, config.lm)
+    log.info("tokenizer of %s: %s", config.model, described)
+    ds = load_text(config, tok)
+    log.info("fine-tuning %s (the checkpoint is the base) on %d sequences of %d tokens", config.model,
+             len(ds.x_train), ds.seq_len)  # fmt: skip
+    return LmWorkload(config, ds, None, f"checkpoint {directory}", tok, described), ds

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.text.austen import TextDataError, load_austen
-from coordinator.text.tokenizer import ByteTokenizer
+from coordinator.text.tokenizer import ByteTokenizer, Tokenizer
 from edge_agent.textdata import TokenDataset
 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, validation, test: contiguous parts of each source
@@ -28,10 +28,11 @@ def windows(tokens: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
     the last window is padded with ``pad_id``. Fewer than 2 tokens make no window."""
     if seq_len < 1:
         raise TextDataError(f"seq_len must be at least 1, got {seq_len}")
+    dtype = np.promote_types(tokens.dtype, np.uint16)  # uint16 ids stay uint16; wider ids keep their type
     if len(tokens) < 2:
-        return np.zeros((0, seq_len + 1), np.uint16)
+        return np.zeros((0, seq_len + 1), dtype)
     count = -(-(len(tokens) - 1) // seq_len)  # ceil: every token but the first is a target exactly once
-    padded = np.full(count * seq_len + 1, pad_id, np.uint16)
+    padded = np.full(count * seq_len + 1, pad_id, dtype)
     padded[: len(tokens)] = tokens
     starts = np.arange(count) * seq_len
     out: np.ndarray = padded[starts[:, None] + np.arange(seq_len + 1)]
@@ -50,17 +51,19 @@ def build_token_dataset(
     name: str,
     texts: Mapping[str, str],
     seq_len: int,
-    tokenizer: ByteTokenizer | None = None,
+    tokenizer: Tokenizer | None = None,
     fractions: Sequence[float] = SPLIT_FRACTIONS,
 ) -> TokenDataset:
-    """Sequences of every source, split per source; ``y_*`` hold each sequence's source index."""
-    tok = tokenizer or ByteTokenizer()
+    """Sequences of every source, split per source; ``y_*`` hold each sequence's source index. The
+    tokenizer must never emit its pad id for text (those targets would be ignored)."""
+    tok: Tokenizer = tokenizer or ByteTokenizer()
     if not texts:
         raise TextDataError("no texts to build a token data set from")
     parts: list[list[np.ndarray]] = [[], [], []]
     labels: list[list[np.ndarray]] = [[], [], []]
-    for source, text in enumerate(texts.values()):
+    for source, (name, text) in enumerate(texts.items()):
         stream = tok.encode(text, eos=True)
+        check_stream(stream, tok, str(name))
         for split, (lo, hi) in enumerate(split_positions(len(stream), fractions)):
             seqs = windows(stream[lo:hi], seq_len, tok.pad)
             parts[split].append(seqs)
@@ -70,9 +73,21 @@ def build_token_dataset(
     return TokenDataset(name, x_train, y_train, x_val, y_val, x_test, y_test, tok.vocab_size, tok.pad, tuple(texts))
 
 
-def austen_tokens(seq_len: int, directory: Path | None = None) -> TokenDataset:
-    """The data set ``austen``: the six novels, byte tokens, one source per novel (publication order)."""
-    return build_token_dataset("austen", load_austen(directory), seq_len)
+def check_stream(stream: np.ndarray, tok: Tokenizer, name: str) -> None:
+    """A TextDataError if ``stream`` (``name``'s tokens) leaves the vocabulary or holds the pad id in its text."""
+    if stream.size and int(stream.max()) >= tok.vocab_size:
+        raise TextDataError(f"{name}: the tokenizer produced id {int(stream.max())}, beyond the vocabulary of "
+                            f"{tok.vocab_size} ids")  # fmt: skip
+    body = stream[:-1] if stream.size and int(stream[-1]) == tok.eos else stream
+    if np.any(body == tok.pad):
+        raise TextDataError(f"{name}: the tokenizer turns text into the pad id {tok.pad}, whose targets the loss "
+                            "ignores; the pad id must be a special token the text never yields")  # fmt: skip
+
+
+def austen_tokens(seq_len: int, directory: Path | None = None, tokenizer: Tokenizer | None = None) -> TokenDataset:
+    """The data set ``austen``: the six novels, one source per novel (publication order); byte tokens
+    unless ``tokenizer`` says otherwise."""
+    return build_token_dataset("austen", load_austen(directory), seq_len, tokenizer)
 
 
 def save_tokens_npz(path: Path | str, ds: TokenDataset) -> None:
