@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -54,24 +55,40 @@ def _session(path: Path) -> object:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+LOGITS_BYTES = 64 << 20  # float32 logits one evaluation batch of a language model may produce (OPT's 50,272-token
+#                          vocabulary: 5 sequences of 64 tokens, where a fixed 64 sequences took 824 MB plus copies)
+
+
 def token_loss(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int, int]:
     """(summed cross-entropy, counted tokens, correct tokens) of logits [..., V] against labels [...]
-    (IGNORE_INDEX: not counted)."""
-    flat = logits.reshape(-1, logits.shape[-1]).astype(np.float64)
+    (IGNORE_INDEX: not counted). One float32 temporary the size of the counted logits; sums in float64."""
     targets = labels.reshape(-1)
     keep = targets != IGNORE_INDEX
-    flat, targets = flat[keep], targets[keep]
-    shifted = flat - flat.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    loss = float(-log_probs[np.arange(len(targets)), targets].sum())
+    flat, targets = logits.reshape(-1, logits.shape[-1])[keep], targets[keep]
+    top = flat.max(axis=1)
+    shifted = np.subtract(flat, top[:, None], dtype=np.float32)
+    np.exp(shifted, out=shifted)
+    log_norm = np.log(shifted.sum(axis=1, dtype=np.float64)) + top
+    picked = flat[np.arange(len(targets)), targets].astype(np.float64)
+    loss = float((log_norm - picked).sum())
     return loss, len(targets), int((flat.argmax(axis=1) == targets).sum())
 
 
-def evaluate_lm_onnx(path: Path, tokens: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> TestResult:
+def lm_batch_size(session: Any, seq_len: int, cap: int = 64) -> int:
+    """Sequences per evaluation batch: at most ``cap``, and logits within :data:`LOGITS_BYTES`."""
+    vocab = session.get_outputs()[0].shape[-1]
+    if not isinstance(vocab, int) or vocab <= 0:
+        return cap
+    return max(1, min(cap, LOGITS_BYTES // (4 * max(seq_len, 1) * vocab)))
+
+
+def evaluate_lm_onnx(path: Path, tokens: np.ndarray, labels: np.ndarray, batch_size: int | None = None) -> TestResult:
     """Token accuracy and mean next-token cross-entropy of a language model's inference ONNX
-    (``tokens`` int64 [N, T], ``labels`` int64 [N, T]); ``perplexity`` follows."""
+    (``tokens`` int64 [N, T], ``labels`` int64 [N, T]); ``perplexity`` follows. ``batch_size``: sequences per
+    run (default: :func:`lm_batch_size`)."""
     session = _session(path)
     name = session.get_inputs()[0].name  # type: ignore[attr-defined]
+    batch_size = batch_size or lm_batch_size(session, tokens.shape[1] if tokens.ndim == 2 else 1)
     loss_sum, counted, correct = 0.0, 0, 0
     for lo in range(0, len(tokens), batch_size):
         batch = np.ascontiguousarray(tokens[lo : lo + batch_size], dtype=np.int64)

@@ -36,6 +36,37 @@ def test_token_loss_skips_ignored_labels() -> None:
     assert loss == pytest.approx(-math.log(math.exp(10) / (math.exp(10) + 3)) + math.log(4), rel=1e-9)
 
 
+def test_token_loss_matches_a_float64_reference_on_float32_logits() -> None:
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, 7, 1000)) * 8).astype(np.float32)
+    labels = rng.integers(0, 1000, (3, 7))
+    labels[1, 2:] = IGNORE_INDEX
+    flat = logits.reshape(-1, 1000).astype(np.float64)[labels.reshape(-1) != IGNORE_INDEX]
+    kept = labels.reshape(-1)[labels.reshape(-1) != IGNORE_INDEX]
+    log_probs = flat - flat.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    loss, counted, _ = token_loss(logits, labels)
+    assert counted == len(kept) == 16
+    assert loss == pytest.approx(float(-log_probs[np.arange(16), kept].sum()), rel=1e-6)
+
+
+def test_evaluation_batches_keep_a_large_vocabularys_logits_bounded() -> None:
+    from coordinator.evaluate import LOGITS_BYTES, lm_batch_size
+
+    class Session:
+        def __init__(self, vocab: object) -> None:
+            self.vocab = vocab
+
+        def get_outputs(self) -> list[object]:
+            return [type("Out", (), {"shape": ["batch", "seq", self.vocab]})()]
+
+    assert lm_batch_size(Session(259), 64) == 64  # the byte-level gpt: unchanged
+    opt = lm_batch_size(Session(50272), 64)
+    assert 1 <= opt < 64 and opt * 64 * 50272 * 4 <= LOGITS_BYTES
+    assert lm_batch_size(Session(50272), 4096) == 1  # never zero
+    assert lm_batch_size(Session("vocab"), 64) == 64  # a symbolic size: the cap
+
+
 def test_prepare_exports_gpt_and_measures_its_groups(tmp_path: Path) -> None:
     config = TrialConfig(model="gpt", dataset="austen", partition="by-source")
     prepared = prepare(config, InputSpec(num_classes=259, seq_len=SEQ), tmp_path)
