@@ -44,7 +44,7 @@ from edge_agent.trainer import TrainSpec
 @click.option("--bn-mix", type=float, help="Override the BatchNorm statistics mixing weight.")
 @click.option(
     "--balanced-head/--rotate-head",
-    default=True,
+    default=False,
     show_default=True,
     help="train.balanced_head: the last hop to the agent closest to the fleet's label mix.",
 )

@@ -90,12 +90,12 @@ def test_make_plan_balances_the_head_only_under_skew_and_says_why() -> None:
     from coordinator.prepare import make_plan
 
     groups = [GroupInfo(f"g{i}", (f"g{i}.w",), (), 10) for i in range(4)]
-    config = TrialConfig(agents=4, rounds=3).validate()
+    config = TrialConfig(agents=4, rounds=3, train=TrainConfig(balanced_head=True)).validate()
     plan = make_plan(config, groups, list(MIXED), MIXED)
     assert plan.hops[-1].agent == "d" and plan.skew is not None and plan.skew.active
     assert any("last hop" in n and "goes to d" in n for n in plan.describe())
     rotated = snake_plan(list(MIXED), groups, 3)
-    for train in (TrainConfig(balanced_head=False), TrainConfig(label_skew="off")):
+    for train in (TrainConfig(), TrainConfig(balanced_head=True, label_skew="off")):  # off by default
         other = make_plan(dataclasses.replace(config, train=train), groups, list(MIXED), MIXED)
         assert other.hops == rotated.hops and not any("last hop" in n for n in other.notes)
     balanced = {a: [100, 100, 100, 100] for a in MIXED}  # IID: no methods, no preference
